@@ -1,0 +1,70 @@
+"""The `pipeline` command: one thin subcommand per stage; all parameters come from params.yaml and -S."""
+
+from __future__ import annotations
+
+import logging
+import sys
+from collections.abc import Callable
+from typing import Annotated, TypeVar
+
+import typer
+from rich.logging import RichHandler
+
+from pipeline.config import DEFAULT_PARAMS_FILE, Params, load_params
+from pipeline.errors import PipelineError
+from pipeline.progress import console
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False)
+
+ParamsOption = Annotated[str, typer.Option("--params", help="Parameters file.")]
+SetOption = Annotated[
+    list[str] | None,
+    typer.Option("--set", "-S", help="Override a parameter: -S section.key=value (repeatable)."),
+]
+VerboseOption = Annotated[bool, typer.Option("--verbose", "-v", help="Debug logs and full tracebacks.")]
+ConfigOption = Annotated[str, typer.Option("--config", "-c", help="SAE config key from params `sae`, or all.")]
+T = TypeVar("T")
+
+
+@app.callback()
+def main() -> None:
+    """GPT-2 residual-stream activations on GSM8K -> sparse autoencoders, evaluated on held-out data."""
+
+
+def _run(verbose: bool, params_file: str, overrides: list[str] | None, stage: Callable[[Params], T]) -> T:
+    """Load parameters and run `stage`; bad input becomes one line on stderr and exit code 2."""
+    logging.basicConfig(
+        level=logging.DEBUG if verbose else logging.INFO,
+        format="%(message)s",
+        handlers=[RichHandler(console=console, show_path=False, show_time=False)],
+        force=True,
+    )
+    for noisy in ("httpx", "urllib3", "filelock", "huggingface_hub", "transformers", "datasets"):
+        logging.getLogger(noisy).setLevel(logging.WARNING if verbose else logging.ERROR)
+    try:
+        return stage(load_params(params_file, overrides))
+    except PipelineError as exc:
+        if verbose:
+            raise
+        print(f"error: {exc}", file=sys.stderr)
+        raise typer.Exit(2) from None
+    except KeyboardInterrupt:
+        print("interrupted: finished work is kept; rerun with --resume to continue", file=sys.stderr)
+        raise typer.Exit(130) from None
+
+
+@app.command()
+def extract(
+    resume: Annotated[bool, typer.Option(help="Continue an interrupted extraction, keeping finished shards.")] = False,
+    params: ParamsOption = DEFAULT_PARAMS_FILE,
+    set_: SetOption = None,
+    verbose: VerboseOption = False,
+) -> None:
+    """GSM8K through GPT-2: hooked residual-stream activations into the zarr store (extract.store)."""
+    from stages import extract as stage
+
+    _run(verbose, params, set_, lambda p: stage.run(p, resume=resume))
+
+
+if __name__ == "__main__":
+    app()

@@ -1,0 +1,244 @@
+"""Typed parameters: the one place defaults live.
+
+`params.yaml` is read into these dataclasses; `-S section.key=value` overrides are applied on top, in the same
+spirit as `dvc exp run -S`. Unknown keys and wrong types are errors that name the key.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from pipeline.errors import PipelineError
+
+DEFAULT_PARAMS_FILE = "params.yaml"
+
+
+@dataclass
+class ModelConfig:
+    name: str = "openai-community/gpt2"  # hub id, or a local directory with an HF checkpoint and tokenizer
+    revision: str | None = None  # hub revision; None means the default branch
+    process_weights: bool = False  # TransformerLens compatibility mode (fold LayerNorm, centre weights)
+    device: str = "auto"  # auto = cuda when present, else cpu
+    dtype: str = "auto"  # compute dtype; auto = float16 on cuda, float32 on cpu
+
+
+@dataclass
+class DataConfig:
+    dataset: str = "openai/gsm8k"  # hub id, or a local directory holding {split}.jsonl
+    config: str = "main"  # hub dataset configuration
+    splits: list[str] = field(default_factory=lambda: ["train", "test"])
+    max_docs: int | None = None  # per split; None = all
+    template: str = "{question}\n{answer}"  # one GSM8K row -> one document
+
+
+@dataclass
+class ExtractConfig:
+    hooks: list[str] = field(
+        default_factory=lambda: ["blocks.6.hook_resid_pre", "blocks.6.hook_resid_post"]
+    )
+    store: str = "data/activations"
+    dtype: str = "float16"  # stored activation dtype
+    batch_tokens: int = 16384  # padded tokens per forward pass
+    shard_tokens: int = 65536  # tokens per shard file: the unit of writing and of resuming
+    chunk_tokens: int = 4096  # tokens per chunk inside a shard: the unit of reading
+
+
+@dataclass
+class SAEConfig:
+    expansion: int
+    batch_size: int  # in sequences of train.seq_len tokens
+    lr: float
+    epochs: int = 3
+
+
+@dataclass
+class TrainConfig:
+    hook: str = "blocks.6.hook_resid_post"
+    split: str = "train"
+    seq_len: int = 512  # tokens per "sequence" of batch_size: batch = batch_size * seq_len token activations
+    l1_coeff: float = 5e-3
+    decorrelation_coeff: float = 1.0
+    warmup_frac: float = 0.05
+    amp: str = "auto"  # auto = fp16 on cuda, none on cpu; or none | fp16 | bf16
+    seed: int = 0
+    device: str = "auto"
+    memory_budget_gb: float = 8.0  # keep the split on the device when it fits, else stream from host RAM
+    exclude_bos: bool = True
+    scale_sample_tokens: int = 65536  # tokens used to estimate the input scale factor
+    checkpoint_every: int = 200  # steps of the shared stream between resumable checkpoints
+    log_every: int = 20  # steps between logged curve points (each costs a device sync)
+    out_dir: str = "artifacts"
+
+
+@dataclass
+class EvaluateConfig:
+    split: str = "test"
+    n_docs: int | None = None  # documents used for splice scores; None = all
+    batch_tokens: int = 8192
+    dense_threshold: float = 0.1  # a latent active on more than this share of tokens is "dense"
+
+
+@dataclass
+class Params:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    extract: ExtractConfig = field(default_factory=ExtractConfig)
+    sae: dict[str, SAEConfig] = field(
+        default_factory=lambda: {
+            "a": SAEConfig(expansion=4, batch_size=64, lr=3e-4),
+            "b": SAEConfig(expansion=6, batch_size=48, lr=2e-4),
+            "c": SAEConfig(expansion=8, batch_size=32, lr=1e-4),
+        }
+    )
+    train: TrainConfig = field(default_factory=TrainConfig)
+    evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
+
+    def sae_configs(self, which: str) -> dict[str, SAEConfig]:
+        """The SAE configs named by `which` ("all" or one key of the `sae` section)."""
+        if which == "all":
+            return dict(self.sae)
+        if which not in self.sae:
+            raise PipelineError(f"unknown SAE config {which!r}; params define: {', '.join(self.sae)}")
+        return {which: self.sae[which]}
+
+
+def sae_name(key: str, cfg: SAEConfig) -> str:
+    """The file stem every artifact of one SAE config uses, e.g. `config_c_8x`."""
+    return f"config_{key}_{cfg.expansion}x"
+
+
+def load_params(path: str | Path = DEFAULT_PARAMS_FILE, overrides: list[str] | None = None) -> Params:
+    """Read a params file, apply `key.path=value` overrides, validate every value's type."""
+    path = Path(path)
+    if not path.is_file():
+        raise PipelineError(f"params file not found: {path}")
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise PipelineError(f"{path} is not valid YAML: {exc}") from exc
+    if not isinstance(raw, dict):
+        raise PipelineError(f"{path} must hold a mapping of sections")
+    for item in overrides or []:
+        _apply_override(raw, item)
+    params = _build(Params, raw, "")
+    _validate(params)
+    return params
+
+
+def params_to_dict(params: Any) -> Any:
+    """Plain dict/list form of a config (for metadata and checkpoints)."""
+    return dataclasses.asdict(params) if dataclasses.is_dataclass(params) else params
+
+
+def _apply_override(raw: dict, item: str) -> None:
+    key, sep, text = item.partition("=")
+    if not sep or not key:
+        raise PipelineError(f"override {item!r} must look like section.key=value")
+    try:
+        value = yaml.safe_load(text) if text else ""
+    except yaml.YAMLError:
+        value = text
+    node = raw
+    parts = key.split(".")
+    for part in parts[:-1]:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise PipelineError(f"override {key!r}: {part!r} is not a section")
+    node[parts[-1]] = value
+
+
+def _build(cls: type, raw: Any, where: str) -> Any:
+    if not isinstance(raw, dict):
+        raise PipelineError(f"{where or 'params'} must be a mapping, got {raw!r}")
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(raw) - names)
+    if unknown:
+        raise PipelineError(
+            f"unknown parameter {_join(where, unknown[0])!r}; valid keys here: {', '.join(sorted(names))}"
+        )
+    kwargs = {}
+    for name in names & set(raw):
+        kwargs[name] = _coerce(hints[name], raw[name], _join(where, name))
+    try:
+        return cls(**kwargs)
+    except TypeError as exc:  # a required field (e.g. sae.x.lr) is missing
+        raise PipelineError(f"{where or 'params'}: {exc}") from exc
+
+
+def _coerce(hint: Any, value: Any, key: str) -> Any:
+    origin = typing.get_origin(hint)
+    args = typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        (inner,) = [a for a in args if a is not type(None)]
+        return _coerce(inner, value, key)
+    if dataclasses.is_dataclass(hint):
+        return _build(hint, value, key)
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise PipelineError(f"{key} must be a mapping")
+        return {str(k): _coerce(args[1], v, f"{key}.{k}") for k, v in value.items()}
+    if origin is list:
+        if not isinstance(value, list):
+            raise PipelineError(f"{key} must be a list, got {value!r}")
+        return [_coerce(args[0], v, key) for v in value]
+    if hint is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if hint is float and isinstance(value, str):  # YAML 1.1 reads "5e-5" as a string
+        try:
+            return float(value)
+        except ValueError:
+            pass
+    if not isinstance(value, hint) or (hint is int and isinstance(value, bool)):
+        raise PipelineError(f"{key} must be {hint.__name__}, got {value!r}")
+    return value
+
+
+def _join(where: str, name: str) -> str:
+    return f"{where}.{name}" if where else name
+
+
+def _validate(params: Params) -> None:
+    checks = [
+        (params.model.dtype in ("auto", "float32", "float16", "bfloat16"), "model.dtype", params.model.dtype),
+        (params.extract.dtype in ("float16", "float32"), "extract.dtype", params.extract.dtype),
+        (bool(params.extract.hooks), "extract.hooks", "an empty list"),
+        (bool(params.data.splits), "data.splits", "an empty list"),
+        (params.data.max_docs is None or params.data.max_docs > 0, "data.max_docs", params.data.max_docs),
+        (params.extract.batch_tokens > 0, "extract.batch_tokens", params.extract.batch_tokens),
+        (params.extract.chunk_tokens > 0, "extract.chunk_tokens", params.extract.chunk_tokens),
+        (
+            params.extract.shard_tokens > 0 and params.extract.shard_tokens % params.extract.chunk_tokens == 0,
+            "extract.shard_tokens (a positive multiple of extract.chunk_tokens)",
+            params.extract.shard_tokens,
+        ),
+        (params.train.amp in ("auto", "none", "fp16", "bf16"), "train.amp", params.train.amp),
+        (params.train.seq_len > 0, "train.seq_len", params.train.seq_len),
+        (params.train.l1_coeff >= 0, "train.l1_coeff", params.train.l1_coeff),
+        (params.train.decorrelation_coeff >= 0, "train.decorrelation_coeff", params.train.decorrelation_coeff),
+        (0 <= params.train.warmup_frac < 1, "train.warmup_frac", params.train.warmup_frac),
+        (params.train.checkpoint_every > 0, "train.checkpoint_every", params.train.checkpoint_every),
+        (params.train.log_every > 0, "train.log_every", params.train.log_every),
+        (params.evaluate.batch_tokens > 0, "evaluate.batch_tokens", params.evaluate.batch_tokens),
+        (params.evaluate.n_docs is None or params.evaluate.n_docs > 0, "evaluate.n_docs", params.evaluate.n_docs),
+        (bool(params.sae), "sae", "no configs"),
+    ]
+    for key, cfg in params.sae.items():
+        checks += [
+            (cfg.expansion > 0, f"sae.{key}.expansion", cfg.expansion),
+            (cfg.batch_size > 0, f"sae.{key}.batch_size", cfg.batch_size),
+            (cfg.lr > 0, f"sae.{key}.lr", cfg.lr),
+            (cfg.epochs > 0, f"sae.{key}.epochs", cfg.epochs),
+        ]
+    for ok, key, value in checks:
+        if not ok:
+            raise PipelineError(f"invalid {key}: {value!r}")

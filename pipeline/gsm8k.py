@@ -1,0 +1,96 @@
+"""GSM8K rows -> documents (text) -> token ids with document offsets."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from pipeline.config import DataConfig
+from pipeline.errors import PipelineError
+
+REQUIRED_FIELDS = ("question", "answer")
+
+
+@dataclass
+class TokenizedSplit:
+    """Every document of one split as one flat token array; document i is tokens[offsets[i]:offsets[i+1]]."""
+
+    tokens: np.ndarray  # int32 [n_tokens]
+    doc_offsets: np.ndarray  # int64 [n_docs + 1]
+    n_truncated: int  # documents cut to the model's context length
+
+    @property
+    def n_docs(self) -> int:
+        return len(self.doc_offsets) - 1
+
+
+def load_documents(cfg: DataConfig, split: str) -> list[str]:
+    """The split's rows rendered through `cfg.template` (keys: the row's fields, e.g. {question}, {answer})."""
+    rows = _load_rows(cfg, split)
+    if cfg.max_docs is not None:
+        rows = rows[: cfg.max_docs]
+    try:
+        return [cfg.template.format(**row) for row in rows]
+    except KeyError as exc:
+        raise PipelineError(f"data.template names field {exc} that GSM8K rows do not have") from exc
+
+
+def tokenize(documents: list[str], tokenizer, bos_token_id: int, max_len: int) -> TokenizedSplit:
+    """BOS + the document's tokens, truncated to `max_len` (the model's context)."""
+    encoded = tokenizer(documents, add_special_tokens=False)["input_ids"]
+    lengths = np.array([min(len(ids) + 1, max_len) for ids in encoded], dtype=np.int64)
+    offsets = np.zeros(len(documents) + 1, dtype=np.int64)
+    np.cumsum(lengths, out=offsets[1:])
+    tokens = np.empty(offsets[-1], dtype=np.int32)
+    n_truncated = 0
+    for i, ids in enumerate(encoded):
+        start, end = offsets[i], offsets[i + 1]
+        tokens[start] = bos_token_id
+        tokens[start + 1 : end] = ids[: end - start - 1]
+        n_truncated += len(ids) + 1 > max_len
+    return TokenizedSplit(tokens=tokens, doc_offsets=offsets, n_truncated=n_truncated)
+
+
+def _load_rows(cfg: DataConfig, split: str) -> list[dict]:
+    local = Path(cfg.dataset)
+    if local.is_dir():
+        return _read_jsonl(local / f"{split}.jsonl")
+    return _load_hub(cfg, split)
+
+
+def _read_jsonl(path: Path) -> list[dict]:
+    """Local GSM8K-format file; a malformed line is an error naming file and line."""
+    if not path.is_file():
+        found = sorted(p.name for p in path.parent.glob("*.jsonl"))
+        raise PipelineError(f"split file {path} not found (the directory holds: {', '.join(found) or 'nothing'})")
+    rows = []
+    with path.open(encoding="utf-8") as handle:
+        for number, line in enumerate(handle, start=1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise PipelineError(f"{path}:{number}: not valid JSON ({exc.msg})") from exc
+            missing = [k for k in REQUIRED_FIELDS if not isinstance(row, dict) or not isinstance(row.get(k), str)]
+            if missing:
+                raise PipelineError(f"{path}:{number}: missing or non-text field(s) {', '.join(missing)}")
+            rows.append(row)
+    return rows
+
+
+def _load_hub(cfg: DataConfig, split: str) -> list[dict]:
+    import datasets
+
+    try:
+        dataset = datasets.load_dataset(cfg.dataset, cfg.config, split=split)
+    except Exception as exc:  # the hub client raises many types; all mean "could not get it"
+        raise PipelineError(
+            f"dataset {cfg.dataset!r} (config {cfg.config!r}, split {split!r}) could not be loaded: "
+            f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}. Offline? Point data.dataset "
+            "at a local directory holding {split}.jsonl files in GSM8K's format"
+        ) from exc
+    return [dict(row) for row in dataset]

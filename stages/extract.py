@@ -1,0 +1,91 @@
+"""Stage `extract`: GSM8K documents through GPT-2, hooked activations into the zarr store."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from pipeline import __version__
+from pipeline.config import Params
+from pipeline.extraction import ShardExtractor
+from pipeline.gsm8k import TokenizedSplit, load_documents, tokenize
+from pipeline.lm import check_hooks, hub_revision, load_model
+from pipeline.progress import progress_bar
+from pipeline.store import BackgroundWriter, StoreWriter
+
+log = logging.getLogger(__name__)
+
+
+def run(params: Params, resume: bool = False) -> Path:
+    """Tokenize every split, then compute and write each pending shard; returns the store's path."""
+    model = load_model(params.model)
+    stop_at_layer = check_hooks(model, params.extract.hooks)
+    tokenizer = model.tokenizer
+    splits = {
+        split: tokenize(load_documents(params.data, split), tokenizer, tokenizer.bos_token_id, model.cfg.n_ctx)
+        for split in params.data.splits
+    }
+    for split, data in splits.items():
+        if data.n_truncated:
+            log.warning("%s: %d documents longer than %d tokens were truncated", split, data.n_truncated, model.cfg.n_ctx)
+
+    writer = StoreWriter(params.extract.store, _store_attrs(params, model), resume)
+    for split, data in splits.items():
+        writer.add_split(split, data.tokens, data.doc_offsets)
+    extractor = ShardExtractor(
+        model,
+        params.extract.hooks,
+        stop_at_layer,
+        params.extract.batch_tokens,
+        getattr(torch, params.extract.dtype),
+    )
+    pending = {split: writer.pending_shards(split) for split in splits}
+    background = BackgroundWriter(writer)
+    with progress_bar("extract", total=sum(e - s for shards in pending.values() for _, s, e in shards)) as bar:
+        for split, shards in pending.items():
+            data = splits[split]
+            for index, start, end in shards:
+                activations = extractor.extract(data.tokens, data.doc_offsets, start, end)
+                background.submit(split, index, start, activations)
+                bar.advance(end - start)
+    background.close()
+    writer.finalize({"split_stats": {split: _stats(data) for split, data in splits.items()}})
+    log.info("activation store written to %s", writer.path)
+    return writer.path
+
+
+def _store_attrs(params: Params, model) -> dict:
+    tokenizer = model.tokenizer
+    return {
+        "model": params.model.name,
+        "model_revision": hub_revision(model, params.model),
+        "process_weights": params.model.process_weights,
+        "compute_dtype": str(next(model.parameters()).dtype).removeprefix("torch."),
+        "hooks": list(params.extract.hooks),
+        "d_model": int(model.cfg.d_model),
+        "n_ctx": int(model.cfg.n_ctx),
+        "dtype": params.extract.dtype,
+        "tokenizer": getattr(tokenizer, "name_or_path", None) or params.model.name,
+        "bos_token_id": int(tokenizer.bos_token_id),
+        "bos_policy": "one BOS token prepended to every document; documents truncated to n_ctx tokens",
+        "template": params.data.template,
+        "dataset": params.data.dataset,
+        "dataset_config": params.data.config,
+        "splits": list(params.data.splits),
+        "max_docs": params.data.max_docs,
+        "shard_tokens": params.extract.shard_tokens,
+        "chunk_tokens": params.extract.chunk_tokens,
+        "package_version": __version__,
+    }
+
+
+def _stats(data: TokenizedSplit) -> dict:
+    return {
+        "n_docs": data.n_docs,
+        "n_tokens": int(data.doc_offsets[-1]),
+        "n_truncated_docs": int(data.n_truncated),
+        "max_doc_tokens": int(np.diff(data.doc_offsets).max(initial=0)),
+    }
