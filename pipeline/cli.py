@@ -41,6 +41,10 @@ def _run(verbose: bool, params_file: str, overrides: list[str] | None, stage: Ca
     )
     for noisy in ("httpx", "urllib3", "filelock", "huggingface_hub", "transformers", "datasets"):
         logging.getLogger(noisy).setLevel(logging.WARNING if verbose else logging.ERROR)
+    if not verbose:  # our own progress bars are the ones that matter
+        import transformers
+
+        transformers.utils.logging.disable_progress_bar()
     try:
         return stage(load_params(params_file, overrides))
     except PipelineError as exc:

@@ -40,9 +40,7 @@ class DataConfig:
 
 @dataclass
 class ExtractConfig:
-    hooks: list[str] = field(
-        default_factory=lambda: ["blocks.6.hook_resid_pre", "blocks.6.hook_resid_post"]
-    )
+    hooks: list[str] = field(default_factory=lambda: ["blocks.6.hook_resid_pre", "blocks.6.hook_resid_post"])
     store: str = "data/activations"
     dtype: str = "float16"  # stored activation dtype
     batch_tokens: int = 16384  # padded tokens per forward pass

@@ -30,7 +30,9 @@ def run(params: Params, resume: bool = False) -> Path:
     }
     for split, data in splits.items():
         if data.n_truncated:
-            log.warning("%s: %d documents longer than %d tokens were truncated", split, data.n_truncated, model.cfg.n_ctx)
+            log.warning(
+                "%s: %d documents longer than %d tokens were truncated", split, data.n_truncated, model.cfg.n_ctx
+            )
 
     writer = StoreWriter(params.extract.store, _store_attrs(params, model), resume)
     for split, data in splits.items():
@@ -44,14 +46,16 @@ def run(params: Params, resume: bool = False) -> Path:
     )
     pending = {split: writer.pending_shards(split) for split in splits}
     background = BackgroundWriter(writer)
-    with progress_bar("extract", total=sum(e - s for shards in pending.values() for _, s, e in shards)) as bar:
-        for split, shards in pending.items():
-            data = splits[split]
-            for index, start, end in shards:
-                activations = extractor.extract(data.tokens, data.doc_offsets, start, end)
-                background.submit(split, index, start, activations)
-                bar.advance(end - start)
-    background.close()
+    try:
+        with progress_bar("extract", total=sum(e - s for shards in pending.values() for _, s, e in shards)) as bar:
+            for split, shards in pending.items():
+                data = splits[split]
+                for index, start, end in shards:
+                    activations = extractor.extract(data.tokens, data.doc_offsets, start, end)
+                    background.submit(split, index, start, activations)
+                    bar.advance(end - start)
+    finally:
+        background.close()  # even when interrupted: shards already computed reach the disk and count as done
     writer.finalize({"split_stats": {split: _stats(data) for split, data in splits.items()}})
     log.info("activation store written to %s", writer.path)
     return writer.path

@@ -1,0 +1,139 @@
+"""Shared fixtures: a tiny random GPT-2 checkpoint, GSM8K-format rows, params files, the CLI runner."""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from typer.testing import CliRunner
+
+from pipeline.cli import app
+
+PROJECT_ROOT = Path(__file__).resolve().parents[1]
+SHARED_DATA = PROJECT_ROOT.parent / "shared" / "data"
+GPT2_SPLIT_PATTERN = r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
+NAMES = ["Ann", "Bob", "Cy", "Dee", "Eve", "Fay"]
+THINGS = ["apples", "pens", "cards", "marbles", "books"]
+
+
+def make_rows(n: int, seed: int) -> list[dict]:
+    """GSM8K-format rows (question, answer ending in #### n) of varied lengths."""
+    rng = random.Random(seed)
+    rows = []
+    for _ in range(n):
+        name, thing = rng.choice(NAMES), rng.choice(THINGS)
+        a, b = rng.randint(1, 50), rng.randint(1, 50)
+        filler = " ".join(f"{name} also likes {rng.choice(THINGS)}." for _ in range(rng.randint(0, 12)))
+        question = f"{name} has {a} {thing}. {filler} {name} buys {b} more. How many {thing} now?"
+        answer = f"{name} has {a} + {b} = <<{a}+{b}={a + b}>>{a + b} {thing}.\n#### {a + b}"
+        rows.append({"question": question, "answer": answer})
+    return rows
+
+
+def write_jsonl(path: Path, rows: list[dict]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+
+def save_tiny_gpt2(directory: Path, tokenizer, n_layer: int = 4, n_positions: int = 256, seed: int = 0) -> Path:
+    """A random GPT-2-architecture checkpoint beside `tokenizer`, loadable like a hub id."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(seed)
+    config = GPT2Config(
+        vocab_size=len(tokenizer), n_positions=n_positions, n_embd=64, n_layer=n_layer, n_head=4,
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+    )  # fmt: skip
+    GPT2LMHeadModel(config).save_pretrained(directory)
+    tokenizer.save_pretrained(directory)
+    return directory
+
+
+@pytest.fixture(scope="session")
+def gsm_dir(tmp_path_factory) -> Path:
+    """A local dataset directory with train.jsonl and test.jsonl in GSM8K's format."""
+    root = tmp_path_factory.mktemp("gsm")
+    write_jsonl(root / "train.jsonl", make_rows(120, seed=1))
+    write_jsonl(root / "test.jsonl", make_rows(40, seed=2))
+    return root
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory) -> Path:
+    """A tiny random GPT-2 with a byte-level BPE tokenizer the test trains itself."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    text = [r["question"] + "\n" + r["answer"] for r in make_rows(300, seed=3)]
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=400, special_tokens=["<|endoftext|>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
+    )
+    tok.train_from_iterator(text, trainer)
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok, bos_token="<|endoftext|>", eos_token="<|endoftext|>", unk_token="<|endoftext|>"
+    )
+    return save_tiny_gpt2(tmp_path_factory.mktemp("tiny-gpt2"), fast)
+
+
+@pytest.fixture(scope="session")
+def real_data() -> Path:
+    """`../shared/data` (real GSM8K and GPT-2 tokenizer); tests using it skip where it is absent."""
+    if not (SHARED_DATA / "gsm8k" / "test.jsonl").is_file():
+        pytest.skip("../shared/data (real GSM8K + GPT-2 tokenizer) is not present")
+    return SHARED_DATA
+
+
+@pytest.fixture(scope="session")
+def gpt2_tokenizer_model_dir(real_data, tmp_path_factory) -> Path:
+    """A tiny random GPT-2 carrying the real GPT-2 tokenizer (built from ../shared/data)."""
+    from transformers import PreTrainedTokenizerFast
+    from transformers.convert_slow_tokenizer import TikTokenConverter
+
+    converted = TikTokenConverter(
+        vocab_file=str(real_data / "gpt2-tokenizer" / "gpt2.tiktoken"),
+        pattern=GPT2_SPLIT_PATTERN,
+        additional_special_tokens=["<|endoftext|>"],
+    ).converted()
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=converted, bos_token="<|endoftext|>", eos_token="<|endoftext|>", unk_token="<|endoftext|>"
+    )
+    return save_tiny_gpt2(tmp_path_factory.mktemp("tiny-gpt2-real-tok"), fast, n_layer=2, n_positions=512)
+
+
+def write_params(path: Path, **sections: dict) -> Path:
+    """A params file: the project's params.yaml with `sections` merged in (section -> {key: value})."""
+    params = yaml.safe_load((PROJECT_ROOT / "params.yaml").read_text())
+    for section, values in sections.items():
+        params.setdefault(section, {}).update(values)
+    path.write_text(yaml.safe_dump(params))
+    return path
+
+
+@pytest.fixture
+def tiny_params(tmp_path, tiny_model_dir, gsm_dir) -> Path:
+    """Params for a fast CPU run on the tiny model and the local rows, writing under tmp_path."""
+    return write_params(
+        tmp_path / "params.yaml",
+        model={"name": str(tiny_model_dir), "device": "cpu"},
+        data={"dataset": str(gsm_dir)},
+        extract={
+            "hooks": ["blocks.1.hook_resid_pre", "blocks.1.hook_resid_post"],
+            "store": str(tmp_path / "activations"),
+            "batch_tokens": 2048,
+            "shard_tokens": 2048,
+            "chunk_tokens": 512,
+        },
+        train={"hook": "blocks.1.hook_resid_post", "device": "cpu", "out_dir": str(tmp_path / "artifacts")},
+    )
+
+
+def invoke(*args: str):
+    """Run the CLI in-process; returns the click Result (exit_code, stdout, stderr)."""
+    return CliRunner().invoke(app, list(args))
