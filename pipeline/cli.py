@@ -70,5 +70,19 @@ def extract(
     _run(verbose, params, set_, lambda p: stage.run(p, resume=resume))
 
 
+@app.command()
+def train(
+    config: ConfigOption = "all",
+    resume: Annotated[bool, typer.Option(help="Continue from the latest periodic checkpoints.")] = False,
+    params: ParamsOption = DEFAULT_PARAMS_FILE,
+    set_: SetOption = None,
+    verbose: VerboseOption = False,
+) -> None:
+    """Train SAE config(s) from the store; `--config all` trains every config from one read of the data."""
+    from stages import train as stage
+
+    _run(verbose, params, set_, lambda p: stage.run(p, which=config, resume=resume))
+
+
 if __name__ == "__main__":
     app()

@@ -64,6 +64,7 @@ class TrainConfig:
     l1_coeff: float = 5e-3
     decorrelation_coeff: float = 1.0
     warmup_frac: float = 0.05
+    decay_frac: float = 0.0  # linear decay to zero over this final share of steps (the seed: none)
     amp: str = "auto"  # auto = fp16 on cuda, none on cpu; or none | fp16 | bf16
     seed: int = 0
     device: str = "auto"
@@ -224,6 +225,7 @@ def _validate(params: Params) -> None:
         (params.train.l1_coeff >= 0, "train.l1_coeff", params.train.l1_coeff),
         (params.train.decorrelation_coeff >= 0, "train.decorrelation_coeff", params.train.decorrelation_coeff),
         (0 <= params.train.warmup_frac < 1, "train.warmup_frac", params.train.warmup_frac),
+        (0 <= params.train.decay_frac <= 1, "train.decay_frac", params.train.decay_frac),
         (params.train.checkpoint_every > 0, "train.checkpoint_every", params.train.checkpoint_every),
         (params.train.log_every > 0, "train.log_every", params.train.log_every),
         (params.evaluate.batch_tokens > 0, "evaluate.batch_tokens", params.evaluate.batch_tokens),

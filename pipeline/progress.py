@@ -1,4 +1,4 @@
-"""Rich progress bars with a tokens/s column and free-form fields (loss, L0, ...)."""
+"""Rich progress bars counting tokens, with a tokens/s column and free-form fields (loss, L0, ...)."""
 
 from __future__ import annotations
 
@@ -19,7 +19,7 @@ class TokensPerSecond(ProgressColumn):
 
 
 class ProgressBar:
-    """One task of a rich Progress: `advance(n_tokens, **fields)` moves it and updates its fields."""
+    """One task of a rich Progress: `advance(n_tokens, **fields)` moves it and shows the fields."""
 
     def __init__(self, progress: Progress, description: str, total: int) -> None:
         self.progress = progress
@@ -27,15 +27,12 @@ class ProgressBar:
 
     def advance(self, n_tokens: int, **fields: float) -> None:
         info = "  ".join(f"{k} {v:.4g}" for k, v in fields.items())
-        if info:
-            self.progress.update(self.task, advance=n_tokens, info=info)
-        else:
-            self.progress.update(self.task, advance=n_tokens)
+        self.progress.update(self.task, advance=n_tokens, **({"info": info} if info else {}))
 
 
 @contextmanager
-def progress_bar(description: str, total: int) -> Iterator[ProgressBar]:
-    """A progress bar counting tokens, with throughput and elapsed time."""
+def progress_bars(totals: dict[str, int]) -> Iterator[dict[str, ProgressBar]]:
+    """One bar per entry of `totals` (description -> total tokens), with throughput and elapsed time."""
     columns = (
         TextColumn("[bold]{task.description}"),
         BarColumn(),
@@ -45,4 +42,4 @@ def progress_bar(description: str, total: int) -> Iterator[ProgressBar]:
         TextColumn("{task.fields[info]}"),
     )
     with Progress(*columns, console=console, speed_estimate_period=10.0) as progress:
-        yield ProgressBar(progress, description, total)
+        yield {name: ProgressBar(progress, name, total) for name, total in totals.items()}

@@ -13,7 +13,7 @@ from pipeline.config import Params
 from pipeline.extraction import ShardExtractor
 from pipeline.gsm8k import TokenizedSplit, load_documents, tokenize
 from pipeline.lm import check_hooks, hub_revision, load_model
-from pipeline.progress import progress_bar
+from pipeline.progress import progress_bars
 from pipeline.store import BackgroundWriter, StoreWriter
 
 log = logging.getLogger(__name__)
@@ -47,13 +47,14 @@ def run(params: Params, resume: bool = False) -> Path:
     pending = {split: writer.pending_shards(split) for split in splits}
     background = BackgroundWriter(writer)
     try:
-        with progress_bar("extract", total=sum(e - s for shards in pending.values() for _, s, e in shards)) as bar:
+        total = sum(end - start for shards in pending.values() for _, start, end in shards)
+        with progress_bars({"extract": total}) as bars:
             for split, shards in pending.items():
                 data = splits[split]
                 for index, start, end in shards:
                     activations = extractor.extract(data.tokens, data.doc_offsets, start, end)
                     background.submit(split, index, start, activations)
-                    bar.advance(end - start)
+                    bars["extract"].advance(end - start)
     finally:
         background.close()  # even when interrupted: shards already computed reach the disk and count as done
     writer.finalize({"split_stats": {split: _stats(data) for split, data in splits.items()}})

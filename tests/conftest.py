@@ -6,6 +6,7 @@ import json
 import random
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import yaml
@@ -137,3 +138,40 @@ def tiny_params(tmp_path, tiny_model_dir, gsm_dir) -> Path:
 def invoke(*args: str):
     """Run the CLI in-process; returns the click Result (exit_code, stdout, stderr)."""
     return CliRunner().invoke(app, list(args))
+
+
+def write_synthetic_store(
+    path: Path,
+    n_train: int = 40_000,
+    n_test: int = 4_000,
+    d: int = 128,
+    n_dirs: int = 512,
+    p_active: float = 0.008,
+    noise: float = 0.01,
+    seed: int = 0,
+    doc_len: int = 100,
+) -> np.ndarray:
+    """A store whose vectors are sparse non-negative combinations of a known dictionary; returns the dictionary.
+
+    Each of `n_dirs` random unit directions is active with probability `p_active` (about 4 at a time), with a
+    magnitude uniform in [1, 2], plus Gaussian noise of std `noise` per dimension.
+    """
+    from pipeline.store import StoreWriter
+
+    rng = np.random.default_rng(seed)
+    dictionary = rng.standard_normal((n_dirs, d))
+    dictionary /= np.linalg.norm(dictionary, axis=1, keepdims=True)
+    attrs = {
+        "hooks": ["synthetic"], "d_model": d, "dtype": "float32", "shard_tokens": 8192, "chunk_tokens": 1024,
+        "splits": ["train", "test"], "model": "synthetic", "dataset": "synthetic", "n_ctx": doc_len,
+        "bos_token_id": 0,
+    }  # fmt: skip
+    writer = StoreWriter(path, attrs, resume=False)
+    for split, n in (("train", n_train), ("test", n_test)):
+        active = rng.random((n, n_dirs)) < p_active
+        x = (rng.uniform(1.0, 2.0, (n, n_dirs)) * active) @ dictionary + noise * rng.standard_normal((n, d))
+        writer.add_split(split, np.zeros(n, np.int32), np.arange(0, n + 1, doc_len, dtype=np.int64))
+        for index, start, end in writer.pending_shards(split):
+            writer.write_shard(split, index, start, {"synthetic": x[start:end].astype(np.float32)})
+    writer.finalize({})
+    return dictionary.astype(np.float32)

@@ -1,0 +1,255 @@
+"""Training one or several SAEs on one shared, shuffled stream of activations.
+
+Every SAE k consumes the epoch's token order in consecutive batches of its own size (batch_size * seq_len):
+its step j of an epoch uses order[j * B_k : (j + 1) * B_k]. The stream hands out blocks of lcm(B_k) tokens, so
+each block is read once and split into whole batches for every SAE, and a config trained alone sees exactly the
+batches it sees when trained with the others.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from pipeline.atomic import load_torch, save_torch
+from pipeline.config import SAEConfig, TrainConfig, params_to_dict, sae_name
+from pipeline.device import amp_dtype, autocast, grad_scaler, synchronize
+from pipeline.errors import PipelineError
+from pipeline.loader import ActivationLoader
+from pipeline.progress import progress_bars
+from pipeline.sae import SparseAutoencoder, loss_terms
+
+MAX_BLOCK_FACTOR = 16  # the shared block may be at most this many times the largest batch
+CURVE_COLUMNS = ("step", "tokens", "lr", "loss", "mse", "l1", "decorrelation", "l0")
+
+
+@dataclass
+class SAERun:
+    """One SAE being trained: model, optimiser state, progress and measured statistics."""
+
+    key: str
+    cfg: SAEConfig
+    sae: SparseAutoencoder
+    optimizer: torch.optim.Adam
+    scaler: torch.amp.GradScaler
+    batch_tokens: int
+    steps_per_epoch: int
+    step: int = 0
+    train_seconds: float = 0.0  # wall time inside this SAE's own steps
+    skipped_steps: torch.Tensor | None = None  # fp16 steps the GradScaler skipped (kept on device: no sync)
+    epoch_loss_sums: list[float] = field(default_factory=list)
+    curve: list[dict[str, float]] = field(default_factory=list)
+    last_terms: dict[str, torch.Tensor] = field(default_factory=dict)
+
+    @property
+    def name(self) -> str:
+        return sae_name(self.key, self.cfg)
+
+    @property
+    def total_steps(self) -> int:
+        return self.steps_per_epoch * self.cfg.epochs
+
+    @property
+    def done(self) -> bool:
+        return self.step >= self.total_steps
+
+
+class Trainer:
+    """Fits every SAE in `configs` on `loader`'s stream, with checkpoints every `checkpoint_every` blocks."""
+
+    def __init__(
+        self,
+        configs: dict[str, SAEConfig],
+        loader: ActivationLoader,
+        train: TrainConfig,
+        checkpoint_dir: Path,
+        meta: dict[str, Any],
+    ) -> None:
+        self.loader = loader
+        self.train = train
+        self.device = loader.device
+        self.amp = amp_dtype(train.amp, self.device)
+        self.checkpoint_dir = checkpoint_dir
+        self.meta = meta
+        self.scale = 1.0
+        self.runs = [self._new_run(key, cfg) for key, cfg in configs.items()]
+        self.block_tokens = _shared_block(self.runs)
+
+    def estimate_scale(self) -> float:
+        """The constant that makes E||scale * x||^2 = d_in on a fixed sample of the training split."""
+        sample = self.loader.sample(self.train.scale_sample_tokens)
+        self.scale = math.sqrt(self.loader.d_model / sample.pow(2).sum(dim=1).mean().item())
+        return self.scale
+
+    def resume(self) -> list[str]:
+        """Load each run's latest checkpoint, if any; returns the names of the runs resumed."""
+        resumed = []
+        for run in self.runs:
+            path = self.checkpoint_path(run)
+            if path.is_file():
+                self.load_state(run, load_torch(path))
+                resumed.append(run.name)
+        return resumed
+
+    def fit(self) -> None:
+        """Train every run to its last step."""
+        if self.all_done:
+            return
+        first_epoch, first_block = min(
+            (r.step // r.steps_per_epoch, r.step % r.steps_per_epoch * r.batch_tokens // self.block_tokens)
+            for r in self.runs
+            if not r.done
+        )
+        tasks = {run.name: run.total_steps * run.batch_tokens for run in self.runs}
+        with progress_bars(tasks) as bars:
+            for run in self.runs:
+                bars[run.name].advance(run.step * run.batch_tokens)
+            for epoch in range(first_epoch, max(r.cfg.epochs for r in self.runs)):
+                start = first_block if epoch == first_epoch else 0
+                for block_index, block in enumerate(self.loader.epoch(epoch, self.block_tokens, start), start):
+                    for run in self.runs:
+                        self._train_on_block(run, epoch, block_index, block, bars[run.name])
+                    if (block_index + 1) % self.train.checkpoint_every == 0:
+                        self.save_checkpoints()
+                    if self.all_done:
+                        return
+
+    @property
+    def all_done(self) -> bool:
+        return all(run.done for run in self.runs)
+
+    def _train_on_block(self, run: SAERun, epoch: int, block_index: int, block: torch.Tensor, bar) -> None:
+        """The batches of `block` that belong to `run` and that it has not trained on yet."""
+        per_block = self.block_tokens // run.batch_tokens
+        started = time.perf_counter()
+        n_trained = 0
+        for j in range(len(block) // run.batch_tokens):
+            step = epoch * run.steps_per_epoch + block_index * per_block + j
+            if step != run.step or run.done:
+                continue  # already trained before a resume, or this run has finished its epochs
+            self._step(run, block[j * run.batch_tokens : (j + 1) * run.batch_tokens] * self.scale)
+            n_trained += 1
+        if n_trained:
+            synchronize(self.device)  # so that the time below is the time the steps really took
+            run.train_seconds += time.perf_counter() - started
+            fields = {k: float(v) for k, v in run.last_terms.items() if k in ("loss", "l0")}
+            bar.advance(n_trained * run.batch_tokens, **fields)
+
+    def _step(self, run: SAERun, x: torch.Tensor) -> None:
+        lr = run.cfg.lr * lr_factor(run.step, run.total_steps, self.train.warmup_frac, self.train.decay_frac)
+        for group in run.optimizer.param_groups:
+            group["lr"] = lr
+        with autocast(self.device, self.amp):
+            terms = loss_terms(run.sae, x)
+            loss = terms["mse"] + self.train.l1_coeff * terms["l1"]
+            loss = loss + self.train.decorrelation_coeff * terms["decorrelation"]
+        run.optimizer.zero_grad(set_to_none=True)
+        run.scaler.scale(loss).backward()
+        if run.scaler.is_enabled():
+            run.scaler.unscale_(run.optimizer)
+            grads = [p.grad.sum() for p in run.sae.parameters() if p.grad is not None]
+            run.skipped_steps += ~torch.isfinite(torch.stack(grads).sum())  # exactly what the scaler skips on
+        run.scaler.step(run.optimizer)
+        run.scaler.update()
+        run.sae.normalize_decoder()
+        epoch = run.step // run.steps_per_epoch
+        if epoch == len(run.epoch_loss_sums):
+            run.epoch_loss_sums.append(0.0)
+        run.epoch_loss_sums[epoch] += loss.detach()  # a device tensor: summed without a sync
+        run.step += 1
+        run.last_terms = {"loss": loss.detach(), **{k: v.detach() for k, v in terms.items()}}
+        if run.step % self.train.log_every == 0 or run.done:
+            row = {"step": run.step, "tokens": run.step * run.batch_tokens, "lr": lr}
+            run.curve.append(row | {k: float(v) for k, v in run.last_terms.items()})
+
+    def checkpoint_path(self, run: SAERun) -> Path:
+        return self.checkpoint_dir / f"{run.name}.pt"
+
+    def save_checkpoints(self) -> None:
+        for run in self.runs:
+            save_torch(self.state(run), self.checkpoint_path(run))
+
+    def state(self, run: SAERun) -> dict[str, Any]:
+        """Everything needed to resume `run` or to use its SAE; loadable with weights_only=True."""
+        return {
+            "sae": run.sae.state_dict(),
+            "optimizer": run.optimizer.state_dict(),
+            "scaler": run.scaler.state_dict(),
+            "step": run.step,
+            "config": params_to_dict(run.cfg),
+            "train": params_to_dict(self.train),
+            "scale": self.scale,
+            "d_in": run.sae.d_in,
+            "d_sae": run.sae.d_sae,
+            "meta": self.meta,
+            "train_seconds": run.train_seconds,
+            "skipped_steps": int(run.skipped_steps.item()),
+            "epoch_loss_sums": [float(v) for v in run.epoch_loss_sums],
+            "curve": run.curve,
+        }
+
+    def load_state(self, run: SAERun, state: dict[str, Any]) -> None:
+        if state["d_in"] != run.sae.d_in or state["meta"].get("hook") != self.meta.get("hook"):
+            raise PipelineError(
+                f"checkpoint {self.checkpoint_path(run)} is for {state['meta'].get('hook')} with d_in={state['d_in']}"
+                f", but the store's {self.meta.get('hook')} has d_in={run.sae.d_in}; delete it to start over"
+            )
+        if state["config"] != params_to_dict(run.cfg):
+            raise PipelineError(
+                f"checkpoint {self.checkpoint_path(run)} was trained with {state['config']}, params now say "
+                f"{params_to_dict(run.cfg)}; delete it to start over"
+            )
+        run.sae.load_state_dict(state["sae"])
+        run.optimizer.load_state_dict(state["optimizer"])
+        run.scaler.load_state_dict(state["scaler"])
+        run.step = state["step"]
+        run.train_seconds = state["train_seconds"]
+        run.skipped_steps = torch.tensor(state["skipped_steps"], device=self.device)
+        run.epoch_loss_sums = list(state["epoch_loss_sums"])
+        run.curve = list(state["curve"])
+        self.scale = state["scale"]
+
+    def _new_run(self, key: str, cfg: SAEConfig) -> SAERun:
+        batch_tokens = cfg.batch_size * self.train.seq_len
+        if batch_tokens > self.loader.n_tokens:
+            raise PipelineError(
+                f"sae.{key}: a batch of {cfg.batch_size} x {self.train.seq_len} = {batch_tokens} tokens is larger "
+                f"than the {self.loader.n_tokens} training tokens of the split"
+            )
+        generator = torch.Generator().manual_seed(self.train.seed)
+        d_in = self.loader.d_model
+        sae = SparseAutoencoder(d_in, d_in * cfg.expansion, generator=generator).to(self.device)
+        return SAERun(
+            key=key,
+            cfg=cfg,
+            sae=sae,
+            optimizer=torch.optim.Adam(sae.parameters(), lr=cfg.lr),
+            scaler=grad_scaler(self.device, self.amp),
+            batch_tokens=batch_tokens,
+            steps_per_epoch=self.loader.n_tokens // batch_tokens,
+            skipped_steps=torch.zeros((), dtype=torch.long, device=self.device),
+        )
+
+
+def lr_factor(step: int, total_steps: int, warmup_frac: float, decay_frac: float) -> float:
+    """Linear warmup over the first `warmup_frac` of steps; linear decay to zero over the last `decay_frac`."""
+    warmup = min(1.0, (step + 1) / max(1, round(warmup_frac * total_steps)))
+    decay = min(1.0, (total_steps - step) / max(1, round(decay_frac * total_steps))) if decay_frac else 1.0
+    return warmup * decay
+
+
+def _shared_block(runs: list[SAERun]) -> int:
+    block = math.lcm(*(r.batch_tokens for r in runs))
+    largest = max(r.batch_tokens for r in runs)
+    if block > MAX_BLOCK_FACTOR * largest:
+        sizes = ", ".join(f"{r.key}: {r.batch_tokens}" for r in runs)
+        raise PipelineError(
+            f"batch sizes ({sizes} tokens) share no small common multiple ({block}); "
+            "train these configs one at a time (--config KEY)"
+        )
+    return block

@@ -1,0 +1,290 @@
+"""The train stage: it learns (recovers a known dictionary), resumes exactly, and its outputs agree."""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from conftest import invoke, write_params, write_synthetic_store
+from safetensors.torch import load_file
+
+from pipeline.sae import SparseAutoencoder, decorrelation, load_saelens
+from pipeline.store import ActivationStore
+from stages.train import outputs
+
+# Chosen for the synthetic data: strong enough L1 to find the ~4 active directions, lr decayed to settle.
+SYNTHETIC_TRAIN = {
+    "hook": "synthetic", "seq_len": 64, "l1_coeff": 3e-3, "decorrelation_coeff": 1.0, "device": "cpu",
+    "exclude_bos": False, "decay_frac": 0.3, "log_every": 50,
+}  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def synthetic(tmp_path_factory) -> tuple[Path, np.ndarray]:
+    root = tmp_path_factory.mktemp("synthetic")
+    return root / "store", write_synthetic_store(root / "store")
+
+
+def synthetic_params(tmp_path: Path, store: Path, sae: dict, **train) -> Path:
+    out_dir = Path(train.get("out_dir", tmp_path / "artifacts"))
+    return write_params(
+        tmp_path / f"params-{out_dir.name}.yaml",
+        extract={"store": str(store)},
+        train={**SYNTHETIC_TRAIN, "out_dir": str(tmp_path / "artifacts"), **train},
+        sae=sae,
+    )
+
+
+def recovery_and_explained_variance(sae_dir: Path, store: Path, dictionary: np.ndarray) -> tuple[float, float]:
+    """Share of true directions some decoder row matches with cosine >= 0.9; EV on held-out vectors."""
+    sae, _ = load_saelens(sae_dir)
+    decoder = torch.nn.functional.normalize(sae.W_dec.detach(), dim=1)
+    best = (torch.from_numpy(dictionary) @ decoder.T).max(dim=1).values
+    x = torch.from_numpy(ActivationStore(store).activations("test", "synthetic")[:])
+    with torch.no_grad():
+        x_hat, _ = sae(x)
+    explained = 1 - (x - x_hat).pow(2).sum() / (x - x.mean(0)).pow(2).sum()
+    return (best >= 0.9).float().mean().item(), explained.item()
+
+
+SYNTHETIC_SAE = {"s": {"expansion": 4, "batch_size": 4, "lr": 1e-2, "epochs": 20}}
+
+
+def test_sae_recovers_a_known_dictionary(tmp_path, synthetic):
+    store, dictionary = synthetic
+    params = synthetic_params(tmp_path, store, SYNTHETIC_SAE)
+    result = invoke("train", "--params", str(params), "--config", "s")
+    assert result.exit_code == 0, result.output
+    recovered, explained = recovery_and_explained_variance(tmp_path / "artifacts/sae/config_s_4x", store, dictionary)
+    assert recovered >= 0.9
+    assert explained >= 0.9
+
+
+def test_the_same_check_fails_when_the_decoder_is_frozen(tmp_path, synthetic, monkeypatch):
+    store, dictionary = synthetic
+    original_init = SparseAutoencoder.__init__
+
+    def frozen_decoder(self, *args, **kwargs):
+        original_init(self, *args, **kwargs)
+        self.W_dec.requires_grad_(False)
+
+    monkeypatch.setattr(SparseAutoencoder, "__init__", frozen_decoder)
+    params = synthetic_params(tmp_path, store, SYNTHETIC_SAE)
+    assert invoke("train", "--params", str(params), "--config", "s").exit_code == 0
+    recovered, _ = recovery_and_explained_variance(tmp_path / "artifacts/sae/config_s_4x", store, dictionary)
+    assert recovered < 0.9
+
+
+SMALL = {
+    "a": {"expansion": 2, "batch_size": 4, "lr": 1e-3, "epochs": 2},
+    "b": {"expansion": 3, "batch_size": 3, "lr": 1e-3, "epochs": 1},
+}
+
+
+def final_weights(out_dir: Path, name: str) -> dict[str, torch.Tensor]:
+    return torch.load(out_dir / "sae" / f"{name}_final.pt", weights_only=True)["sae"]
+
+
+def test_config_all_trains_each_sae_exactly_as_alone(tmp_path, synthetic):
+    store, _ = synthetic
+    together = synthetic_params(tmp_path, store, SMALL, out_dir=str(tmp_path / "together"))
+    alone = synthetic_params(tmp_path, store, SMALL, out_dir=str(tmp_path / "alone"))
+    assert invoke("train", "--params", str(together), "--config", "all").exit_code == 0
+    assert invoke("train", "--params", str(alone), "--config", "b").exit_code == 0
+    for key, value in final_weights(tmp_path / "together", "config_b_3x").items():
+        assert torch.equal(value, final_weights(tmp_path / "alone", "config_b_3x")[key]), key
+
+
+def test_killed_run_resumes_to_the_same_weights(tmp_path, synthetic, monkeypatch):
+    store, _ = synthetic
+    reference = synthetic_params(tmp_path, store, SMALL, out_dir=str(tmp_path / "reference"), checkpoint_every=3)
+    assert invoke("train", "--params", str(reference)).exit_code == 0
+
+    from pipeline.trainer import Trainer
+
+    original = Trainer._train_on_block
+    seen = {"blocks": 0}
+
+    def killed_midway(self, run, epoch, block_index, block, bar):
+        if run.key == "a":
+            seen["blocks"] += 1
+            if seen["blocks"] == 17:  # after the checkpoint at block 15, in the second epoch
+                raise KeyboardInterrupt
+        return original(self, run, epoch, block_index, block, bar)
+
+    monkeypatch.setattr(Trainer, "_train_on_block", killed_midway)
+    params = synthetic_params(tmp_path, store, SMALL, out_dir=str(tmp_path / "resumed"), checkpoint_every=3)
+    assert invoke("train", "--params", str(params)).exit_code == 130
+    assert not (tmp_path / "resumed/sae/config_a_2x_final.pt").exists()
+    assert (tmp_path / "resumed/checkpoints/config_a_2x.pt").is_file()
+    monkeypatch.undo()
+    result = invoke("train", "--params", str(params), "--resume")
+    assert result.exit_code == 0, result.output
+    for name in ("config_a_2x", "config_b_3x"):
+        expected = final_weights(tmp_path / "reference", name)
+        for key, value in final_weights(tmp_path / "resumed", name).items():
+            assert torch.equal(value, expected[key]), (name, key)
+    assert not (tmp_path / "resumed/checkpoints/config_a_2x.pt").exists()
+
+
+def test_outputs_are_complete_and_agree_with_each_other(tmp_path, synthetic):
+    store, _ = synthetic
+    params = synthetic_params(tmp_path, store, SMALL, log_every=5)
+    assert invoke("train", "--params", str(params)).exit_code == 0
+    n_tokens = 40_000
+    for key, name in (("a", "config_a_2x"), ("b", "config_b_3x")):
+        paths = outputs(tmp_path / "artifacts", key, name)
+        metrics = json.loads(paths["metrics"].read_text())
+        cfg = SMALL[key]
+        batch = cfg["batch_size"] * 64
+        assert metrics["batch_tokens"] == batch
+        assert metrics["steps_per_epoch"] == n_tokens // batch
+        assert metrics["steps"] == cfg["epochs"] * (n_tokens // batch)
+        assert metrics["tokens_seen"] == metrics["steps"] * batch
+        assert math.isclose(metrics["tokens_per_s"], metrics["tokens_seen"] / metrics["train_time_s"])
+        assert math.isclose(metrics["time_per_step_s"], metrics["train_time_s"] / metrics["steps"])
+        assert len(metrics["loss_per_epoch"]) == cfg["epochs"]
+        assert metrics["n_params"] == 2 * 128 * 128 * cfg["expansion"] + 128 * cfg["expansion"] + 128
+        assert metrics["peak_memory_bytes"] > 0 and metrics["skipped_fp16_steps"] == 0
+        rows = list(csv.DictReader(paths["curve"].open(), delimiter="\t"))
+        assert [int(r["step"]) for r in rows][-1] == metrics["steps"]
+        assert float(rows[-1]["loss"]) == pytest.approx(metrics["final_step"]["loss"])
+        checkpoint = torch.load(paths["checkpoint"], weights_only=True)
+        assert {"sae", "optimizer", "scaler", "step", "config", "scale"} <= checkpoint.keys()
+        assert checkpoint["step"] == metrics["steps"]
+
+
+def test_saelens_folder_reconstructs_like_our_forward_pass(tmp_path, synthetic):
+    store, _ = synthetic
+    params = synthetic_params(tmp_path, store, {"a": SMALL["a"]})
+    assert invoke("train", "--params", str(params)).exit_code == 0
+    folder = tmp_path / "artifacts/sae/config_a_2x"
+    cfg = json.loads((folder / "cfg.json").read_text())
+    assert cfg["architecture"] == "standard" and cfg["apply_b_dec_to_input"] is True
+    assert (cfg["d_in"], cfg["d_sae"]) == (128, 256)
+    assert cfg["metadata"]["hook_name"] == "synthetic"
+    w = load_file(folder / "sae_weights.safetensors")
+    assert {k: tuple(v.shape) for k, v in w.items()} == {
+        "W_enc": (128, 256), "b_enc": (256,), "W_dec": (256, 128), "b_dec": (128,)
+    }  # fmt: skip
+    x = torch.from_numpy(ActivationStore(store).activations("test", "synthetic")[:256])
+    # SAELens's StandardSAE: encode relu((x - b_dec) @ W_enc + b_enc), decode f @ W_dec + b_dec, on raw inputs.
+    saelens_out = torch.relu((x - w["b_dec"]) @ w["W_enc"] + w["b_enc"]) @ w["W_dec"] + w["b_dec"]
+    checkpoint = torch.load(tmp_path / "artifacts/sae/config_a_2x_final.pt", weights_only=True)
+    trained = SparseAutoencoder(128, 256)
+    trained.load_state_dict(checkpoint["sae"])
+    with torch.no_grad():
+        ours = trained(x * checkpoint["scale"])[0] / checkpoint["scale"]  # the model as trained, on scaled input
+    torch.testing.assert_close(saelens_out, ours, rtol=1e-4, atol=1e-4)
+
+
+def test_decorrelation_is_the_mean_squared_cosine_between_decoder_directions():
+    w = torch.nn.functional.normalize(torch.randn(50, 8, dtype=torch.float64), dim=1)
+    cos = w @ w.T
+    brute = (cos.pow(2).sum() - cos.diagonal().pow(2).sum()) / (50 * 49)
+    torch.testing.assert_close(decorrelation(w), brute)
+
+
+@pytest.mark.parametrize("amp", ["bf16", "fp16"])
+def test_mixed_precision_paths_run_on_cpu(tmp_path, synthetic, amp):
+    store, _ = synthetic
+    params = synthetic_params(tmp_path, store, {"a": SMALL["a"]}, amp=amp)
+    result = invoke("train", "--params", str(params))
+    assert result.exit_code == 0, result.output
+    metrics = json.loads((tmp_path / "artifacts/metrics/train_a.json").read_text())
+    assert metrics["amp"] == {"bf16": "bfloat16", "fp16": "float16"}[amp]
+    assert math.isfinite(metrics["final_step"]["loss"])
+
+
+def test_fp16_overflow_steps_are_skipped_and_counted(tmp_path, synthetic, monkeypatch):
+    import pipeline.trainer
+
+    huge_scale = lambda device, dtype: torch.amp.GradScaler(device.type, init_scale=2.0**60)  # noqa: E731
+    monkeypatch.setattr(pipeline.trainer, "grad_scaler", huge_scale)
+    params = synthetic_params(tmp_path, store=synthetic[0], sae={"a": SMALL["a"]}, amp="fp16")
+    assert invoke("train", "--params", str(params)).exit_code == 0
+    metrics = json.loads((tmp_path / "artifacts/metrics/train_a.json").read_text())
+    checkpoint = torch.load(tmp_path / "artifacts/sae/config_a_2x_final.pt", weights_only=True)
+    # Each skipped step halves the scale; it grows back only after 2000 clean steps (more than this run has).
+    assert metrics["skipped_fp16_steps"] == round(math.log2(2.0**60 / checkpoint["scaler"]["scale"]))
+    assert metrics["skipped_fp16_steps"] > 0
+    assert all(torch.isfinite(v).all() for v in checkpoint["sae"].values())
+
+
+def test_host_resident_loader_gives_the_same_blocks(synthetic):
+    from pipeline.loader import ActivationLoader
+
+    store = ActivationStore(synthetic[0])
+    on_device = ActivationLoader(store, "train", "synthetic", torch.device("cpu"), seed=3, memory_budget_gb=8)
+    streamed = ActivationLoader(store, "train", "synthetic", torch.device("cpu"), seed=3, memory_budget_gb=0)
+    assert on_device.resident_on_device and not streamed.resident_on_device
+    for a, b in zip(on_device.epoch(1, 3000), streamed.epoch(1, 3000), strict=True):
+        assert torch.equal(a, b)
+
+
+def test_loader_excludes_bos_and_shards_across_ranks(tmp_path, tiny_params):
+    from pipeline.config import load_params
+    from pipeline.loader import ActivationLoader
+
+    assert invoke("extract", "--params", str(tiny_params)).exit_code == 0
+    store = ActivationStore(load_params(tiny_params).extract.store)
+    offsets = store.doc_offsets("train")
+    cpu = torch.device("cpu")
+    ranks = [ActivationLoader(store, "train", "blocks.1.hook_resid_post", cpu, 0, True, 8, r, 3) for r in range(3)]
+    orders = [loader.order(0).numpy() for loader in ranks]
+    combined = np.sort(np.concatenate(orders))
+    assert np.array_equal(combined, np.setdiff1d(np.arange(offsets[-1]), offsets[:-1]))  # every non-BOS once
+    assert (store.tokens("train")[combined] != store.attrs["bos_token_id"]).all()
+
+
+def test_non_finite_activations_are_found_before_training(tmp_path):
+    write_synthetic_store(tmp_path / "store", n_train=2000, n_test=200)
+    import zarr
+
+    zarr.open_group(tmp_path / "store", mode="r+")["train"]["synthetic"][1234, 5] = np.nan
+    params = synthetic_params(tmp_path, tmp_path / "store", {"a": SMALL["a"]})
+    result = invoke("train", "--params", str(params))
+    assert result.exit_code == 2
+    assert "non-finite activation at token 1234 (document 12)" in result.stderr
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("train.hook=blocks.0.hook_resid_post", "hook 'blocks.0.hook_resid_post' is not in store"),
+        ("train.split=validation", "split 'validation' is not in store"),
+        ("sae.a.batch_size=1000", "larger than the 40000 training tokens"),
+        ("sae.a.expansion=0", "invalid sae.a.expansion: 0"),
+        ("sae.a.lr=-1", "invalid sae.a.lr: -1.0"),
+    ],
+)
+def test_bad_train_input_is_one_clear_line(tmp_path, synthetic, override, message):
+    params = synthetic_params(tmp_path, synthetic[0], {"a": SMALL["a"]})
+    result = invoke("train", "--params", str(params), "-S", override)
+    assert result.exit_code == 2, result.output
+    assert message in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
+
+
+def test_missing_store_and_unknown_config(tmp_path, synthetic):
+    params = synthetic_params(tmp_path, tmp_path / "nowhere", {"a": SMALL["a"]})
+    result = invoke("train", "--params", str(params))
+    assert result.exit_code == 2 and "no activation store at" in result.stderr
+    result = invoke("train", "--params", str(params), "--config", "z")
+    assert result.exit_code == 2 and "unknown SAE config 'z'; params define: a" in result.stderr
+
+
+def test_resume_refuses_a_checkpoint_for_another_width(tmp_path, synthetic):
+    store, _ = synthetic
+    params = synthetic_params(tmp_path, store, {"a": SMALL["a"]})
+    checkpoint = tmp_path / "artifacts/checkpoints/config_a_2x.pt"
+    checkpoint.parent.mkdir(parents=True)
+    torch.save({"d_in": 64, "meta": {"hook": "synthetic"}, "config": SMALL["a"]}, checkpoint)
+    result = invoke("train", "--params", str(params), "--resume")
+    assert result.exit_code == 2
+    assert "d_in=64" in result.stderr and "d_in=128" in result.stderr
