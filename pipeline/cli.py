@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import sys
 from collections.abc import Callable
+from pathlib import Path
 from typing import Annotated, TypeVar
 
 import typer
@@ -82,6 +83,57 @@ def train(
     from stages import train as stage
 
     _run(verbose, params, set_, lambda p: stage.run(p, which=config, resume=resume))
+
+
+@app.command()
+def evaluate(
+    config: ConfigOption = "all",
+    params: ParamsOption = DEFAULT_PARAMS_FILE,
+    set_: SetOption = None,
+    verbose: VerboseOption = False,
+) -> None:
+    """Evaluate trained SAE(s) on the held-out split: reconstruction, sparsity, splice CE/KL scores."""
+    from stages import evaluate as stage
+
+    _run(verbose, params, set_, lambda p: stage.run(p, which=config))
+
+
+@app.command()
+def report(params: ParamsOption = DEFAULT_PARAMS_FILE, set_: SetOption = None, verbose: VerboseOption = False) -> None:
+    """Write artifacts/report.md and its figures from the train and eval metrics."""
+    from stages import report as stage
+
+    _run(verbose, params, set_, stage.run)
+
+
+@app.command("run")
+def run_all(
+    resume: Annotated[bool, typer.Option(help="Resume interrupted extraction and training.")] = False,
+    params: ParamsOption = DEFAULT_PARAMS_FILE,
+    set_: SetOption = None,
+    verbose: VerboseOption = False,
+) -> None:
+    """Every stage in order without DVC: extract, train (all configs, one read), evaluate, report."""
+    from stages import evaluate, extract, report, train
+
+    def all_stages(p: Params) -> None:
+        extract.run(p, resume=resume)
+        train.run(p, which="all", resume=resume)
+        evaluate.run(p, which="all")
+        report.run(p)
+
+    _run(verbose, params, set_, all_stages)
+
+
+@app.command("tiny-assets")
+def tiny_assets(
+    out: Annotated[str, typer.Argument(help="Directory to write model/ and gsm8k/ into.")] = "data/tiny",
+) -> None:
+    """Write the tiny random GPT-2 and GSM8K-format rows that params-tiny.yaml runs on (offline, CPU)."""
+    from pipeline.tiny import write_tiny_assets
+
+    for kind, path in write_tiny_assets(Path(out)).items():
+        print(f"{kind}: {path}")
 
 
 if __name__ == "__main__":

@@ -80,7 +80,7 @@ class TrainConfig:
 class EvaluateConfig:
     split: str = "test"
     n_docs: int | None = None  # documents used for splice scores; None = all
-    batch_tokens: int = 8192
+    batch_tokens: int = 4096
     dense_threshold: float = 0.1  # a latent active on more than this share of tokens is "dense"
 
 
@@ -111,6 +111,18 @@ class Params:
 def sae_name(key: str, cfg: SAEConfig) -> str:
     """The file stem every artifact of one SAE config uses, e.g. `config_c_8x`."""
     return f"config_{key}_{cfg.expansion}x"
+
+
+def sae_outputs(out_dir: str | Path, key: str, cfg: SAEConfig) -> dict[str, Path]:
+    """Where each output of one SAE config goes (the paths dvc.yaml declares)."""
+    out, name = Path(out_dir), sae_name(key, cfg)
+    return {
+        "checkpoint": out / "sae" / f"{name}_final.pt",
+        "saelens": out / "sae" / name,
+        "train_metrics": out / "metrics" / f"train_{key}.json",
+        "curve": out / "plots" / f"train_{key}.tsv",
+        "eval_metrics": out / "metrics" / f"eval_{key}.json",
+    }
 
 
 def load_params(path: str | Path = DEFAULT_PARAMS_FILE, overrides: list[str] | None = None) -> Params:

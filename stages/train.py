@@ -9,7 +9,7 @@ import time
 from pathlib import Path
 
 from pipeline.atomic import save_torch, write_json, write_text
-from pipeline.config import Params, params_to_dict
+from pipeline.config import Params, params_to_dict, sae_outputs
 from pipeline.device import amp_dtype, describe, peak_memory_bytes, reset_peak_memory, resolve_device
 from pipeline.loader import ActivationLoader
 from pipeline.sae import save_saelens
@@ -17,17 +17,6 @@ from pipeline.store import ActivationStore
 from pipeline.trainer import CURVE_COLUMNS, SAERun, Trainer
 
 log = logging.getLogger(__name__)
-
-
-def outputs(out_dir: str | Path, key: str, name: str) -> dict[str, Path]:
-    """Where each output of one SAE config goes (the names dvc.yaml declares)."""
-    out = Path(out_dir)
-    return {
-        "checkpoint": out / "sae" / f"{name}_final.pt",
-        "saelens": out / "sae" / name,
-        "metrics": out / "metrics" / f"train_{key}.json",
-        "curve": out / "plots" / f"train_{key}.tsv",
-    }
 
 
 def run(params: Params, which: str = "all", resume: bool = False) -> dict[str, dict]:
@@ -76,7 +65,7 @@ def run(params: Params, which: str = "all", resume: bool = False) -> dict[str, d
         "peak_memory_scope": "the whole train run (all configs in it)",
         "device": str(device),
         "hardware": describe(device),
-        "amp": str(amp_dtype(cfg.amp, device)).removeprefix("torch."),
+        "amp": str(amp_dtype(cfg.amp, device) or "none (float32)").removeprefix("torch."),
         "scale_factor": trainer.scale,
         "n_training_tokens_per_epoch": loader.n_tokens,
     }
@@ -89,7 +78,7 @@ def run(params: Params, which: str = "all", resume: bool = False) -> dict[str, d
 
 
 def _write_outputs(params: Params, trainer: Trainer, sae_run: SAERun, shared: dict) -> dict:
-    paths = outputs(params.train.out_dir, sae_run.key, sae_run.name)
+    paths = sae_outputs(params.train.out_dir, sae_run.key, sae_run.cfg)
     state = trainer.state(sae_run)
     save_torch(state, paths["checkpoint"])
     save_saelens(
@@ -127,7 +116,7 @@ def _write_outputs(params: Params, trainer: Trainer, sae_run: SAERun, shared: di
         "skipped_fp16_steps": state["skipped_steps"],
         **shared,
     }
-    write_json(paths["metrics"], metrics)
+    write_json(paths["train_metrics"], metrics)
     write_text(paths["curve"], _tsv(sae_run.curve))
     return metrics
 

@@ -2,56 +2,19 @@
 
 from __future__ import annotations
 
-import json
-import random
 from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 import yaml
 from typer.testing import CliRunner
 
 from pipeline.cli import app
+from pipeline.tiny import BOS, make_rows, save_tiny_gpt2, train_tokenizer, write_jsonl
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 SHARED_DATA = PROJECT_ROOT.parent / "shared" / "data"
 GPT2_SPLIT_PATTERN = r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
-NAMES = ["Ann", "Bob", "Cy", "Dee", "Eve", "Fay"]
-THINGS = ["apples", "pens", "cards", "marbles", "books"]
-
-
-def make_rows(n: int, seed: int) -> list[dict]:
-    """GSM8K-format rows (question, answer ending in #### n) of varied lengths."""
-    rng = random.Random(seed)
-    rows = []
-    for _ in range(n):
-        name, thing = rng.choice(NAMES), rng.choice(THINGS)
-        a, b = rng.randint(1, 50), rng.randint(1, 50)
-        filler = " ".join(f"{name} also likes {rng.choice(THINGS)}." for _ in range(rng.randint(0, 12)))
-        question = f"{name} has {a} {thing}. {filler} {name} buys {b} more. How many {thing} now?"
-        answer = f"{name} has {a} + {b} = <<{a}+{b}={a + b}>>{a + b} {thing}.\n#### {a + b}"
-        rows.append({"question": question, "answer": answer})
-    return rows
-
-
-def write_jsonl(path: Path, rows: list[dict]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-
-
-def save_tiny_gpt2(directory: Path, tokenizer, n_layer: int = 4, n_positions: int = 256, seed: int = 0) -> Path:
-    """A random GPT-2-architecture checkpoint beside `tokenizer`, loadable like a hub id."""
-    from transformers import GPT2Config, GPT2LMHeadModel
-
-    torch.manual_seed(seed)
-    config = GPT2Config(
-        vocab_size=len(tokenizer), n_positions=n_positions, n_embd=64, n_layer=n_layer, n_head=4,
-        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-    )  # fmt: skip
-    GPT2LMHeadModel(config).save_pretrained(directory)
-    tokenizer.save_pretrained(directory)
-    return directory
 
 
 @pytest.fixture(scope="session")
@@ -66,21 +29,8 @@ def gsm_dir(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory) -> Path:
     """A tiny random GPT-2 with a byte-level BPE tokenizer the test trains itself."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
-
-    text = [r["question"] + "\n" + r["answer"] for r in make_rows(300, seed=3)]
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=400, special_tokens=["<|endoftext|>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
-    )
-    tok.train_from_iterator(text, trainer)
-    fast = PreTrainedTokenizerFast(
-        tokenizer_object=tok, bos_token="<|endoftext|>", eos_token="<|endoftext|>", unk_token="<|endoftext|>"
-    )
-    return save_tiny_gpt2(tmp_path_factory.mktemp("tiny-gpt2"), fast)
+    texts = [r["question"] + "\n" + r["answer"] for r in make_rows(300, seed=3)]
+    return save_tiny_gpt2(tmp_path_factory.mktemp("tiny-gpt2"), train_tokenizer(texts))
 
 
 @pytest.fixture(scope="session")
@@ -102,9 +52,7 @@ def gpt2_tokenizer_model_dir(real_data, tmp_path_factory) -> Path:
         pattern=GPT2_SPLIT_PATTERN,
         additional_special_tokens=["<|endoftext|>"],
     ).converted()
-    fast = PreTrainedTokenizerFast(
-        tokenizer_object=converted, bos_token="<|endoftext|>", eos_token="<|endoftext|>", unk_token="<|endoftext|>"
-    )
+    fast = PreTrainedTokenizerFast(tokenizer_object=converted, bos_token=BOS, eos_token=BOS, unk_token=BOS)
     return save_tiny_gpt2(tmp_path_factory.mktemp("tiny-gpt2-real-tok"), fast, n_layer=2, n_positions=512)
 
 

@@ -13,9 +13,9 @@ import torch
 from conftest import invoke, write_params, write_synthetic_store
 from safetensors.torch import load_file
 
+from pipeline.config import SAEConfig, sae_outputs
 from pipeline.sae import SparseAutoencoder, decorrelation, load_saelens
 from pipeline.store import ActivationStore
-from stages.train import outputs
 
 # Chosen for the synthetic data: strong enough L1 to find the ~4 active directions, lr decayed to settle.
 SYNTHETIC_TRAIN = {
@@ -138,8 +138,9 @@ def test_outputs_are_complete_and_agree_with_each_other(tmp_path, synthetic):
     assert invoke("train", "--params", str(params)).exit_code == 0
     n_tokens = 40_000
     for key, name in (("a", "config_a_2x"), ("b", "config_b_3x")):
-        paths = outputs(tmp_path / "artifacts", key, name)
-        metrics = json.loads(paths["metrics"].read_text())
+        paths = sae_outputs(tmp_path / "artifacts", key, SAEConfig(**SMALL[key]))
+        assert paths["saelens"].name == name
+        metrics = json.loads(paths["train_metrics"].read_text())
         cfg = SMALL[key]
         batch = cfg["batch_size"] * 64
         assert metrics["batch_tokens"] == batch

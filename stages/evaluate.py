@@ -1,0 +1,75 @@
+"""Stage `evaluate`: each trained SAE on the held-out split: reconstruction, sparsity, and splice scores."""
+
+from __future__ import annotations
+
+import logging
+
+from pipeline.atomic import write_json
+from pipeline.config import Params, params_to_dict, sae_outputs
+from pipeline.device import resolve_device
+from pipeline.errors import PipelineError
+from pipeline.lm import load_model
+from pipeline.loader import ActivationLoader
+from pipeline.metrics import reconstruction_metrics, splice_scores
+from pipeline.sae import SparseAutoencoder, load_saelens
+from pipeline.store import ActivationStore
+
+log = logging.getLogger(__name__)
+
+
+def run(params: Params, which: str = "all") -> dict[str, dict]:
+    """Evaluate the configs named by `which` ("all" or a key of `sae`); returns their metrics."""
+    ev, hook = params.evaluate, params.train.hook
+    store = ActivationStore(params.extract.store)
+    tokens, offsets = store.tokens(ev.split), store.doc_offsets(ev.split)
+    n_docs = len(offsets) - 1 if ev.n_docs is None else min(ev.n_docs, len(offsets) - 1)
+    device = resolve_device(params.train.device)
+    saes = {key: _load_sae(params, key, store).to(device) for key in params.sae_configs(which)}
+    loader = ActivationLoader(store, ev.split, hook, device, params.train.seed, params.train.exclude_bos)
+    model = _load_model_of(params, store)
+    log.info("splicing %s into the model on %d %s documents", ", ".join(saes), n_docs, ev.split)
+    splices = splice_scores(
+        model,
+        tokens,
+        offsets[: n_docs + 1],
+        hook,
+        {key: (lambda x, sae=sae: sae(x)[0]) for key, sae in saes.items()},
+        ev.batch_tokens,
+    )
+    results = {}
+    for key, sae in saes.items():
+        cfg = params.sae[key]
+        log.info("reconstruction metrics of sae.%s on %d %s tokens", key, loader.n_tokens, ev.split)
+        results[key] = {
+            "config": params_to_dict(cfg),
+            "hook": hook,
+            "split": ev.split,
+            "reconstruction": reconstruction_metrics(sae, loader.epoch(0, ev.batch_tokens), ev.dense_threshold),
+            "splice": splices[key],
+        }
+        write_json(sae_outputs(params.train.out_dir, key, cfg)["eval_metrics"], results[key])
+    return results
+
+
+def _load_sae(params: Params, key: str, store: ActivationStore) -> SparseAutoencoder:
+    folder = sae_outputs(params.train.out_dir, key, params.sae[key])["saelens"]
+    if not (folder / "cfg.json").is_file():
+        raise PipelineError(f"no trained SAE for sae.{key} at {folder}; run `pipeline train --config {key}` first")
+    sae, cfg = load_saelens(folder)
+    trained_hook = cfg["metadata"].get("hook_name")
+    if trained_hook != params.train.hook or sae.d_in != store.d_model:
+        raise PipelineError(
+            f"{folder} was trained on {trained_hook} (d_in={sae.d_in}); evaluation is on {params.train.hook} of "
+            f"{store.path} (d_model={store.d_model}): retrain it"
+        )
+    return sae.eval()
+
+
+def _load_model_of(params: Params, store: ActivationStore):
+    """The model the store was extracted from (checked), for splicing."""
+    for key, stored in (("name", store.attrs["model"]), ("process_weights", store.attrs["process_weights"])):
+        if getattr(params.model, key) != stored:
+            raise PipelineError(
+                f"model.{key} is {getattr(params.model, key)!r} but {store.path} was extracted with {stored!r}"
+            )
+    return load_model(params.model)
