@@ -10,6 +10,7 @@ from typing import Annotated, TypeVar
 
 import typer
 from rich.logging import RichHandler
+from rich.table import Table
 
 from pipeline.config import DEFAULT_PARAMS_FILE, Params, load_params
 from pipeline.errors import PipelineError
@@ -125,14 +126,52 @@ def run_all(
     _run(verbose, params, set_, all_stages)
 
 
+@app.command()
+def bench(
+    docs: Annotated[int, typer.Option(help="Test-split documents for the extraction figures.")] = 50,
+    tokens: Annotated[int, typer.Option(help="Random activations for the training-run figures.")] = 98_304,
+    width: Annotated[int | None, typer.Option(help="d_model of those activations (default: the model's).")] = None,
+    out: Annotated[str, typer.Option(help="JSON output.")] = "artifacts/bench.json",
+    params: ParamsOption = DEFAULT_PARAMS_FILE,
+    set_: SetOption = None,
+    verbose: VerboseOption = False,
+) -> None:
+    """Speed as ratios measured in one run (see pipeline/bench.py): prints a table and writes JSON."""
+    import tempfile
+
+    from pipeline import bench as benchmarks
+    from pipeline.atomic import write_json
+
+    def measure(p: Params) -> None:
+        with tempfile.TemporaryDirectory() as workdir:
+            result = benchmarks.run(p, docs, tokens, width, Path(workdir))
+        write_json(out, result)
+        table = Table("figure", "value", "goal", title=f"pipeline bench ({result['device']})")
+        for name, value in result["figures"].items():
+            goal = benchmarks.GOALS.get(name)
+            table.add_row(
+                name,
+                f"{value:.3f}",
+                "" if goal is None else f"{'≤' if 'stall' in name or 'cost' in name else '≥'} {goal}",
+            )
+        console.print(table)
+
+    _run(verbose, params, set_, measure)
+
+
 @app.command("tiny-assets")
 def tiny_assets(
     out: Annotated[str, typer.Argument(help="Directory to write model/ and gsm8k/ into.")] = "data/tiny",
+    shape: Annotated[str, typer.Option(help="Model shape: tiny, or gpt2-small (for benchmarks).")] = "tiny",
+    tokenizer: Annotated[str | None, typer.Option(help="GPT-2 BPE ranks (.tiktoken) for the real tokenizer.")] = None,
 ) -> None:
-    """Write the tiny random GPT-2 and GSM8K-format rows that params-tiny.yaml runs on (offline, CPU)."""
-    from pipeline.tiny import write_tiny_assets
+    """Write a random GPT-2 and GSM8K-format rows (what params-tiny.yaml runs on; offline, CPU)."""
+    from pipeline.tiny import SHAPES, write_tiny_assets
 
-    for kind, path in write_tiny_assets(Path(out)).items():
+    if shape not in SHAPES:
+        print(f"error: unknown shape {shape!r}; choose from {', '.join(SHAPES)}", file=sys.stderr)
+        raise typer.Exit(2)
+    for kind, path in write_tiny_assets(Path(out), shape, Path(tokenizer) if tokenizer else None).items():
         print(f"{kind}: {path}")
 
 

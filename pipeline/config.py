@@ -43,7 +43,7 @@ class ExtractConfig:
     hooks: list[str] = field(default_factory=lambda: ["blocks.6.hook_resid_pre", "blocks.6.hook_resid_post"])
     store: str = "data/activations"
     dtype: str = "float16"  # stored activation dtype
-    batch_tokens: int = 16384  # padded tokens per forward pass
+    batch_tokens: int | None = None  # padded tokens per forward pass; None = 16384 on cuda, 2048 on cpu
     shard_tokens: int = 65536  # tokens per shard file: the unit of writing and of resuming
     chunk_tokens: int = 4096  # tokens per chunk inside a shard: the unit of reading
 
@@ -225,7 +225,11 @@ def _validate(params: Params) -> None:
         (bool(params.extract.hooks), "extract.hooks", "an empty list"),
         (bool(params.data.splits), "data.splits", "an empty list"),
         (params.data.max_docs is None or params.data.max_docs > 0, "data.max_docs", params.data.max_docs),
-        (params.extract.batch_tokens > 0, "extract.batch_tokens", params.extract.batch_tokens),
+        (
+            params.extract.batch_tokens is None or params.extract.batch_tokens > 0,
+            "extract.batch_tokens",
+            params.extract.batch_tokens,
+        ),
         (params.extract.chunk_tokens > 0, "extract.chunk_tokens", params.extract.chunk_tokens),
         (
             params.extract.shard_tokens > 0 and params.extract.shard_tokens % params.extract.chunk_tokens == 0,

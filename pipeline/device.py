@@ -31,6 +31,17 @@ def compute_dtype(name: str, device: torch.device) -> torch.dtype:
     return DTYPES[name]
 
 
+def extraction_batch_tokens(configured: int | None, device: torch.device) -> int:
+    """Padded tokens per extraction forward pass; None picks by device.
+
+    GPUs want large batches; on CPU small ones are faster (GPT-2 small to layer 6 on 2 cores: 2,396 tok/s at
+    2,048 tokens against 761 tok/s at 16,384, measured on GSM8K test documents).
+    """
+    if configured is not None:
+        return configured
+    return 16384 if device.type == "cuda" else 2048
+
+
 def amp_dtype(name: str, device: torch.device) -> torch.dtype | None:
     """Autocast dtype for SAE training, or None for plain fp32. `auto` is fp16 on CUDA, none on CPU."""
     if name == "auto":

@@ -1,14 +1,16 @@
-"""Computing the activations of one shard: documents batched by length, one forward pass per batch."""
+"""Computing activations shard by shard: documents batched by length, one forward pass per batch."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 
+from pipeline.gsm8k import TokenizedSplit
 from pipeline.lm import capture
+from pipeline.store import BackgroundWriter, StoreWriter
 
 
 @dataclass
@@ -37,6 +39,36 @@ def plan_batches(lengths: np.ndarray, doc_ids: np.ndarray, batch_tokens: int) ->
     return batches
 
 
+def padded(batch: Batch, tokens: np.ndarray, offsets: np.ndarray, device: torch.device):
+    """Token ids [n, width] (right-padded with 0) and the attention mask for `batch`, on `device`."""
+    lengths = offsets[batch.docs + 1] - offsets[batch.docs]
+    ids = np.zeros((len(batch.docs), batch.width), dtype=np.int64)
+    for row, doc in enumerate(batch.docs):
+        ids[row, : lengths[row]] = tokens[offsets[doc] : offsets[doc + 1]]
+    mask = (np.arange(batch.width) < lengths[:, None]).astype(np.int64)
+    return torch.from_numpy(ids).to(device), torch.from_numpy(mask).to(device)
+
+
+def extract_pending(
+    writer: StoreWriter,
+    extractor: ShardExtractor,
+    splits: dict[str, TokenizedSplit],
+    on_shard: Callable[[int], None] = lambda n_tokens: None,
+) -> None:
+    """Compute and write every shard `writer` still lacks, writing on a background thread.
+
+    Even when interrupted, the shards already computed reach the disk and count as done.
+    """
+    background = BackgroundWriter(writer)
+    try:
+        for split, data in splits.items():
+            for index, start, end in writer.pending_shards(split):
+                background.submit(split, index, start, extractor.extract(data.tokens, data.doc_offsets, start, end))
+                on_shard(end - start)
+    finally:
+        background.close()
+
+
 class ShardExtractor:
     """Runs the model over the documents that overlap a token range and assembles that range's activations."""
 
@@ -54,7 +86,6 @@ class ShardExtractor:
         self.batch_tokens = batch_tokens
         self.out_dtype = out_dtype
         self.device = next(model.parameters()).device
-        self.pad_id = 0  # never attended to, never stored
 
     def extract(self, tokens: np.ndarray, offsets: np.ndarray, start: int, end: int) -> dict[str, np.ndarray]:
         """Activations [end - start, d_model] per hook for global token positions start..end-1."""
@@ -73,17 +104,14 @@ class ShardExtractor:
         return {h: v.cpu().numpy() for h, v in out.items()}
 
     def _layout(self, batch: Batch, tokens: np.ndarray, offsets: np.ndarray, start: int, end: int):
-        n = len(batch.docs)
-        ids = np.full((n, batch.width), self.pad_id, dtype=np.int64)
-        mask = np.zeros((n, batch.width), dtype=np.int64)
+        """Padded ids and mask, and where each position inside [start, end) comes from and goes to."""
+        ids, mask = padded(batch, tokens, offsets, self.device)
         rows, positions, dest = [], [], []
         for row, doc in enumerate(batch.docs):
             lo, hi = int(offsets[doc]), int(offsets[doc + 1])
-            ids[row, : hi - lo] = tokens[lo:hi]
-            mask[row, : hi - lo] = 1
             keep_lo, keep_hi = max(lo, start), min(hi, end)  # the part of this document inside the shard
             positions.append(np.arange(keep_lo - lo, keep_hi - lo))
             rows.append(np.full(keep_hi - keep_lo, row))
             dest.append(np.arange(keep_lo - start, keep_hi - start))
-        arrays = (ids, mask, np.concatenate(rows), np.concatenate(positions), np.concatenate(dest))
-        return tuple(torch.from_numpy(a).to(self.device) for a in arrays)
+        index = (torch.from_numpy(np.concatenate(a)).to(self.device) for a in (rows, positions, dest))
+        return ids, mask, *index

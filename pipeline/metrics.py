@@ -18,7 +18,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from pipeline.extraction import plan_batches
+from pipeline.extraction import padded, plan_batches
 from pipeline.sae import SparseAutoencoder
 
 Reconstruct = Callable[[torch.Tensor], torch.Tensor]
@@ -92,11 +92,7 @@ def splice_scores(
     }
     n_predicted = 0
     for batch in plan_batches(lengths, np.arange(len(lengths)), batch_tokens):
-        ids = torch.zeros(len(batch.docs), batch.width, dtype=torch.long)
-        for row, doc in enumerate(batch.docs):
-            ids[row, : lengths[doc]] = torch.from_numpy(tokens[offsets[doc] : offsets[doc + 1]].astype(np.int64))
-        mask = (torch.arange(batch.width) < torch.from_numpy(lengths[batch.docs])[:, None]).long()
-        ids, mask = ids.to(device), mask.to(device)
+        ids, mask = padded(batch, tokens, offsets, device)
         predicted = mask[:, 1:].bool()  # positions whose next token is a real token
         targets = ids[:, 1:][predicted]
 

@@ -14,7 +14,7 @@ console = Console(stderr=True)
 
 class TokensPerSecond(ProgressColumn):
     def render(self, task: Task) -> Text:
-        speed = task.finished_speed or task.speed
+        speed = task.finished_speed or task.speed or (task.completed / task.elapsed if task.elapsed else None)
         return Text(f"{speed / 1e3:,.1f}K tok/s" if speed else "… tok/s", style="cyan")
 
 

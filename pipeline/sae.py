@@ -39,11 +39,14 @@ class SparseAutoencoder(nn.Module):
         self.b_enc = nn.Parameter(torch.zeros(d_sae))
         self.b_dec = nn.Parameter(torch.zeros(d_in))
 
+    # addmm fuses the bias into the matrix product: one pass fewer over [tokens, d_sae] than `@` then `+`.
+    # It takes 2-D inputs, so any leading dimensions ([batch, pos, d]) are flattened and restored.
     def encode(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.relu((x - self.b_dec) @ self.W_enc + self.b_enc)
+        flat = (x - self.b_dec).reshape(-1, self.d_in)
+        return torch.relu(torch.addmm(self.b_enc, flat, self.W_enc)).reshape(*x.shape[:-1], self.d_sae)
 
     def decode(self, f: torch.Tensor) -> torch.Tensor:
-        return f @ self.W_dec + self.b_dec
+        return torch.addmm(self.b_dec, f.reshape(-1, self.d_sae), self.W_dec).reshape(*f.shape[:-1], self.d_in)
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Reconstruction and latent activations."""
@@ -77,15 +80,20 @@ def decorrelation(w_dec: torch.Tensor) -> torch.Tensor:
     return ((gram * gram).sum() - (norms_sq * norms_sq).sum()) / (n * (n - 1))
 
 
-def loss_terms(sae: SparseAutoencoder, x: torch.Tensor) -> dict[str, torch.Tensor]:
-    """Each loss term separately (fp32), plus L0 for logging: mse per element, L1 per token, decorrelation."""
+def loss_terms(sae: SparseAutoencoder, x: torch.Tensor, with_l0: bool = True) -> dict[str, torch.Tensor]:
+    """Each loss term separately (fp32): mse per element, L1 per token, decorrelation; L0 (detached) if asked.
+
+    L0 costs one more pass over the [batch, d_sae] latents, so the trainer asks for it only when it logs.
+    """
     x_hat, f = sae(x)
-    return {
+    terms = {
         "mse": (x_hat.float() - x).pow(2).mean(),
         "l1": f.float().sum(dim=1).mean(),
         "decorrelation": decorrelation(sae.W_dec.float()),
-        "l0": (f > 0).float().sum(dim=1).mean().detach(),
     }
+    if with_l0:
+        terms["l0"] = (f > 0).sum(dim=1).float().mean().detach()
+    return terms
 
 
 def save_saelens(sae: SparseAutoencoder, directory: str | Path, metadata: dict[str, Any]) -> None:

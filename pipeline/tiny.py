@@ -51,15 +51,34 @@ def train_tokenizer(texts: list[str], vocab_size: int = 400):
     return PreTrainedTokenizerFast(tokenizer_object=tokenizer, bos_token=BOS, eos_token=BOS, unk_token=BOS)
 
 
+GPT2_SPLIT_PATTERN = r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
+SHAPES = {  # n_layer, n_embd, n_head, n_positions
+    "tiny": (4, 64, 4, 256),
+    "gpt2-small": (12, 768, 12, 1024),
+}
+
+
+def gpt2_tokenizer(tiktoken_file: Path):
+    """GPT-2's real tokenizer from its BPE ranks in tiktoken's format (e.g. ../shared/data/gpt2-tokenizer)."""
+    from transformers import PreTrainedTokenizerFast
+    from transformers.convert_slow_tokenizer import TikTokenConverter
+
+    converted = TikTokenConverter(
+        vocab_file=str(tiktoken_file), pattern=GPT2_SPLIT_PATTERN, additional_special_tokens=[BOS]
+    ).converted()
+    return PreTrainedTokenizerFast(tokenizer_object=converted, bos_token=BOS, eos_token=BOS, unk_token=BOS)
+
+
 def save_tiny_gpt2(
-    directory: Path, tokenizer, n_layer: int = 4, n_embd: int = 64, n_positions: int = 256, seed: int = 0
-) -> Path:
+    directory: Path, tokenizer, n_layer: int = 4, n_embd: int = 64, n_positions: int = 256, seed: int = 0,
+    n_head: int = 4,
+) -> Path:  # fmt: skip
     """A random GPT-2-architecture checkpoint beside `tokenizer`: a directory that loads like a hub id."""
     from transformers import GPT2Config, GPT2LMHeadModel
 
     torch.manual_seed(seed)
     config = GPT2Config(
-        vocab_size=len(tokenizer), n_positions=n_positions, n_embd=n_embd, n_layer=n_layer, n_head=4,
+        vocab_size=len(tokenizer), n_positions=n_positions, n_embd=n_embd, n_layer=n_layer, n_head=n_head,
         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
     )  # fmt: skip
     GPT2LMHeadModel(config).save_pretrained(directory)
@@ -67,11 +86,20 @@ def save_tiny_gpt2(
     return directory
 
 
-def write_tiny_assets(root: Path, n_train: int = 300, n_test: int = 100, n_layer: int = 4) -> dict[str, Path]:
-    """`root/model` (tiny GPT-2 + tokenizer) and `root/gsm8k/{train,test}.jsonl`; returns both paths."""
+def write_tiny_assets(
+    root: Path, shape: str = "tiny", tiktoken_file: Path | None = None, n_train: int = 300, n_test: int = 100
+) -> dict[str, Path]:
+    """`root/model` (random GPT-2 of `shape` + tokenizer) and `root/gsm8k/{train,test}.jsonl`.
+
+    The tokenizer is GPT-2's real one when `tiktoken_file` is given, else a small BPE trained on the rows.
+    """
     root = Path(root)
     write_jsonl(root / "gsm8k" / "train.jsonl", make_rows(n_train, seed=1))
     write_jsonl(root / "gsm8k" / "test.jsonl", make_rows(n_test, seed=2))
-    texts = [r["question"] + "\n" + r["answer"] for r in make_rows(300, seed=3)]
-    save_tiny_gpt2(root / "model", train_tokenizer(texts), n_layer=n_layer)
+    if tiktoken_file is None:
+        tokenizer = train_tokenizer([r["question"] + "\n" + r["answer"] for r in make_rows(300, seed=3)])
+    else:
+        tokenizer = gpt2_tokenizer(tiktoken_file)
+    n_layer, n_embd, n_head, n_positions = SHAPES[shape]
+    save_tiny_gpt2(root / "model", tokenizer, n_layer, n_embd, n_positions, n_head=n_head)
     return {"model": root / "model", "dataset": root / "gsm8k"}

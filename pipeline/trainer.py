@@ -144,26 +144,17 @@ class Trainer:
         lr = run.cfg.lr * lr_factor(run.step, run.total_steps, self.train.warmup_frac, self.train.decay_frac)
         for group in run.optimizer.param_groups:
             group["lr"] = lr
-        with autocast(self.device, self.amp):
-            terms = loss_terms(run.sae, x)
-            loss = terms["mse"] + self.train.l1_coeff * terms["l1"]
-            loss = loss + self.train.decorrelation_coeff * terms["decorrelation"]
-        run.optimizer.zero_grad(set_to_none=True)
-        run.scaler.scale(loss).backward()
-        if run.scaler.is_enabled():
-            run.scaler.unscale_(run.optimizer)
-            grads = [p.grad.sum() for p in run.sae.parameters() if p.grad is not None]
-            run.skipped_steps += ~torch.isfinite(torch.stack(grads).sum())  # exactly what the scaler skips on
-        run.scaler.step(run.optimizer)
-        run.scaler.update()
-        run.sae.normalize_decoder()
+        logging = (run.step + 1) % self.train.log_every == 0 or run.step + 1 == run.total_steps
+        coeffs = (self.train.l1_coeff, self.train.decorrelation_coeff)
+        loss, terms, skipped = train_step(run.sae, run.optimizer, run.scaler, x, self.amp, *coeffs, logging)
+        run.skipped_steps += skipped
         epoch = run.step // run.steps_per_epoch
         if epoch == len(run.epoch_loss_sums):
             run.epoch_loss_sums.append(0.0)
-        run.epoch_loss_sums[epoch] += loss.detach()  # a device tensor: summed without a sync
+        run.epoch_loss_sums[epoch] += loss  # a device tensor: summed without a sync
         run.step += 1
-        run.last_terms = {"loss": loss.detach(), **{k: v.detach() for k, v in terms.items()}}
-        if run.step % self.train.log_every == 0 or run.done:
+        if logging:
+            run.last_terms = {"loss": loss, **terms}
             row = {"step": run.step, "tokens": run.step * run.batch_tokens, "lr": lr}
             run.curve.append(row | {k: float(v) for k, v in run.last_terms.items()})
 
@@ -234,6 +225,33 @@ class Trainer:
             steps_per_epoch=self.loader.n_tokens // batch_tokens,
             skipped_steps=torch.zeros((), dtype=torch.long, device=self.device),
         )
+
+
+def train_step(
+    sae: SparseAutoencoder,
+    optimizer: torch.optim.Optimizer,
+    scaler: torch.amp.GradScaler,
+    x: torch.Tensor,
+    amp: torch.dtype | None,
+    l1_coeff: float,
+    decorrelation_coeff: float,
+    with_l0: bool,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor], torch.Tensor]:
+    """One optimiser step; returns the loss, its terms (detached, on device) and 1 if the scaler skipped it."""
+    with autocast(x.device, amp):
+        terms = loss_terms(sae, x, with_l0=with_l0)
+        loss = terms["mse"] + l1_coeff * terms["l1"] + decorrelation_coeff * terms["decorrelation"]
+    optimizer.zero_grad(set_to_none=True)
+    scaler.scale(loss).backward()
+    skipped = torch.zeros((), dtype=torch.long, device=x.device)
+    if scaler.is_enabled():
+        scaler.unscale_(optimizer)
+        grads = [p.grad.sum() for p in sae.parameters() if p.grad is not None]
+        skipped += ~torch.isfinite(torch.stack(grads).sum())  # exactly what the scaler skips on, without a sync
+    scaler.step(optimizer)
+    scaler.update()
+    sae.normalize_decoder()
+    return loss.detach(), {k: v.detach() for k, v in terms.items()}, skipped
 
 
 def lr_factor(step: int, total_steps: int, warmup_frac: float, decay_frac: float) -> float:

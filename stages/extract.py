@@ -10,11 +10,12 @@ import torch
 
 from pipeline import __version__
 from pipeline.config import Params
-from pipeline.extraction import ShardExtractor
+from pipeline.device import extraction_batch_tokens
+from pipeline.extraction import ShardExtractor, extract_pending
 from pipeline.gsm8k import TokenizedSplit, load_documents, tokenize
 from pipeline.lm import check_hooks, hub_revision, load_model
 from pipeline.progress import progress_bars
-from pipeline.store import BackgroundWriter, StoreWriter
+from pipeline.store import StoreWriter
 
 log = logging.getLogger(__name__)
 
@@ -37,26 +38,17 @@ def run(params: Params, resume: bool = False) -> Path:
     writer = StoreWriter(params.extract.store, _store_attrs(params, model), resume)
     for split, data in splits.items():
         writer.add_split(split, data.tokens, data.doc_offsets)
+    device = next(model.parameters()).device
     extractor = ShardExtractor(
         model,
         params.extract.hooks,
         stop_at_layer,
-        params.extract.batch_tokens,
+        extraction_batch_tokens(params.extract.batch_tokens, device),
         getattr(torch, params.extract.dtype),
     )
-    pending = {split: writer.pending_shards(split) for split in splits}
-    background = BackgroundWriter(writer)
-    try:
-        total = sum(end - start for shards in pending.values() for _, start, end in shards)
-        with progress_bars({"extract": total}) as bars:
-            for split, shards in pending.items():
-                data = splits[split]
-                for index, start, end in shards:
-                    activations = extractor.extract(data.tokens, data.doc_offsets, start, end)
-                    background.submit(split, index, start, activations)
-                    bars["extract"].advance(end - start)
-    finally:
-        background.close()  # even when interrupted: shards already computed reach the disk and count as done
+    total = sum(end - start for split in splits for _, start, end in writer.pending_shards(split))
+    with progress_bars({"extract": total}) as bars:
+        extract_pending(writer, extractor, splits, on_shard=bars["extract"].advance)
     writer.finalize({"split_stats": {split: _stats(data) for split, data in splits.items()}})
     log.info("activation store written to %s", writer.path)
     return writer.path

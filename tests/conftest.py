@@ -10,11 +10,10 @@ import yaml
 from typer.testing import CliRunner
 
 from pipeline.cli import app
-from pipeline.tiny import BOS, make_rows, save_tiny_gpt2, train_tokenizer, write_jsonl
+from pipeline.tiny import gpt2_tokenizer, make_rows, save_tiny_gpt2, train_tokenizer, write_jsonl
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 SHARED_DATA = PROJECT_ROOT.parent / "shared" / "data"
-GPT2_SPLIT_PATTERN = r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
 
 
 @pytest.fixture(scope="session")
@@ -44,16 +43,8 @@ def real_data() -> Path:
 @pytest.fixture(scope="session")
 def gpt2_tokenizer_model_dir(real_data, tmp_path_factory) -> Path:
     """A tiny random GPT-2 carrying the real GPT-2 tokenizer (built from ../shared/data)."""
-    from transformers import PreTrainedTokenizerFast
-    from transformers.convert_slow_tokenizer import TikTokenConverter
-
-    converted = TikTokenConverter(
-        vocab_file=str(real_data / "gpt2-tokenizer" / "gpt2.tiktoken"),
-        pattern=GPT2_SPLIT_PATTERN,
-        additional_special_tokens=["<|endoftext|>"],
-    ).converted()
-    fast = PreTrainedTokenizerFast(tokenizer_object=converted, bos_token=BOS, eos_token=BOS, unk_token=BOS)
-    return save_tiny_gpt2(tmp_path_factory.mktemp("tiny-gpt2-real-tok"), fast, n_layer=2, n_positions=512)
+    tokenizer = gpt2_tokenizer(real_data / "gpt2-tokenizer" / "gpt2.tiktoken")
+    return save_tiny_gpt2(tmp_path_factory.mktemp("tiny-gpt2-real-tok"), tokenizer, n_layer=2, n_positions=512)
 
 
 def write_params(path: Path, **sections: dict) -> Path:

@@ -221,8 +221,9 @@ def test_output_path_that_is_a_file_is_refused(tmp_path, tiny_params):
 def test_real_gsm8k_test_split_token_counts(tmp_path, real_data, gpt2_tokenizer_model_dir):
     """On the real GSM8K test split with the real GPT-2 tokenizer, counts match tiktoken's tokenization."""
     import tiktoken
-    from conftest import GPT2_SPLIT_PATTERN
     from tiktoken.load import load_tiktoken_bpe
+
+    from pipeline.tiny import GPT2_SPLIT_PATTERN
 
     params = write_params(
         tmp_path / "params.yaml",

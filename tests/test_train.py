@@ -184,6 +184,15 @@ def test_saelens_folder_reconstructs_like_our_forward_pass(tmp_path, synthetic):
     torch.testing.assert_close(saelens_out, ours, rtol=1e-4, atol=1e-4)
 
 
+def test_sae_accepts_any_leading_dimensions():
+    sae = SparseAutoencoder(8, 32, generator=torch.Generator().manual_seed(0))
+    x = torch.randn(2, 5, 8)
+    x_hat, f = sae(x)
+    assert x_hat.shape == (2, 5, 8) and f.shape == (2, 5, 32)
+    flat_hat, _ = sae(x.reshape(10, 8))
+    torch.testing.assert_close(x_hat.reshape(10, 8), flat_hat)
+
+
 def test_decorrelation_is_the_mean_squared_cosine_between_decoder_directions():
     w = torch.nn.functional.normalize(torch.randn(50, 8, dtype=torch.float64), dim=1)
     cos = w @ w.T

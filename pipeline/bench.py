@@ -1,0 +1,243 @@
+"""Benchmarks measured as ratios within one run (absolute times on shared machines are not comparable).
+
+1. extract efficiency      extraction tokens/s / bare forward (up to the hooked layer, no hooks, no storage)
+2. extract speed-up        extraction tokens/s / per-document run_with_cache over the whole model
+3. train efficiency        FLOP/s of a config-C training step / FLOP/s of its six matrix products alone
+4. loader stall            share of training wall time spent waiting for data (streamed from host memory)
+5. one read for all        wall time of --config all / sum of the single-config runs
+6. store read speed        zarr store -> host array bytes/s / in-memory numpy copy bytes/s
+7. decorrelation cost      decorrelation forward+backward time / config-C step time
+
+FLOPs of a step (stated, not profiled): the encoder and decoder products each cost 2*B*d*s in the forward pass
+and twice that in the backward pass (gradient of the input and of the weight), so a step is 12*B*d*s FLOPs;
+the decorrelation Gram matrix (2*s*d^2 forward) and the elementwise work are not counted as useful FLOPs.
+"""
+
+from __future__ import annotations
+
+import statistics
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from pipeline.config import Params, SAEConfig
+from pipeline.device import amp_dtype, autocast, extraction_batch_tokens, grad_scaler, resolve_device, synchronize
+from pipeline.extraction import ShardExtractor, extract_pending, padded, plan_batches
+from pipeline.gsm8k import load_documents, tokenize
+from pipeline.lm import check_hooks, load_model
+from pipeline.loader import ActivationLoader
+from pipeline.sae import SparseAutoencoder, decorrelation
+from pipeline.store import ActivationStore, StoreWriter
+from pipeline.trainer import Trainer, train_step
+
+NAIVE_DOCS = 50  # the naive per-document baseline is slow: measured on the first documents only
+GOALS = {"extract_efficiency": 0.85, "train_efficiency": 0.6, "loader_stall": 0.05, "decorrelation_cost": 0.15}
+
+
+def timed(fn: Callable[[], object], device: torch.device, repeats: int = 3, warmup: bool = True) -> float:
+    """Median wall time of `fn` over `repeats` runs (after one warm-up run unless `warmup` is False)."""
+    if warmup:
+        fn()
+    times = []
+    for _ in range(repeats):
+        synchronize(device)
+        start = time.perf_counter()
+        fn()
+        synchronize(device)
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def bench_extract(params: Params, n_docs: int, workdir: Path) -> dict:
+    """Figures 1 and 2 on the first `n_docs` documents of the test split."""
+    model = load_model(params.model)
+    hooks = params.extract.hooks
+    stop = check_hooks(model, hooks)
+    device = next(model.parameters()).device
+    docs = load_documents(replace(params.data, max_docs=n_docs), params.data.splits[-1])
+    data = tokenize(docs, model.tokenizer, model.tokenizer.bos_token_id, model.cfg.n_ctx)
+    n_tokens = int(data.doc_offsets[-1])
+    lengths = np.diff(data.doc_offsets)
+    batch_tokens = extraction_batch_tokens(params.extract.batch_tokens, device)
+    batches = plan_batches(lengths, np.arange(data.n_docs), batch_tokens)
+    inputs = [padded(batch, data.tokens, data.doc_offsets, device) for batch in batches]
+
+    def bare() -> None:
+        with torch.inference_mode():
+            for ids, mask in inputs:
+                model(
+                    ids,
+                    attention_mask=mask,
+                    stop_at_layer=stop if stop < model.cfg.n_layers else None,
+                    return_type=None,
+                )
+
+    attrs = {"hooks": hooks, "d_model": model.cfg.d_model, "dtype": params.extract.dtype, "splits": ["bench"],
+             "shard_tokens": params.extract.shard_tokens, "chunk_tokens": params.extract.chunk_tokens}  # fmt: skip
+    extractor = ShardExtractor(model, hooks, stop, batch_tokens, getattr(torch, params.extract.dtype))
+
+    def extract() -> None:
+        writer = StoreWriter(workdir / "bench-store", attrs, resume=False)
+        writer.add_split("bench", data.tokens, data.doc_offsets)
+        extract_pending(writer, extractor, {"bench": data})
+
+    naive_docs = min(data.n_docs, NAIVE_DOCS)
+
+    def naive() -> None:
+        with torch.inference_mode():
+            for doc in range(naive_docs):
+                ids = torch.from_numpy(data.tokens[data.doc_offsets[doc] : data.doc_offsets[doc + 1]]).long()
+                model.run_with_cache(ids[None].to(device), names_filter=lambda name: name in hooks)
+
+    t_bare, t_extract = timed(bare, device, repeats=2), timed(extract, device, repeats=2)
+    t_naive = timed(naive, device, repeats=1, warmup=False)  # slow, and the model is warm by now
+    naive_tokens = int(data.doc_offsets[naive_docs])
+    return {
+        "n_docs": data.n_docs,
+        "n_tokens": n_tokens,
+        "batch_tokens": batch_tokens,
+        "bare_forward_tokens_per_s": n_tokens / t_bare,
+        "extract_tokens_per_s": n_tokens / t_extract,
+        "naive_tokens_per_s": naive_tokens / t_naive,
+        "extract_efficiency": t_bare / t_extract,
+        "extract_speedup_over_naive": (n_tokens / t_extract) / (naive_tokens / t_naive),
+        "d_model": int(model.cfg.d_model),
+    }
+
+
+def bench_train_step(device: torch.device, amp: str, d_in: int, expansion: int, batch_tokens: int) -> dict:
+    """Figures 3 and 7: one SAE step against its six matrix products, and the decorrelation term's share."""
+    dtype = amp_dtype(amp, device)
+    d_sae = d_in * expansion
+    torch.manual_seed(0)
+    sae = SparseAutoencoder(d_in, d_sae).to(device)
+    optimizer = torch.optim.Adam(sae.parameters(), lr=1e-4)
+    scaler = grad_scaler(device, dtype)
+    x = torch.randn(batch_tokens, d_in, device=device)
+
+    def step() -> None:  # the trainer's own step, on a non-logging step (no L0 pass)
+        train_step(sae, optimizer, scaler, x, dtype, 1e-3, 1.0, with_l0=False)
+
+    mm_dtype = dtype or torch.float32
+    a = torch.randn(batch_tokens, d_in, device=device, dtype=mm_dtype)
+    w_enc = torch.randn(d_in, d_sae, device=device, dtype=mm_dtype)
+    w_dec = torch.randn(d_sae, d_in, device=device, dtype=mm_dtype)
+    f = torch.randn(batch_tokens, d_sae, device=device, dtype=mm_dtype)
+
+    def matmuls() -> None:  # the six products of a step: forward, then input and weight gradients
+        a @ w_enc, f @ w_dec, a @ w_dec.T, f.T @ a, f @ w_enc.T, a.T @ f
+
+    def decorrelation_only() -> None:
+        w = sae.W_dec.detach().clone().requires_grad_(True)
+        with autocast(device, dtype):
+            decorrelation(w.float()).backward()
+
+    flops = 12 * batch_tokens * d_in * d_sae
+    t_step, t_mm, t_decor = timed(step, device), timed(matmuls, device), timed(decorrelation_only, device)
+    return {
+        "shape": {"batch_tokens": batch_tokens, "d_in": d_in, "d_sae": d_sae, "dtype": str(mm_dtype)},
+        "flops_per_step": flops,
+        "step_s": t_step,
+        "step_flops_per_s": flops / t_step,
+        "matmul_flops_per_s": flops / t_mm,
+        "train_efficiency": t_mm / t_step,
+        "decorrelation_s": t_decor,
+        "decorrelation_cost": t_decor / t_step,
+    }
+
+
+def write_random_store(path: Path, n_tokens: int, d: int) -> ActivationStore:
+    """A store of random float16 activations (content does not matter for speed)."""
+    shard = 65536
+    attrs = {"hooks": ["bench"], "d_model": d, "dtype": "float16", "splits": ["train"], "shard_tokens": shard,
+             "chunk_tokens": 4096, "model": "random", "dataset": "random", "n_ctx": 512}  # fmt: skip
+    writer = StoreWriter(path, attrs, resume=False)
+    writer.add_split("train", np.zeros(n_tokens, np.int32), np.arange(0, n_tokens + 1, 512, dtype=np.int64))
+    rng = np.random.default_rng(0)
+    for index, start, end in writer.pending_shards("train"):
+        writer.write_shard(
+            "train", index, start, {"bench": rng.standard_normal((end - start, d), np.float32).astype(np.float16)}
+        )
+    writer.finalize({})
+    return ActivationStore(path)
+
+
+def bench_training_runs(params: Params, store: ActivationStore, device: torch.device, width: int) -> dict:
+    """Figures 4 and 5: loader stall when streaming, and one shared read against three separate runs."""
+    train = replace(params.train, hook="bench", device=str(device), exclude_bos=False, checkpoint_every=10**9)
+    configs = {
+        k: SAEConfig(expansion=c.expansion, batch_size=c.batch_size, lr=c.lr, epochs=1) for k, c in params.sae.items()
+    }
+
+    def fit(which: list[str], budget_gb: float) -> tuple[float, float]:
+        loader = ActivationLoader(store, "train", "bench", device, train.seed, False, budget_gb)
+        trainer = Trainer({k: configs[k] for k in which}, loader, replace(train, memory_budget_gb=budget_gb),
+                          Path(tempfile.mkdtemp()), {"hook": "bench"})  # fmt: skip
+        synchronize(device)
+        start = time.perf_counter()
+        trainer.fit()
+        synchronize(device)
+        return time.perf_counter() - start, loader.stall_seconds
+
+    wall_all, _ = fit(list(configs), 1e9)
+    wall_single = sum(fit([k], 1e9)[0] for k in configs)
+    wall_streamed, stall = fit(list(configs), 0.0)
+    return {
+        "tokens": store.activations("train", "bench").shape[0],
+        "d_in": width,
+        "all_configs_wall_s": wall_all,
+        "single_configs_wall_s_sum": wall_single,
+        "one_read_ratio": wall_all / wall_single,
+        "streamed_wall_s": wall_streamed,
+        "streamed_stall_s": stall,
+        "loader_stall": stall / wall_streamed,
+    }
+
+
+def bench_store_read(store: ActivationStore) -> dict:
+    """Figure 6: zarr store -> host memory, against copying the same bytes within memory."""
+    array = store.activations("train", "bench")
+    in_memory = array[:]
+    target = np.empty_like(in_memory)
+    cpu = torch.device("cpu")
+    t_store = timed(lambda: array[:], cpu)
+    t_copy = timed(lambda: np.copyto(target, in_memory), cpu)
+    return {
+        "bytes": in_memory.nbytes,
+        "store_bytes_per_s": in_memory.nbytes / t_store,
+        "numpy_bytes_per_s": in_memory.nbytes / t_copy,
+        "store_read_ratio": t_copy / t_store,
+    }
+
+
+def run(params: Params, n_docs: int, n_tokens: int, width: int | None, workdir: Path) -> dict:
+    """Every figure; sizes: `n_docs` documents for extraction, `n_tokens` x `width` for the training runs."""
+    device = resolve_device(params.train.device)
+    extract = bench_extract(params, n_docs, workdir)
+    c = params.sae["c"] if "c" in params.sae else next(iter(params.sae.values()))
+    d_model = extract["d_model"]
+    step = bench_train_step(device, params.train.amp, d_model, c.expansion, c.batch_size * params.train.seq_len)
+    width = width or d_model
+    store = write_random_store(workdir / "random-store", n_tokens, width)
+    runs = bench_training_runs(params, store, device, width)
+    read = bench_store_read(store)
+    figures = {
+        "extract_efficiency": extract["extract_efficiency"],
+        "extract_speedup_over_naive": extract["extract_speedup_over_naive"],
+        "train_efficiency": step["train_efficiency"],
+        "loader_stall": runs["loader_stall"],
+        "one_read_ratio": runs["one_read_ratio"],
+        "store_read_ratio": read["store_read_ratio"],
+        "decorrelation_cost": step["decorrelation_cost"],
+    }
+    return {
+        "device": str(device),
+        "figures": figures,
+        "goals": GOALS,
+        "details": {"extract": extract, "train_step": step, "training_runs": runs, "store_read": read},
+    }
