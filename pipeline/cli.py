@@ -49,7 +49,7 @@ def _run(verbose: bool, params_file: str, overrides: list[str] | None, stage: Ca
         transformers.utils.logging.disable_progress_bar()
     try:
         return stage(load_params(params_file, overrides))
-    except PipelineError as exc:
+    except (PipelineError, OSError) as exc:  # bad input, or the environment (disk full, permissions): not a bug
         if verbose:
             raise
         print(f"error: {exc}", file=sys.stderr)

@@ -26,16 +26,26 @@ def reference_activations(model, doc_tokens: np.ndarray, hook: str) -> torch.Ten
     return cache[hook][0].float()
 
 
-@pytest.mark.parametrize("batch_tokens", [256, 4096])
-def test_activations_equal_single_document_forward(tiny_params, tiny_model_dir, batch_tokens):
-    result = invoke("extract", "--params", str(tiny_params), "-S", f"extract.batch_tokens={batch_tokens}")
+@pytest.mark.parametrize(
+    ("batch_tokens", "hooks"),
+    [
+        (256, HOOKS),
+        (4096, HOOKS),
+        (1024, ["blocks.0.hook_resid_pre", "blocks.3.hook_resid_post"]),  # the last layer: no early stop
+    ],
+)
+def test_activations_equal_single_document_forward(tiny_params, tiny_model_dir, batch_tokens, hooks):
+    result = invoke(
+        "extract", "--params", str(tiny_params), "-S", f"extract.batch_tokens={batch_tokens}",
+        "-S", f"extract.hooks=[{', '.join(hooks)}]",
+    )  # fmt: skip
     assert result.exit_code == 0, result.output
     params = load_params(tiny_params)
     store = ActivationStore(params.extract.store)
     model = load_model(ModelConfig(name=str(tiny_model_dir), device="cpu"))
     for split in ("train", "test"):
         tokens, offsets = store.tokens(split), store.doc_offsets(split)
-        for hook in HOOKS:
+        for hook in hooks:
             stored = torch.from_numpy(store.activations(split, hook)[:].astype(np.float32))
             assert stored.shape == (len(tokens), model.cfg.d_model)
             for doc in range(0, len(offsets) - 1, 7):
@@ -196,6 +206,21 @@ def test_bad_input_is_one_clear_line(tiny_params, override, message):
     assert message in result.stderr
     assert "Traceback" not in result.output
     assert len(result.stderr.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("model.name=openai-community/no-such-model", "Point model.name at a local directory"),
+        ("data.dataset=openai/no-such-dataset", "Point data.dataset at a local directory"),
+    ],
+)
+def test_offline_hub_ids_say_how_to_use_a_local_copy(tiny_params, monkeypatch, override, message):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    result = invoke("extract", "--params", str(tiny_params), "-S", override)
+    assert result.exit_code == 2
+    assert message in result.stderr and len(result.stderr.strip().splitlines()) == 1
 
 
 def test_malformed_jsonl_names_file_and_line(tmp_path, tiny_params, gsm_dir):

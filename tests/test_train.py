@@ -132,6 +132,29 @@ def test_killed_run_resumes_to_the_same_weights(tmp_path, synthetic, monkeypatch
     assert not (tmp_path / "resumed/checkpoints/config_a_2x.pt").exists()
 
 
+def test_a_failed_checkpoint_write_keeps_the_previous_checkpoint(tmp_path, synthetic, monkeypatch):
+    store, _ = synthetic
+    params = synthetic_params(tmp_path, store, {"a": SMALL["a"]}, checkpoint_every=2)
+    import pipeline.atomic
+
+    saves = {"n": 0}
+    real_save = torch.save
+
+    def disk_full_on_second_save(obj, path):
+        saves["n"] += 1
+        if saves["n"] == 2:
+            Path(path).write_bytes(b"partial")  # what a full disk leaves behind
+            raise OSError(28, "No space left on device")
+        real_save(obj, path)
+
+    monkeypatch.setattr(pipeline.atomic.torch, "save", disk_full_on_second_save)
+    result = invoke("train", "--params", str(params))
+    assert result.exit_code == 2 and "No space left on device" in result.stderr
+    checkpoint = torch.load(tmp_path / "artifacts/checkpoints/config_a_2x.pt", weights_only=True)
+    assert checkpoint["step"] > 0  # the first checkpoint, intact
+    assert not list((tmp_path / "artifacts/checkpoints").glob(".*tmp*"))  # no temporary file left behind
+
+
 def test_outputs_are_complete_and_agree_with_each_other(tmp_path, synthetic):
     store, _ = synthetic
     params = synthetic_params(tmp_path, store, SMALL, log_every=5)
