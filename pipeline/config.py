@@ -71,7 +71,7 @@ class TrainConfig:
     memory_budget_gb: float = 8.0  # keep the split on the device when it fits, else stream from host RAM
     exclude_bos: bool = True
     scale_sample_tokens: int = 65536  # tokens used to estimate the input scale factor
-    checkpoint_every: int = 200  # steps of the shared stream between resumable checkpoints
+    checkpoint_every: int = 10  # shared blocks (lcm of the batch sizes, in tokens) between resumable checkpoints
     log_every: int = 20  # steps between logged curve points (each costs a device sync)
     out_dir: str = "artifacts"
 
