@@ -8,6 +8,8 @@ Definitions (x: an activation, x_hat: its reconstruction, f: latent activations;
 - dead latents: never active on the split;  dense latents: active on more than `dense_threshold` of tokens
 - splice scores: CE loss score (CE_zero - CE_sae) / (CE_zero - CE_clean), KL score (KL_zero - KL_sae) / KL_zero,
   where the hook's activations are replaced by the reconstruction (sae) or by zeros (zero), BOS positions kept.
+  A score is undefined (None) when its denominator is not positive: zero-ablation does not hurt the model
+  (e.g. random weights), so "share of the ablation's damage recovered" means nothing.
 """
 
 from __future__ import annotations
@@ -114,12 +116,14 @@ def splice_scores(
     return {key: _scores(sums, n_predicted, len(lengths)) for key, sums in totals.items()}
 
 
-def _scores(sums: dict[str, float], n_predicted: int, n_docs: int) -> dict[str, float]:
+def _scores(sums: dict[str, float], n_predicted: int, n_docs: int) -> dict[str, float | None]:
+    """Mean CE/KL and the scores; a score is None (undefined) when zero-ablation does not hurt the model."""
     means = {k: v / n_predicted for k, v in sums.items()}
+    ce_gap = means["ce_zero"] - means["ce_clean"]
     return {
         **means,
-        "ce_loss_score": (means["ce_zero"] - means["ce_sae"]) / (means["ce_zero"] - means["ce_clean"]),
-        "kl_score": (means["kl_zero"] - means["kl_sae"]) / means["kl_zero"],
+        "ce_loss_score": (means["ce_zero"] - means["ce_sae"]) / ce_gap if ce_gap > 0 else None,
+        "kl_score": (means["kl_zero"] - means["kl_sae"]) / means["kl_zero"] if means["kl_zero"] > 0 else None,
         "ce_delta": means["ce_sae"] - means["ce_clean"],
         "n_docs": n_docs,
         "n_predicted_tokens": n_predicted,

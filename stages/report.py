@@ -62,16 +62,28 @@ def run(params: Params) -> Path:
     return paths["report"]
 
 
+RANKINGS = (  # (metric group, metric, what it means): the first one defined for every config decides
+    ("splice", "ce_loss_score", "CE loss score (share of the zero-ablation's CE damage the SAE avoids)"),
+    ("splice", "kl_score", "KL score (share of the zero-ablation's KL damage the SAE avoids)"),
+    ("reconstruction", "explained_variance", "held-out explained variance"),
+)
+
+
 def recommend(metrics: dict[str, dict]) -> tuple[str, str]:
-    """The rule, applied: highest CE loss score; within TIE_MARGIN of the best, the lowest L0 wins."""
-    scores = {k: m["eval"]["splice"]["ce_loss_score"] for k, m in metrics.items()}
+    """The rule, applied: the best score of the first ranking defined for every config; near-ties go to lower L0."""
+    group, metric, meaning = next(
+        r for r in RANKINGS if all(m["eval"][r[0]][r[1]] is not None for m in metrics.values())
+    )  # explained variance is always defined
+    scores = {k: m["eval"][group][metric] for k, m in metrics.items()}
     best = max(scores.values())
     tied = [k for k, s in scores.items() if best - s <= TIE_MARGIN]
     choice = min(tied, key=lambda k: metrics[k]["eval"]["reconstruction"]["l0"])
     rule = (
-        f"Choose the config whose reconstruction costs the model least (highest CE loss score on the held-out "
-        f"split); configs within {TIE_MARGIN} of the best score are tied, and among them the sparsest (lowest "
-        f"held-out L0) wins."
+        "Choose the config whose reconstruction costs the model least on the held-out split: the highest CE loss "
+        "score, or where that is undefined for some config (zero-ablation does not raise the CE, as with random "
+        "weights) the highest KL score, or failing that the highest explained variance. Scores within "
+        f"{TIE_MARGIN} of the best are tied, and among them the sparsest (lowest held-out L0) wins. "
+        f"Used here: {meaning}."
     )
     return choice, rule
 
@@ -107,9 +119,9 @@ def render(params: Params, metrics: dict[str, dict], store_attrs: dict, labels: 
         "",
         f"Rule: {rule}",
         "",
-        f"**{labels[choice]}**: CE loss score {fmt(chosen['splice']['ce_loss_score'])}, "
-        f"held-out L0 {fmt(chosen['reconstruction']['l0'])}, explained variance "
-        f"{fmt(chosen['reconstruction']['explained_variance'])}.",
+        f"**{labels[choice]}**: CE loss score {fmt(chosen['splice']['ce_loss_score'])}, KL score "
+        f"{fmt(chosen['splice']['kl_score'])}, held-out L0 {fmt(chosen['reconstruction']['l0'])}, explained "
+        f"variance {fmt(chosen['reconstruction']['explained_variance'])}.",
         "",
         *_caveats(params),
         "## Reproduce",
@@ -134,7 +146,8 @@ def render(params: Params, metrics: dict[str, dict], store_attrs: dict, labels: 
         f"{fmt(params.evaluate.dense_threshold)} of tokens.",
         "- Splice: the hook's activations (all but BOS) replaced by the reconstruction, by zeros, or untouched; "
         "CE loss score = (CE_zero − CE_sae)/(CE_zero − CE_clean); KL score = (KL_zero − KL_sae)/KL_zero, KL to "
-        "the clean next-token distribution.",
+        "the clean next-token distribution. A score is n/a when zero-ablation does not hurt the model (its "
+        "denominator is not positive), e.g. with random weights.",
         "",
     ]
     return "\n".join(lines)

@@ -73,8 +73,11 @@ def test_report_numbers_are_the_metrics_files_numbers(tiny_run):
         assert train["tokens_per_s"] * train["train_time_s"] == pytest.approx(train["tokens_seen"])
         assert train["tokens_seen"] == train["steps"] * train["batch_tokens"]
         splice = m["eval"]["splice"]
-        score = (splice["ce_zero"] - splice["ce_sae"]) / (splice["ce_zero"] - splice["ce_clean"])
-        assert splice["ce_loss_score"] == pytest.approx(score)
+        if splice["ce_zero"] > splice["ce_clean"]:
+            score = (splice["ce_zero"] - splice["ce_sae"]) / (splice["ce_zero"] - splice["ce_clean"])
+            assert splice["ce_loss_score"] == pytest.approx(score)
+        else:  # zero-ablation does not hurt this random model: the score is undefined, and says so
+            assert splice["ce_loss_score"] is None and rows["CE loss score"][0] == "n/a"
     stats = ActivationStore(tiny_run / "data/activations").attrs["split_stats"]
     assert rows["train"][:2] == [fmt(stats["train"]["n_docs"]), fmt(stats["train"]["n_tokens"])]
     choice, _ = recommend(metrics)
@@ -87,16 +90,48 @@ def test_report_numbers_are_the_metrics_files_numbers(tiny_run):
 
 def test_recommendation_follows_the_stated_rule():
     def entry(score, l0):
-        return {"eval": {"splice": {"ce_loss_score": score}, "reconstruction": {"l0": l0}}}
+        return {"eval": {"splice": {"ce_loss_score": score, "kl_score": 0.5}, "reconstruction": {"l0": l0}}}
 
     assert recommend({"a": entry(0.80, 10), "b": entry(0.95, 50), "c": entry(0.90, 5)})[0] == "b"
     assert recommend({"a": entry(0.80, 10), "b": entry(0.95, 50), "c": entry(0.945, 5)})[0] == "c"
+    # Where the CE score is undefined for any config, the KL score decides, and the rule says so.
+    undefined = {"a": entry(None, 10), "b": entry(0.95, 50), "c": entry(0.90, 5)}
+    for key, kl in zip("abc", (0.7, 0.5, 0.6), strict=True):
+        undefined[key]["eval"]["splice"]["kl_score"] = kl
+    choice, rule = recommend(undefined)
+    assert choice == "a" and "Used here: KL score" in rule
 
 
-def test_splice_scores_are_one_for_identity_and_zero_for_zeros(tmp_path, tiny_model_dir, gsm_dir, tiny_params):
-    assert invoke("extract", "--params", str(tiny_params)).exit_code == 0
+@pytest.fixture(scope="module")
+def trained_tiny_model_dir(tmp_path_factory, tiny_model_dir) -> Path:
+    """The tiny GPT-2 trained briefly on GSM8K-format rows, so that ablating its residual stream hurts it."""
+    from transformers import AutoTokenizer, GPT2LMHeadModel
+
+    from pipeline.tiny import make_rows
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    model = GPT2LMHeadModel.from_pretrained(tiny_model_dir)
+    texts = [r["question"] + "\n" + r["answer"] for r in make_rows(64, seed=5)]
+    ids = [torch.tensor([tokenizer.bos_token_id, *tokenizer.encode(t)])[:64] for t in texts]
+    batch = torch.nn.utils.rnn.pad_sequence(ids, batch_first=True, padding_value=0)
+    mask = (torch.arange(batch.shape[1]) < torch.tensor([len(i) for i in ids])[:, None]).long()
+    labels = batch.masked_fill(mask == 0, -100)
+    torch.manual_seed(0)
+    optimizer = torch.optim.Adam(model.parameters(), lr=3e-3)
+    for _ in range(40):
+        optimizer.zero_grad()
+        model(input_ids=batch, attention_mask=mask, labels=labels).loss.backward()
+        optimizer.step()
+    directory = tmp_path_factory.mktemp("trained-tiny")
+    model.save_pretrained(directory)
+    tokenizer.save_pretrained(directory)
+    return directory
+
+
+def test_splice_scores_are_one_for_identity_and_zero_for_zeros(tiny_params, trained_tiny_model_dir):
+    assert invoke("extract", "--params", str(tiny_params), "-S", f"model.name={trained_tiny_model_dir}").exit_code == 0
     store = ActivationStore(load_params(tiny_params).extract.store)
-    model = load_model(ModelConfig(name=str(tiny_model_dir), device="cpu"))
+    model = load_model(ModelConfig(name=str(trained_tiny_model_dir), device="cpu"))
     offsets = store.doc_offsets("test")[:21]
     scores = splice_scores(
         model,
@@ -106,12 +141,13 @@ def test_splice_scores_are_one_for_identity_and_zero_for_zeros(tmp_path, tiny_mo
         {"identity": lambda x: x, "zero": torch.zeros_like, "noisy": lambda x: x + 0.5 * torch.randn_like(x)},
         batch_tokens=1024,
     )
+    assert scores["identity"]["ce_zero"] > scores["identity"]["ce_clean"] + 0.1  # ablation hurts this model
     assert scores["identity"]["ce_loss_score"] == pytest.approx(1.0)
     assert scores["identity"]["kl_score"] == pytest.approx(1.0)
     assert scores["identity"]["kl_sae"] == pytest.approx(0.0, abs=1e-6)
     assert scores["zero"]["ce_loss_score"] == pytest.approx(0.0)
     assert scores["zero"]["kl_score"] == pytest.approx(0.0)
-    assert scores["noisy"]["kl_sae"] > 0
+    assert 0 < scores["noisy"]["kl_sae"] < scores["noisy"]["kl_zero"]
     assert scores["identity"]["n_predicted_tokens"] == int(np.diff(offsets).sum() - 20)
 
 
