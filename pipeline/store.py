@@ -18,7 +18,6 @@ import json
 import queue
 import shutil
 import threading
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -181,12 +180,6 @@ class ActivationStore:
         if hook not in self.hooks:
             raise PipelineError(f"hook {hook!r} is not in store {self.path}; it holds: {', '.join(self.hooks)}")
         return self._split(split)[hook]
-
-    def iter_blocks(self, split: str, hook: str, block_tokens: int) -> Iterator[np.ndarray]:
-        """Sequential reads of whole shards (the fastest way through an array)."""
-        array = self.activations(split, hook)
-        for start in range(0, array.shape[0], block_tokens):
-            yield array[start : start + block_tokens]
 
     def _split(self, split: str) -> zarr.Group:
         if split not in self.splits:

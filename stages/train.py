@@ -39,6 +39,9 @@ def run(params: Params, which: str = "all", resume: bool = False) -> dict[str, d
     }
     trainer = Trainer(configs, loader, cfg, Path(cfg.out_dir) / "checkpoints", meta)
     resumed = trainer.resume() if resume else []
+    stale = [r.name for r in trainer.runs if not resume and trainer.checkpoint_path(r).is_file()]
+    if stale:
+        log.warning("starting over: checkpoints of an interrupted run of %s exist (--resume continues it)", stale)
     if resumed:
         log.info("resumed %s", ", ".join(resumed))
     else:
