@@ -97,8 +97,14 @@ def loss_terms(sae: SparseAutoencoder, x: torch.Tensor, with_l0: bool = True) ->
 
 
 def save_saelens(sae: SparseAutoencoder, directory: str | Path, metadata: dict[str, Any]) -> None:
-    """Write `cfg.json` + `sae_weights.safetensors` as SAELens's `SAE.load_from_disk` reads a standard SAE."""
+    """Write `cfg.json` + `sae_weights.safetensors` as SAELens's `SAE.load_from_disk` reads a standard SAE.
+
+    The metadata (model_name, hook_name, ...) is written at the top level as well as under "metadata": SAELens 6
+    reads a cfg.json without a `sae_lens_version` through its pre-6.0 path, which takes these keys from the top
+    level (checked with SAELens 6.54 in a separate environment; it pins transformer-lens<4, so not in our tests).
+    """
     config = {
+        **metadata,
         "architecture": "standard",
         "d_in": sae.d_in,
         "d_sae": sae.d_sae,

@@ -191,7 +191,7 @@ def test_saelens_folder_reconstructs_like_our_forward_pass(tmp_path, synthetic):
     cfg = json.loads((folder / "cfg.json").read_text())
     assert cfg["architecture"] == "standard" and cfg["apply_b_dec_to_input"] is True
     assert (cfg["d_in"], cfg["d_sae"]) == (128, 256)
-    assert cfg["metadata"]["hook_name"] == "synthetic"
+    assert cfg["metadata"]["hook_name"] == cfg["hook_name"] == "synthetic"  # SAELens 6 reads the top-level one
     w = load_file(folder / "sae_weights.safetensors")
     assert {k: tuple(v.shape) for k, v in w.items()} == {
         "W_enc": (128, 256), "b_enc": (256,), "W_dec": (256, 128), "b_dec": (128,)
