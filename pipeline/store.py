@@ -50,7 +50,8 @@ class StoreWriter:
         if self.path.exists() and not self.path.is_dir():
             raise PipelineError(f"output path {self.path} exists and is a file, not a store directory")
         self.attrs = {"format_version": FORMAT_VERSION, **attrs}
-        if resume and self.partial.is_dir():
+        # A partial store killed before its first progress record holds nothing worth keeping: start over.
+        if resume and (self.partial / PROGRESS_FILE).is_file() and (self.partial / "zarr.json").is_file():
             self.group = zarr.open_group(self.partial, mode="r+", zarr_format=3)
             _refuse_if_different(dict(self.group.attrs), self.attrs, self.partial)
             self.done = {k: set(v) for k, v in json.loads((self.partial / PROGRESS_FILE).read_text()).items()}
