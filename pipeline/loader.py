@@ -142,10 +142,9 @@ def _training_positions(store: ActivationStore, split: str, exclude_bos: bool) -
 def _read_checked(store: ActivationStore, split: str, hook: str) -> np.ndarray:
     """The whole [n_tokens, d] array in host memory, read shard by shard; NaN or inf is an error naming where."""
     array = store.activations(split, hook)
-    shard = int(store.attrs["shard_tokens"])
     host = np.empty(array.shape, dtype=array.dtype)
-    for start in range(0, array.shape[0], shard):
-        block = array[start : start + shard]
+    for start in range(0, array.shape[0], store.shard_tokens):
+        block = store.read_rows(split, hook, start, start + store.shard_tokens)
         finite = np.isfinite(block).all(axis=1)
         if not finite.all():
             token = start + int(np.argmin(finite))

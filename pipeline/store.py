@@ -1,44 +1,111 @@
-"""The activation store format: the only module that knows zarr paths and attributes.
+"""The activation store format: the only module that knows zarr paths, attributes and the manifest.
 
 Layout (zarr v3 group; readable by any zarr v3 reader):
 
-    <store>/zarr.json                      group attributes (see `STORE_ATTRS_DOC` in the README)
+    <store>/zarr.json                      group attributes (documented in the README)
     <store>/<split>/tokens                 int32   [n_tokens]
     <store>/<split>/doc_offsets            int64   [n_docs + 1]; document i = tokens[o[i]:o[i+1]]
     <store>/<split>/<hook>                 float16 [n_tokens, d_model], one array per hook
 
 Activation arrays are sharded along tokens (`shard_tokens` per shard file, the unit of writing and resuming)
-with `chunk_tokens`-row chunks inside (the unit of reading). A store is built under `<store>.partial` and renamed
-to its final name only when every shard is written; `progress.json` there records finished shards for --resume.
+with `chunk_tokens`-row chunks inside (the unit of reading). A store is built under `<store>.partial`, where
+`progress.json` records finished shards (and their checksums) for --resume. The group attribute `manifest`
+(size and sha256 of every file but the group's own zarr.json) is written last, in one atomic write of zarr.json:
+a store is complete exactly when it has one, and only then is it renamed to its final name. A run that finds a
+complete `.partial` (a crash between the manifest and the rename) finishes the rename instead of recomputing.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
+import logging
 import queue
 import shutil
 import threading
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import zarr
 
-from pipeline.atomic import replace_dir, write_json
+from pipeline.atomic import check_replaceable, remove_litter, replace_dir, write_json
 from pipeline.errors import PipelineError
+from pipeline.locks import exclusive_lock
 
-FORMAT_VERSION = 1
+log = logging.getLogger(__name__)
+
+FORMAT_VERSION = 2  # 2: manifest.json with per-file checksums, token_sha256 in the identity
 PROGRESS_FILE = "progress.json"
-# Attributes that decide a store's content: --resume refuses when any differs.
+MANIFEST = "manifest"  # the group attribute that lists every file; its presence marks a complete store
+ZARR_TEMPORARY = ".partial"  # suffix of zarr's own temporary files (a killed write leaves them behind)
+# Attributes that decide a store's content: --resume refuses, and an up-to-date check re-extracts, when any differs.
 IDENTITY_KEYS = (
     "format_version", "model", "model_revision", "process_weights", "compute_dtype", "hooks", "dtype",
     "tokenizer", "bos_token_id", "template", "dataset", "dataset_config", "splits", "max_docs",
-    "shard_tokens", "chunk_tokens", "d_model", "n_ctx",
+    "shard_tokens", "chunk_tokens", "d_model", "n_ctx", "token_sha256",
 )  # fmt: skip
 
 
 def partial_path(path: Path) -> Path:
     return path.with_name(path.name + ".partial")
+
+
+def is_store(path: Path) -> bool:
+    """Whether `path` holds a store this pipeline wrote (its zarr.json carries our `format_version`)."""
+    return "format_version" in _attributes(path)
+
+
+def _is_complete(path: Path) -> bool:
+    return MANIFEST in _attributes(path)
+
+
+def _attributes(path: Path) -> dict:
+    try:
+        attributes = json.loads((path / "zarr.json").read_text()).get("attributes")
+    except (OSError, ValueError, AttributeError):
+        return {}
+    return attributes if isinstance(attributes, dict) else {}
+
+
+def token_digest(tokens: np.ndarray, doc_offsets: np.ndarray) -> str:
+    """sha256 of a split's token ids and document offsets: changes whenever the data or its tokenization does."""
+    digest = hashlib.sha256(np.ascontiguousarray(tokens, dtype=np.int32).tobytes())
+    digest.update(np.ascontiguousarray(doc_offsets, dtype=np.int64).tobytes())
+    return digest.hexdigest()
+
+
+@contextmanager
+def writing(path: str | Path) -> Iterator[Path]:
+    """Exclusive right to write the store at `path`, after finishing whatever an interrupted run left halfway.
+
+    Refuses (before any work) when `path` or its `.partial` is a directory this pipeline did not write.
+    """
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise PipelineError(f"output path {path} exists and is a file, not a store directory")
+    for candidate in (path, partial_path(path)):
+        check_replaceable(candidate, is_store)
+    with exclusive_lock(path):
+        _finish_interrupted_swap(path)
+        yield path
+
+
+def status(path: str | Path, attrs: dict[str, Any]) -> tuple[bool, str]:
+    """(True, _) when a complete, undamaged store with these identity attributes is at `path`; else why not."""
+    path = Path(path)
+    if not path.exists():
+        return False, "no store there yet"
+    try:
+        store = ActivationStore(path)
+    except PipelineError as exc:
+        return False, str(exc)
+    differing = _differing(store.attrs, {"format_version": FORMAT_VERSION, **attrs})
+    if differing:
+        return False, f"it was written with other parameters or data ({', '.join(differing)})"
+    return True, "same parameters and data, every file present"
 
 
 class StoreWriter:
@@ -47,19 +114,29 @@ class StoreWriter:
     def __init__(self, path: str | Path, attrs: dict[str, Any], resume: bool) -> None:
         self.path = Path(path)
         self.partial = partial_path(self.path)
-        if self.path.exists() and not self.path.is_dir():
-            raise PipelineError(f"output path {self.path} exists and is a file, not a store directory")
         self.attrs = {"format_version": FORMAT_VERSION, **attrs}
         # A partial store killed before its first progress record holds nothing worth keeping: start over.
         if resume and (self.partial / PROGRESS_FILE).is_file() and (self.partial / "zarr.json").is_file():
             self.group = zarr.open_group(self.partial, mode="r+", zarr_format=3)
-            _refuse_if_different(dict(self.group.attrs), self.attrs, self.partial)
-            self.done = {k: set(v) for k, v in json.loads((self.partial / PROGRESS_FILE).read_text()).items()}
+            differing = _differing(dict(self.group.attrs), self.attrs)
+            if differing:
+                details = "; ".join(
+                    f"{k}: store has {self.group.attrs.get(k)!r}, params say {self.attrs.get(k)!r}" for k in differing
+                )
+                raise PipelineError(f"cannot --resume {self.partial}: it was written with different parameters "
+                                    f"({details}); run without --resume to start over")  # fmt: skip
+            progress = json.loads((self.partial / PROGRESS_FILE).read_text())
+            self.done = {split: set(indices) for split, indices in progress["shards"].items()}
+            self.files: dict[str, dict] = progress["files"]
         else:
+            if resume:
+                log.warning("nothing to resume at %s: extracting from the start", self.partial)
+            check_replaceable(self.partial, is_store)
             shutil.rmtree(self.partial, ignore_errors=True)
             self.partial.parent.mkdir(parents=True, exist_ok=True)
             self.group = zarr.open_group(self.partial, mode="w", zarr_format=3, attributes=self.attrs)
             self.done = {}
+            self.files = {}
             self._save_progress()
 
     def add_split(self, split: str, tokens: np.ndarray, doc_offsets: np.ndarray) -> None:
@@ -93,20 +170,34 @@ class StoreWriter:
         ]
 
     def write_shard(self, split: str, index: int, start: int, activations: dict[str, np.ndarray]) -> None:
-        """Write one whole shard of every hook, then record it as done."""
+        """Write one whole shard of every hook and its checksum (read back while still in the page cache)."""
         for hook, values in activations.items():
-            self.group[split][hook][start : start + len(values)] = values
+            array = self.group[split][hook]
+            array[start : start + len(values)] = values
+            name = _shard_file(array, split, hook, index)
+            self.files[name] = _file_record(self.partial / name)
         self.done[split].add(index)
         self._save_progress()
 
     def finalize(self, extra_attrs: dict[str, Any]) -> None:
-        """Record the summary attributes and move the finished store under its final name."""
-        self.group.attrs.update(extra_attrs)
+        """Record the summary attributes with the manifest (the completion mark), then move the store into place."""
+        files = {}
+        for file in sorted(self.partial.rglob("*")):
+            name = file.relative_to(self.partial).as_posix()
+            if not file.is_file() or name in ("zarr.json", PROGRESS_FILE):
+                continue
+            if name.endswith(ZARR_TEMPORARY):  # left by a write that was killed before a resume
+                file.unlink()
+                continue
+            known = self.files.get(name)
+            files[name] = known if known and known["size"] == file.stat().st_size else _file_record(file)
+        self.group.attrs.update({**extra_attrs, MANIFEST: {"algorithm": "sha256", "files": files}})
         (self.partial / PROGRESS_FILE).unlink()
-        replace_dir(self.partial, self.path)
+        replace_dir(self.partial, self.path, is_store)
 
     def _save_progress(self) -> None:
-        write_json(self.partial / PROGRESS_FILE, {k: sorted(v) for k, v in self.done.items()})
+        shards = {split: sorted(indices) for split, indices in self.done.items()}
+        write_json(self.partial / PROGRESS_FILE, {"shards": shards, "files": self.files})
 
 
 class BackgroundWriter:
@@ -143,20 +234,36 @@ class BackgroundWriter:
 
 
 class ActivationStore:
-    """Read access to a finished store."""
+    """Read access to a finished store; opening it checks that every file is present with its recorded size."""
 
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
         if not (self.path / "zarr.json").is_file():
-            hint = " (an interrupted extraction is there: run `pipeline extract --resume`)"
-            raise PipelineError(
-                f"no activation store at {self.path}{hint if partial_path(self.path).exists() else ''}; "
-                "run `pipeline extract` first"
-            )
-        self.group = zarr.open_group(self.path, mode="r", zarr_format=3)
+            raise PipelineError(_missing_store_message(self.path))
+        try:
+            self.group = zarr.open_group(self.path, mode="r", zarr_format=3)
+        except Exception as exc:  # an unreadable zarr.json
+            raise PipelineError(f"{self.path} is damaged: its zarr.json cannot be read ({exc}); re-extract it") from exc
         self.attrs: dict[str, Any] = dict(self.group.attrs)
-        if self.attrs.get("format_version") != FORMAT_VERSION:
-            raise PipelineError(f"{self.path}: store format {self.attrs.get('format_version')} is not supported")
+        version = self.attrs.get("format_version")
+        if version != FORMAT_VERSION:
+            raise PipelineError(
+                f"{self.path}: store format {version} is not the one this version reads ({FORMAT_VERSION}); "
+                "re-extract it with `pipeline extract --force`"
+            )
+        if MANIFEST not in self.attrs:
+            raise PipelineError(f"{self.path} is incomplete: it has no manifest (written last); re-extract it")
+        self.manifest: dict[str, dict] = self.attrs[MANIFEST]["files"]
+        # The content's identity: every file's checksum (a re-extraction that changes any value changes it).
+        self.fingerprint = hashlib.sha256(json.dumps(self.manifest, sort_keys=True).encode()).hexdigest()
+        for name, record in self.manifest.items():
+            file = self.path / name
+            size = file.stat().st_size if file.is_file() else None
+            if size != record["size"]:
+                found = "is missing" if size is None else f"has {size:,} bytes instead of {record['size']:,}"
+                raise PipelineError(
+                    f"{self.path} is damaged: {_describe(name)} {found}; re-extract with `pipeline extract --force`"
+                )
 
     @property
     def splits(self) -> list[str]:
@@ -171,16 +278,51 @@ class ActivationStore:
         return int(self.attrs["d_model"])
 
     def tokens(self, split: str) -> np.ndarray:
-        return self._split(split)["tokens"][:]
+        return self._read(split, "tokens", slice(None))
 
     def doc_offsets(self, split: str) -> np.ndarray:
-        return self._split(split)["doc_offsets"][:]
+        return self._read(split, "doc_offsets", slice(None))
 
     def activations(self, split: str, hook: str) -> zarr.Array:
-        """The [n_tokens, d_model] array of one hook (lazy: index it to read)."""
+        """The [n_tokens, d_model] array of one hook (lazy: index it, or use `read_rows` for named errors)."""
         if hook not in self.hooks:
             raise PipelineError(f"hook {hook!r} is not in store {self.path}; it holds: {', '.join(self.hooks)}")
         return self._split(split)[hook]
+
+    def read_rows(self, split: str, hook: str, start: int, end: int) -> np.ndarray:
+        """Activations of tokens start..end-1; a failed read is an error naming split, hook and shard files."""
+        self.activations(split, hook)  # names an unknown split or hook
+        return self._read(split, hook, slice(start, end))
+
+    @property
+    def shard_tokens(self) -> int:
+        return int(self.attrs["shard_tokens"])
+
+    def verify(self, on_bytes: Callable[[int], None] = lambda n: None) -> list[str]:
+        """Recompute every file's sha256 against the manifest; returns one line per damaged file."""
+        problems = []
+        for name, record in self.manifest.items():
+            file = self.path / name
+            if not file.is_file():
+                problems.append(f"{_describe(name)} is missing")
+            elif _file_record(file)["sha256"] != record["sha256"]:
+                problems.append(f"{_describe(name)} does not match its checksum")
+            on_bytes(record["size"])
+        return problems
+
+    def _read(self, split: str, name: str, rows: slice) -> np.ndarray:
+        array = self._split(split)[name]
+        try:
+            return array[rows]
+        except Exception as exc:  # zarr and the filesystem raise many types; all mean "this file is damaged"
+            first, stop, _ = rows.indices(array.shape[0])
+            size = array.shards[0] if array.shards else array.chunks[0]
+            files = sorted({_shard_file(array, split, name, i // size) for i in range(first, max(stop, first + 1))})
+            raise PipelineError(
+                f"{self.path}: reading {split}/{name} failed in {_describe(files[0])}"
+                f"{f' (or {len(files) - 1} more shard files)' if len(files) > 1 else ''}: "
+                f"{type(exc).__name__}: {exc}; `pipeline verify` checks every file"
+            ) from exc
 
     def _split(self, split: str) -> zarr.Group:
         if split not in self.splits:
@@ -188,11 +330,50 @@ class ActivationStore:
         return self.group[split]
 
 
-def _refuse_if_different(found: dict[str, Any], wanted: dict[str, Any], where: Path) -> None:
-    differing = [k for k in IDENTITY_KEYS if _normalise(found.get(k)) != _normalise(wanted.get(k))]
-    if differing:
-        details = "; ".join(f"{k}: store has {found.get(k)!r}, params say {wanted.get(k)!r}" for k in differing)
-        raise PipelineError(f"cannot --resume {where}: it was written with different parameters ({details})")
+def _finish_interrupted_swap(path: Path) -> None:
+    """Move a complete `.partial` (it has its manifest) into place, and remove temporaries of killed runs."""
+    partial = partial_path(path)
+    if _is_complete(partial):
+        (partial / PROGRESS_FILE).unlink(missing_ok=True)
+        replace_dir(partial, path, is_store)
+        log.info("%s: moved into place the store an interrupted run had finished", path)
+    for litter in remove_litter(path):
+        log.info("removed %s, left by a killed run", litter)
+
+
+def _missing_store_message(path: Path) -> str:
+    partial = partial_path(path)
+    if _is_complete(partial):
+        hint = " (an interrupted run finished it under .partial: `pipeline extract` moves it into place)"
+    elif partial.exists():
+        hint = " (an interrupted extraction is there: run `pipeline extract --resume`)"
+    else:
+        hint = ""
+    return f"no activation store at {path}{hint}; run `pipeline extract` first"
+
+
+def _shard_file(array: zarr.Array, split: str, name: str, index: int) -> str:
+    """The store-relative path of shard (or chunk) `index` of `split/name`."""
+    return f"{split}/{name}/{array.metadata.encode_chunk_key((index,) + (0,) * (array.ndim - 1))}"
+
+
+def _describe(name: str) -> str:
+    parts = name.split("/")
+    if len(parts) >= 3 and parts[2] == "c":
+        return f"split {parts[0]}, array {parts[1]}, shard file {name}"
+    return f"file {name}"
+
+
+def _file_record(file: Path) -> dict[str, Any]:
+    digest = hashlib.sha256()
+    with file.open("rb") as handle:
+        while block := handle.read(1 << 22):
+            digest.update(block)
+    return {"size": file.stat().st_size, "sha256": digest.hexdigest()}
+
+
+def _differing(found: dict[str, Any], wanted: dict[str, Any]) -> list[str]:
+    return [k for k in IDENTITY_KEYS if _normalise(found.get(k)) != _normalise(wanted.get(k))]
 
 
 def _normalise(value: Any) -> Any:

@@ -8,53 +8,66 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from pipeline import __version__
+from pipeline import __version__, store
 from pipeline.config import Params
 from pipeline.device import extraction_batch_tokens
 from pipeline.extraction import ShardExtractor, extract_pending
 from pipeline.gsm8k import TokenizedSplit, load_documents, tokenize
 from pipeline.lm import check_hooks, hub_revision, load_model
 from pipeline.progress import progress_bars
-from pipeline.store import StoreWriter
 
 log = logging.getLogger(__name__)
 
 
-def run(params: Params, resume: bool = False) -> Path:
-    """Tokenize every split, then compute and write each pending shard; returns the store's path."""
-    model = load_model(params.model)
-    stop_at_layer = check_hooks(model, params.extract.hooks)
-    tokenizer = model.tokenizer
-    splits = {
-        split: tokenize(load_documents(params.data, split), tokenizer, tokenizer.bos_token_id, model.cfg.n_ctx)
-        for split in params.data.splits
-    }
-    for split, data in splits.items():
-        if data.n_truncated:
-            log.warning(
-                "%s: %d documents longer than %d tokens were truncated", split, data.n_truncated, model.cfg.n_ctx
-            )
+def run(params: Params, resume: bool = False, force: bool = False) -> Path:
+    """Tokenize every split, then compute and write each pending shard; returns the store's path.
 
-    writer = StoreWriter(params.extract.store, _store_attrs(params, model), resume)
-    for split, data in splits.items():
-        writer.add_split(split, data.tokens, data.doc_offsets)
-    device = next(model.parameters()).device
-    extractor = ShardExtractor(
-        model,
-        params.extract.hooks,
-        stop_at_layer,
-        extraction_batch_tokens(params.extract.batch_tokens, device),
-        getattr(torch, params.extract.dtype),
-    )
-    total = sum(end - start for split in splits for _, start, end in writer.pending_shards(split))
-    with progress_bars({"extract": total}) as bars:
-        extract_pending(writer, extractor, splits, on_shard=bars["extract"].advance)
-    writer.finalize({"split_stats": {split: _stats(data) for split, data in splits.items()}})
-    log.info("activation store written to %s", writer.path)
-    return writer.path
+    A complete store with the same parameters and data is left alone unless `force`.
+    """
+    with store.writing(params.extract.store) as path:
+        model = load_model(params.model)
+        stop_at_layer = check_hooks(model, params.extract.hooks)
+        tokenizer = model.tokenizer
+        splits = {
+            split: tokenize(load_documents(params.data, split), tokenizer, tokenizer.bos_token_id, model.cfg.n_ctx)
+            for split in params.data.splits
+        }
+        for split, data in splits.items():
+            if data.n_truncated:
+                log.warning(
+                    "%s: %d documents longer than %d tokens were truncated", split, data.n_truncated, model.cfg.n_ctx
+                )
+        attrs = _store_attrs(params, model, splits)
+        current, why = store.status(path, attrs)
+        if current and not force:
+            log.info("%s is up to date (%s): nothing to do; --force recomputes it", path, why)
+            return path
+        if path.exists():
+            log.info("%s will be replaced: %s", path, "--force" if current else why)
+
+        writer = store.StoreWriter(path, attrs, resume)
+        for split, data in splits.items():
+            writer.add_split(split, data.tokens, data.doc_offsets)
+        device = next(model.parameters()).device
+        extractor = ShardExtractor(
+            model,
+            params.extract.hooks,
+            stop_at_layer,
+            extraction_batch_tokens(params.extract.batch_tokens, device),
+            getattr(torch, params.extract.dtype),
+        )
+        total = sum(end - start for split in splits for _, start, end in writer.pending_shards(split))
+        with progress_bars({"extract": total}) as bars:
+            extract_pending(writer, extractor, splits, on_shard=bars["extract"].advance)
+        writer.finalize({
+            "split_stats": {split: _stats(data) for split, data in splits.items()},
+            "command": params.origin.command,
+        })  # fmt: skip
+    log.info("activation store written to %s", path)
+    return path
 
 
-def _store_attrs(params: Params, model) -> dict:
+def _store_attrs(params: Params, model, splits: dict[str, TokenizedSplit]) -> dict:
     tokenizer = model.tokenizer
     return {
         "model": params.model.name,
@@ -75,6 +88,7 @@ def _store_attrs(params: Params, model) -> dict:
         "max_docs": params.data.max_docs,
         "shard_tokens": params.extract.shard_tokens,
         "chunk_tokens": params.extract.chunk_tokens,
+        "token_sha256": {split: store.token_digest(data.tokens, data.doc_offsets) for split, data in splits.items()},
         "package_version": __version__,
     }
 
