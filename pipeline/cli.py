@@ -1,22 +1,29 @@
-"""The `pipeline` command: one thin subcommand per stage; all parameters come from params.yaml and -S."""
+"""The `pipeline` command: one thin subcommand per stage; all parameters come from params.yaml and -S.
+
+Parameters are read and validated before torch or TransformerLens is imported, so a typo answers at once.
+"""
 
 from __future__ import annotations
 
+import importlib
 import logging
+import shlex
 import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, TypeVar
 
 import typer
-from rich.logging import RichHandler
-from rich.table import Table
 
-from pipeline.config import DEFAULT_PARAMS_FILE, Params, load_params
+from pipeline.config import DEFAULT_PARAMS_FILE, Params, configured_sae_keys, load_params
 from pipeline.errors import PipelineError
-from pipeline.progress import console
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False)
+app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
 
 ParamsOption = Annotated[str, typer.Option("--params", help="Parameters file.")]
 SetOption = Annotated[
@@ -24,7 +31,15 @@ SetOption = Annotated[
     typer.Option("--set", "-S", help="Override a parameter: -S section.key=value (repeatable)."),
 ]
 VerboseOption = Annotated[bool, typer.Option("--verbose", "-v", help="Debug logs and full tracebacks.")]
-ConfigOption = Annotated[str, typer.Option("--config", "-c", help="SAE config key from params `sae`, or all.")]
+ConfigOption = Annotated[
+    str,
+    typer.Option(
+        "--config",
+        "-c",
+        help=f"SAE config: a key of params `sae` ({', '.join(configured_sae_keys())} in ./{DEFAULT_PARAMS_FILE}), "
+        "or all.",
+    ),
+]
 T = TypeVar("T")
 
 
@@ -33,22 +48,32 @@ def main() -> None:
     """GPT-2 residual-stream activations on GSM8K -> sparse autoencoders, evaluated on held-out data."""
 
 
-def _run(verbose: bool, params_file: str, overrides: list[str] | None, stage: Callable[[Params], T]) -> T:
+def _stage(name: str):
+    """A stage module, imported only once parameters are valid (it pulls in torch and TransformerLens)."""
+    return importlib.import_module(f"stages.{name}")
+
+
+def _run(
+    command: list[str], verbose: bool, params_file: str, overrides: list[str] | None, stage: Callable[[Params], T]
+) -> T:
     """Load parameters and run `stage`; bad input becomes one line on stderr and exit code 2."""
+    from rich.logging import RichHandler
+
+    from pipeline.progress import console
+
     logging.basicConfig(
         level=logging.DEBUG if verbose else logging.INFO,
         format="%(message)s",
         handlers=[RichHandler(console=console, show_path=False, show_time=False)],
         force=True,
     )
-    for noisy in ("httpx", "urllib3", "filelock", "huggingface_hub", "transformers", "datasets"):
-        logging.getLogger(noisy).setLevel(logging.WARNING if verbose else logging.ERROR)
-    if not verbose:  # our own progress bars are the ones that matter
-        import transformers
-
-        transformers.utils.logging.disable_progress_bar()
     try:
-        return stage(load_params(params_file, overrides))
+        params = load_params(params_file, overrides)
+        options = [] if params_file == DEFAULT_PARAMS_FILE else ["--params", params_file]
+        options += [word for item in overrides or [] for word in ("-S", item)]
+        params.origin.command = shlex.join(["pipeline", *command, *options])
+        _quiet_libraries(verbose)
+        return stage(params)
     except (PipelineError, OSError) as exc:  # bad input, or the environment (disk full, permissions): not a bug
         if verbose:
             raise
@@ -59,17 +84,26 @@ def _run(verbose: bool, params_file: str, overrides: list[str] | None, stage: Ca
         raise typer.Exit(130) from None
 
 
+def _quiet_libraries(verbose: bool) -> None:
+    for noisy in ("httpx", "urllib3", "filelock", "huggingface_hub", "transformers", "datasets"):
+        logging.getLogger(noisy).setLevel(logging.WARNING if verbose else logging.ERROR)
+    if not verbose:  # our own progress bars are the ones that matter
+        import transformers
+
+        transformers.utils.logging.disable_progress_bar()
+
+
 @app.command()
 def extract(
     resume: Annotated[bool, typer.Option(help="Continue an interrupted extraction, keeping finished shards.")] = False,
+    force: Annotated[bool, typer.Option(help="Recompute even when the store is up to date.")] = False,
     params: ParamsOption = DEFAULT_PARAMS_FILE,
     set_: SetOption = None,
     verbose: VerboseOption = False,
 ) -> None:
     """GSM8K through GPT-2: hooked residual-stream activations into the zarr store (extract.store)."""
-    from stages import extract as stage
-
-    _run(verbose, params, set_, lambda p: stage.run(p, resume=resume))
+    command = ["extract", *(["--resume"] if resume else []), *(["--force"] if force else [])]
+    _run(command, verbose, params, set_, lambda p: _stage("extract").run(p, resume=resume, force=force))
 
 
 @app.command()
@@ -81,9 +115,8 @@ def train(
     verbose: VerboseOption = False,
 ) -> None:
     """Train SAE config(s) from the store; `--config all` trains every config from one read of the data."""
-    from stages import train as stage
-
-    _run(verbose, params, set_, lambda p: stage.run(p, which=config, resume=resume))
+    command = ["train", "--config", config, *(["--resume"] if resume else [])]
+    _run(command, verbose, params, set_, lambda p: _stage("train").run(p, which=config, resume=resume))
 
 
 @app.command()
@@ -94,17 +127,13 @@ def evaluate(
     verbose: VerboseOption = False,
 ) -> None:
     """Evaluate trained SAE(s) on the held-out split: reconstruction, sparsity, splice CE/KL scores."""
-    from stages import evaluate as stage
-
-    _run(verbose, params, set_, lambda p: stage.run(p, which=config))
+    _run(["evaluate", "--config", config], verbose, params, set_, lambda p: _stage("evaluate").run(p, which=config))
 
 
 @app.command()
 def report(params: ParamsOption = DEFAULT_PARAMS_FILE, set_: SetOption = None, verbose: VerboseOption = False) -> None:
     """Write artifacts/report.md and its figures from the train and eval metrics."""
-    from stages import report as stage
-
-    _run(verbose, params, set_, stage.run)
+    _run(["report"], verbose, params, set_, lambda p: _stage("report").run(p))
 
 
 @app.command("run")
@@ -115,15 +144,38 @@ def run_all(
     verbose: VerboseOption = False,
 ) -> None:
     """Every stage in order without DVC: extract, train (all configs, one read), evaluate, report."""
-    from stages import evaluate, extract, report, train
 
     def all_stages(p: Params) -> None:
-        extract.run(p, resume=resume)
-        train.run(p, which="all", resume=resume)
-        evaluate.run(p, which="all")
-        report.run(p)
+        _stage("extract").run(p, resume=resume)
+        _stage("train").run(p, which="all", resume=resume)
+        _stage("evaluate").run(p, which="all")
+        _stage("report").run(p)
 
-    _run(verbose, params, set_, all_stages)
+    _run(["run", *(["--resume"] if resume else [])], verbose, params, set_, all_stages)
+
+
+@app.command()
+def verify(
+    params: ParamsOption = DEFAULT_PARAMS_FILE,
+    set_: SetOption = None,
+    verbose: VerboseOption = False,
+) -> None:
+    """Check every file of the activation store (extract.store) against the checksums recorded when it was written."""
+
+    def check(p: Params) -> None:
+        from pipeline.progress import progress_bars
+        from pipeline.store import ActivationStore
+
+        store = ActivationStore(p.extract.store)
+        total = sum(record["size"] for record in store.manifest.values())
+        with progress_bars({"verify": total}, unit="bytes") as bars:
+            problems = store.verify(on_bytes=bars["verify"].advance)
+        if problems:
+            shown = "; ".join(problems[:3]) + (f"; and {len(problems) - 3} more" if len(problems) > 3 else "")
+            raise PipelineError(f"{store.path} is damaged: {shown}; re-extract with `pipeline extract --force`")
+        print(f"{store.path}: all {len(store.manifest)} files ({total / 1e9:.2f} GB) match their checksums")
+
+    _run(["verify"], verbose, params, set_, check)
 
 
 @app.command()
@@ -137,12 +189,16 @@ def bench(
     verbose: VerboseOption = False,
 ) -> None:
     """Speed as ratios measured in one run (see pipeline/bench.py): prints a table and writes JSON."""
-    import tempfile
-
-    from pipeline import bench as benchmarks
-    from pipeline.atomic import write_json
 
     def measure(p: Params) -> None:
+        import tempfile
+
+        from rich.table import Table
+
+        from pipeline import bench as benchmarks
+        from pipeline.atomic import write_json
+        from pipeline.progress import console
+
         with tempfile.TemporaryDirectory() as workdir:
             result = benchmarks.run(p, docs, tokens, width, Path(workdir))
         write_json(out, result)
@@ -156,7 +212,7 @@ def bench(
             )
         console.print(table)
 
-    _run(verbose, params, set_, measure)
+    _run(["bench", "--docs", str(docs), "--tokens", str(tokens)], verbose, params, set_, measure)
 
 
 @app.command("tiny-assets")

@@ -7,6 +7,8 @@ spirit as `dvc exp run -S`. Unknown keys and wrong types are errors that name th
 from __future__ import annotations
 
 import dataclasses
+import math
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -85,6 +87,15 @@ class EvaluateConfig:
 
 
 @dataclass
+class ParamsOrigin:
+    """Where a Params object came from: not a parameter, recorded so that outputs can say how to reproduce them."""
+
+    file: str = DEFAULT_PARAMS_FILE
+    overrides: list[str] = field(default_factory=list)
+    command: str = ""  # the full command line that ran, when run from the CLI
+
+
+@dataclass
 class Params:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -98,6 +109,7 @@ class Params:
     )
     train: TrainConfig = field(default_factory=TrainConfig)
     evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
+    origin: ParamsOrigin = field(default_factory=ParamsOrigin, repr=False)
 
     def sae_configs(self, which: str) -> dict[str, SAEConfig]:
         """The SAE configs named by `which` ("all" or one key of the `sae` section)."""
@@ -114,14 +126,19 @@ def sae_name(key: str, cfg: SAEConfig) -> str:
 
 
 def sae_outputs(out_dir: str | Path, key: str, cfg: SAEConfig) -> dict[str, Path]:
-    """Where each output of one SAE config goes (the paths dvc.yaml declares)."""
+    """Where each output of one SAE config goes (the paths dvc.yaml declares).
+
+    `*_metrics` hold a few numbers for `dvc metrics`/`dvc exp show`; `*_details` hold everything the report uses.
+    """
     out, name = Path(out_dir), sae_name(key, cfg)
     return {
         "checkpoint": out / "sae" / f"{name}_final.pt",
         "saelens": out / "sae" / name,
         "train_metrics": out / "metrics" / f"train_{key}.json",
+        "train_details": out / "details" / f"train_{key}.json",
         "curve": out / "plots" / f"train_{key}.tsv",
         "eval_metrics": out / "metrics" / f"eval_{key}.json",
+        "eval_details": out / "details" / f"eval_{key}.json",
     }
 
 
@@ -140,7 +157,17 @@ def load_params(path: str | Path = DEFAULT_PARAMS_FILE, overrides: list[str] | N
         _apply_override(raw, item)
     params = _build(Params, raw, "")
     _validate(params)
+    params.origin = ParamsOrigin(file=str(path), overrides=list(overrides or []))
     return params
+
+
+def configured_sae_keys(path: str | Path = DEFAULT_PARAMS_FILE) -> list[str]:
+    """The `sae` keys a params file defines (the defaults' when it cannot be read): for help texts."""
+    try:
+        keys = list(yaml.safe_load(Path(path).read_text())["sae"])
+    except Exception:  # help must never fail: a missing or broken file is reported when a stage runs
+        keys = list(Params().sae)
+    return [str(k) for k in keys]
 
 
 def params_to_dict(params: Any) -> Any:
@@ -169,7 +196,7 @@ def _build(cls: type, raw: Any, where: str) -> Any:
     if not isinstance(raw, dict):
         raise PipelineError(f"{where or 'params'} must be a mapping, got {raw!r}")
     hints = typing.get_type_hints(cls)
-    names = {f.name for f in dataclasses.fields(cls)}
+    names = {f.name for f in dataclasses.fields(cls)} - {"origin"}
     unknown = sorted(set(raw) - names)
     if unknown:
         raise PipelineError(
@@ -202,13 +229,15 @@ def _coerce(hint: Any, value: Any, key: str) -> Any:
         if not isinstance(value, list):
             raise PipelineError(f"{key} must be a list, got {value!r}")
         return [_coerce(args[0], v, key) for v in value]
-    if hint is float and isinstance(value, int) and not isinstance(value, bool):
-        return float(value)
-    if hint is float and isinstance(value, str):  # YAML 1.1 reads "5e-5" as a string
-        try:
-            return float(value)
+    if hint is float and not isinstance(value, bool) and isinstance(value, int | float | str):
+        try:  # YAML 1.1 reads "5e-5" as a string
+            number = float(value)
         except ValueError:
-            pass
+            number = None
+        if number is not None:
+            if not math.isfinite(number):
+                raise PipelineError(f"{key} must be a finite number, got {value!r}")
+            return number
     if not isinstance(value, hint) or (hint is int and isinstance(value, bool)):
         raise PipelineError(f"{key} must be {hint.__name__}, got {value!r}")
     return value
@@ -218,43 +247,61 @@ def _join(where: str, name: str) -> str:
     return f"{where}.{name}" if where else name
 
 
+DEVICE_PATTERN = re.compile(r"^(auto|cpu|mps|cuda(:\d+)?)$")
+
+
+def looks_local(name: str) -> bool:
+    """Whether a model or dataset name is meant as a local path rather than a hub id (`owner/name`)."""
+    return name.startswith(("/", ".", "~")) or name.count("/") > 1 or Path(name).expanduser().exists()
+
+
 def _validate(params: Params) -> None:
+    """Every value in its allowed range; an error names the key, the value and the range."""
+    m, d, x, t, e = params.model, params.data, params.extract, params.train, params.evaluate
+    positive = "a positive integer"
     checks = [
-        (params.model.dtype in ("auto", "float32", "float16", "bfloat16"), "model.dtype", params.model.dtype),
-        (params.extract.dtype in ("float16", "float32"), "extract.dtype", params.extract.dtype),
-        (bool(params.extract.hooks), "extract.hooks", "an empty list"),
-        (bool(params.data.splits), "data.splits", "an empty list"),
-        (params.data.max_docs is None or params.data.max_docs > 0, "data.max_docs", params.data.max_docs),
-        (
-            params.extract.batch_tokens is None or params.extract.batch_tokens > 0,
-            "extract.batch_tokens",
-            params.extract.batch_tokens,
-        ),
-        (params.extract.chunk_tokens > 0, "extract.chunk_tokens", params.extract.chunk_tokens),
-        (
-            params.extract.shard_tokens > 0 and params.extract.shard_tokens % params.extract.chunk_tokens == 0,
-            "extract.shard_tokens (a positive multiple of extract.chunk_tokens)",
-            params.extract.shard_tokens,
-        ),
-        (params.train.amp in ("auto", "none", "fp16", "bf16"), "train.amp", params.train.amp),
-        (params.train.seq_len > 0, "train.seq_len", params.train.seq_len),
-        (params.train.l1_coeff >= 0, "train.l1_coeff", params.train.l1_coeff),
-        (params.train.decorrelation_coeff >= 0, "train.decorrelation_coeff", params.train.decorrelation_coeff),
-        (0 <= params.train.warmup_frac < 1, "train.warmup_frac", params.train.warmup_frac),
-        (0 <= params.train.decay_frac <= 1, "train.decay_frac", params.train.decay_frac),
-        (params.train.checkpoint_every > 0, "train.checkpoint_every", params.train.checkpoint_every),
-        (params.train.log_every > 0, "train.log_every", params.train.log_every),
-        (params.evaluate.batch_tokens > 0, "evaluate.batch_tokens", params.evaluate.batch_tokens),
-        (params.evaluate.n_docs is None or params.evaluate.n_docs > 0, "evaluate.n_docs", params.evaluate.n_docs),
-        (bool(params.sae), "sae", "no configs"),
-    ]
+        (m.dtype in ("auto", "float32", "float16", "bfloat16"), "model.dtype", m.dtype,
+         "auto, float32, float16 or bfloat16"),
+        (DEVICE_PATTERN.match(m.device), "model.device", m.device, "auto, cpu, cuda, cuda:N or mps"),
+        (DEVICE_PATTERN.match(t.device), "train.device", t.device, "auto, cpu, cuda, cuda:N or mps"),
+        (x.dtype in ("float16", "float32"), "extract.dtype", x.dtype, "float16 or float32"),
+        (bool(x.hooks), "extract.hooks", x.hooks, "at least one hook name"),
+        (not _is_cwd_or_above(x.store), "extract.store", x.store,
+         "a directory of its own, not the working directory or one above it"),
+        (bool(d.splits), "data.splits", d.splits, "at least one split"),
+        (d.max_docs is None or d.max_docs > 0, "data.max_docs", d.max_docs, "null or a positive integer"),
+        (x.batch_tokens is None or x.batch_tokens > 0, "extract.batch_tokens", x.batch_tokens,
+         "null or a positive integer"),
+        (x.chunk_tokens > 0, "extract.chunk_tokens", x.chunk_tokens, positive),
+        (x.shard_tokens > 0 and x.shard_tokens % x.chunk_tokens == 0, "extract.shard_tokens", x.shard_tokens,
+         "a positive multiple of extract.chunk_tokens"),
+        (t.amp in ("auto", "none", "fp16", "bf16"), "train.amp", t.amp, "auto, none, fp16 or bf16"),
+        (t.seq_len > 0, "train.seq_len", t.seq_len, positive),
+        (t.l1_coeff >= 0, "train.l1_coeff", t.l1_coeff, ">= 0"),
+        (t.decorrelation_coeff >= 0, "train.decorrelation_coeff", t.decorrelation_coeff, ">= 0"),
+        (0 <= t.warmup_frac < 1, "train.warmup_frac", t.warmup_frac, "0 <= value < 1"),
+        (0 <= t.decay_frac <= 1, "train.decay_frac", t.decay_frac, "0 <= value <= 1"),
+        (t.memory_budget_gb >= 0, "train.memory_budget_gb", t.memory_budget_gb, ">= 0"),
+        (t.scale_sample_tokens > 0, "train.scale_sample_tokens", t.scale_sample_tokens, positive),
+        (t.checkpoint_every > 0, "train.checkpoint_every", t.checkpoint_every, positive),
+        (t.log_every > 0, "train.log_every", t.log_every, positive),
+        (e.batch_tokens > 0, "evaluate.batch_tokens", e.batch_tokens, positive),
+        (e.n_docs is None or e.n_docs > 0, "evaluate.n_docs", e.n_docs, "null or a positive integer"),
+        (0 < e.dense_threshold <= 1, "evaluate.dense_threshold", e.dense_threshold, "0 < value <= 1"),
+        (bool(params.sae), "sae", params.sae, "at least one config"),
+    ]  # fmt: skip
     for key, cfg in params.sae.items():
         checks += [
-            (cfg.expansion > 0, f"sae.{key}.expansion", cfg.expansion),
-            (cfg.batch_size > 0, f"sae.{key}.batch_size", cfg.batch_size),
-            (cfg.lr > 0, f"sae.{key}.lr", cfg.lr),
-            (cfg.epochs > 0, f"sae.{key}.epochs", cfg.epochs),
+            (cfg.expansion > 0, f"sae.{key}.expansion", cfg.expansion, positive),
+            (cfg.batch_size > 0, f"sae.{key}.batch_size", cfg.batch_size, positive),
+            (cfg.lr > 0, f"sae.{key}.lr", cfg.lr, "> 0"),
+            (cfg.epochs > 0, f"sae.{key}.epochs", cfg.epochs, positive),
         ]
-    for ok, key, value in checks:
+    for ok, key, value, allowed in checks:
         if not ok:
-            raise PipelineError(f"invalid {key}: {value!r}")
+            raise PipelineError(f"invalid {key}: {value!r} (allowed: {allowed})")
+
+
+def _is_cwd_or_above(path: str) -> bool:
+    resolved, cwd = Path(path).expanduser().resolve(), Path.cwd().resolve()
+    return resolved == cwd or resolved in cwd.parents

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import numpy as np
 
-from pipeline.config import DataConfig
+from pipeline.config import DataConfig, looks_local
 from pipeline.errors import PipelineError
 
 REQUIRED_FIELDS = ("question", "answer")
@@ -55,10 +55,16 @@ def tokenize(documents: list[str], tokenizer, bos_token_id: int, max_len: int) -
 
 
 def _load_rows(cfg: DataConfig, split: str) -> list[dict]:
-    local = Path(cfg.dataset)
-    if local.is_dir():
-        return _read_jsonl(local / f"{split}.jsonl")
-    return _load_hub(cfg, split)
+    local = Path(cfg.dataset).expanduser()
+    if looks_local(cfg.dataset):
+        if not local.is_dir():
+            raise PipelineError(f"data.dataset directory {local} does not exist")
+        rows = _read_jsonl(local / f"{split}.jsonl")
+    else:
+        rows = _load_hub(cfg, split)
+    if not rows:
+        raise PipelineError(f"split {split!r} of {cfg.dataset} holds no rows")
+    return rows
 
 
 def _read_jsonl(path: Path) -> list[dict]:
@@ -90,7 +96,8 @@ def _load_hub(cfg: DataConfig, split: str) -> list[dict]:
     except Exception as exc:  # the hub client raises many types; all mean "could not get it"
         raise PipelineError(
             f"dataset {cfg.dataset!r} (config {cfg.config!r}, split {split!r}) could not be loaded: "
-            f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}. Offline? Point data.dataset "
-            "at a local directory holding {split}.jsonl files in GSM8K's format"
+            f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''} (and there is no local directory "
+            "of that name). Offline? Point data.dataset at a local directory holding {split}.jsonl files in GSM8K's "
+            "format"
         ) from exc
     return [dict(row) for row in dataset]

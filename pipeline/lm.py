@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import re
 from collections.abc import Callable, Sequence
+from pathlib import Path
 
 import torch
 from transformer_lens.model_bridge import TransformerBridge
 
-from pipeline.config import ModelConfig
+from pipeline.config import ModelConfig, looks_local
 from pipeline.device import compute_dtype, resolve_device
 from pipeline.errors import PipelineError
 
@@ -19,6 +20,8 @@ def load_model(cfg: ModelConfig) -> TransformerBridge:
     """Boot `cfg.name` (hub id or local HF checkpoint directory) on the configured device and dtype."""
     device = resolve_device(cfg.device)
     dtype = compute_dtype(cfg.dtype, device)
+    if looks_local(cfg.name) and not Path(cfg.name).expanduser().is_dir():
+        raise PipelineError(f"model.name directory {cfg.name} does not exist")
     try:
         model = TransformerBridge.boot_transformers(cfg.name, device=device, dtype=dtype, revision=cfg.revision)
     except Exception as exc:  # hub, filesystem and config errors all mean "could not get this model"
