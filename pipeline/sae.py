@@ -116,10 +116,15 @@ def save_saelens(sae: SparseAutoencoder, directory: str | Path, metadata: dict[s
         "metadata": metadata,
     }
     weights = {name: p.detach().float().cpu().contiguous() for name, p in sae.named_parameters()}
-    with atomic_path(directory) as tmp:
+    with atomic_path(directory, owned=is_saelens_folder) as tmp:
         tmp.mkdir()
         save_file(weights, tmp / SAELENS_WEIGHTS)
         (tmp / SAELENS_CONFIG).write_text(json.dumps(config, indent=2) + "\n")
+
+
+def is_saelens_folder(path: Path) -> bool:
+    """Whether `path` holds an SAE folder (a cfg.json), which a new one may replace."""
+    return (Path(path) / SAELENS_CONFIG).is_file()
 
 
 def load_saelens(directory: str | Path) -> tuple[SparseAutoencoder, dict[str, Any]]:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -25,6 +26,8 @@ from pipeline.progress import progress_bars
 from pipeline.sae import SparseAutoencoder, loss_terms
 
 MAX_BLOCK_FACTOR = 16  # the shared block may be at most this many times the largest batch
+# Settings that do not change what is learned: --resume accepts a change to these and refuses any other.
+RESUMABLE_CHANGES = ("device", "memory_budget_gb", "log_every", "checkpoint_every", "out_dir")
 CURVE_COLUMNS = ("step", "tokens", "lr", "loss", "mse", "l1", "decorrelation", "l0")
 
 
@@ -42,6 +45,7 @@ class SAERun:
     step: int = 0
     train_seconds: float = 0.0  # wall time inside this SAE's own steps
     skipped_steps: torch.Tensor | None = None  # fp16 steps the GradScaler skipped (kept on device: no sync)
+    diverged: torch.Tensor | None = None  # a step applied a NaN/inf loss (on device; checked when we sync anyway)
     epoch_loss_sums: list[float] = field(default_factory=list)
     curve: list[dict[str, float]] = field(default_factory=list)
     last_terms: dict[str, torch.Tensor] = field(default_factory=dict)
@@ -97,27 +101,33 @@ class Trainer:
         return resumed
 
     def fit(self) -> None:
-        """Train every run to its last step."""
-        if self.all_done:
-            return
-        first_epoch, first_block = min(
-            (r.step // r.steps_per_epoch, r.step % r.steps_per_epoch * r.batch_tokens // self.block_tokens)
-            for r in self.runs
-            if not r.done
-        )
-        tasks = {run.name: run.total_steps * run.batch_tokens for run in self.runs}
-        with progress_bars(tasks) as bars:
-            for run in self.runs:
-                bars[run.name].advance(run.step * run.batch_tokens)
-            for epoch in range(first_epoch, max(r.cfg.epochs for r in self.runs)):
-                start = first_block if epoch == first_epoch else 0
-                for block_index, block in enumerate(self.loader.epoch(epoch, self.block_tokens, start), start):
+        """Train every run to its last step. A loss that became NaN/inf is an error, and such weights are not saved."""
+        if not self.all_done:
+            tasks = {run.name: run.total_steps * run.batch_tokens for run in self.runs}
+            with progress_bars(tasks) as bars:
+                for run in self.runs:
+                    bars[run.name].advance(run.step * run.batch_tokens)
+                for epoch, block_index, block in self._remaining_blocks():
                     for run in self.runs:
                         self._train_on_block(run, epoch, block_index, block, bars[run.name])
                     if (block_index + 1) % self.train.checkpoint_every == 0:
                         self.save_checkpoints()
                     if self.all_done:
-                        return
+                        break
+        for run in self.runs:
+            self._check_finite(run)
+
+    def _remaining_blocks(self) -> Iterator[tuple[int, int, torch.Tensor]]:
+        """(epoch, block index, block) of the shared stream, from the earliest point an unfinished run needs."""
+        first_epoch, first_block = min(
+            (r.step // r.steps_per_epoch, r.step % r.steps_per_epoch * r.batch_tokens // self.block_tokens)
+            for r in self.runs
+            if not r.done
+        )
+        for epoch in range(first_epoch, max(r.cfg.epochs for r in self.runs)):
+            start = first_block if epoch == first_epoch else 0
+            for block_index, block in enumerate(self.loader.epoch(epoch, self.block_tokens, start), start):
+                yield epoch, block_index, block
 
     @property
     def all_done(self) -> bool:
@@ -136,9 +146,10 @@ class Trainer:
             n_trained += 1
         if n_trained:
             synchronize(self.device)  # so that the time below is the time the steps really took
-            run.train_seconds += time.perf_counter() - started
+            seconds = time.perf_counter() - started
+            run.train_seconds += seconds
             fields = {k: float(v) for k, v in run.last_terms.items() if k in ("loss", "l0")}
-            bar.advance(n_trained * run.batch_tokens, **fields)
+            bar.advance(n_trained * run.batch_tokens, seconds=seconds, **fields)
 
     def _step(self, run: SAERun, x: torch.Tensor) -> None:
         lr = run.cfg.lr * lr_factor(run.step, run.total_steps, self.train.warmup_frac, self.train.decay_frac)
@@ -148,12 +159,14 @@ class Trainer:
         coeffs = (self.train.l1_coeff, self.train.decorrelation_coeff)
         loss, terms, skipped = train_step(run.sae, run.optimizer, run.scaler, x, self.amp, *coeffs, logging)
         run.skipped_steps += skipped
+        run.diverged |= ~torch.isfinite(loss) & (skipped == 0)  # a skipped fp16 step changed nothing
         epoch = run.step // run.steps_per_epoch
         if epoch == len(run.epoch_loss_sums):
             run.epoch_loss_sums.append(0.0)
         run.epoch_loss_sums[epoch] += loss  # a device tensor: summed without a sync
         run.step += 1
         if logging:
+            self._check_finite(run)
             run.last_terms = {"loss": loss, **terms}
             row = {"step": run.step, "tokens": run.step * run.batch_tokens, "lr": lr}
             run.curve.append(row | {k: float(v) for k, v in run.last_terms.items()})
@@ -163,7 +176,17 @@ class Trainer:
 
     def save_checkpoints(self) -> None:
         for run in self.runs:
+            self._check_finite(run)  # never a checkpoint of diverged weights
             save_torch(self.state(run), self.checkpoint_path(run))
+
+    def _check_finite(self, run: SAERun) -> None:
+        if run.diverged.item():
+            last = run.curve[-1]["step"] if run.curve else 0
+            raise PipelineError(
+                f"sae.{run.key}: the training loss became NaN or inf between steps {last} and {run.step} and the "
+                f"weights were updated with it; nothing from this run after step {last} is saved. Lower "
+                f"sae.{run.key}.lr, or check the activations"
+            )
 
     def state(self, run: SAERun) -> dict[str, Any]:
         """Everything needed to resume `run` or to use its SAE; loadable with weights_only=True."""
@@ -185,15 +208,21 @@ class Trainer:
         }
 
     def load_state(self, run: SAERun, state: dict[str, Any]) -> None:
+        """Continue from `state`; refuses (naming every difference) a checkpoint trained with other settings."""
         if state["d_in"] != run.sae.d_in or state["meta"].get("hook") != self.meta.get("hook"):
             raise PipelineError(
                 f"checkpoint {self.checkpoint_path(run)} is for {state['meta'].get('hook')} with d_in={state['d_in']}"
-                f", but the store's {self.meta.get('hook')} has d_in={run.sae.d_in}; delete it to start over"
+                f", but the store's {self.meta.get('hook')} has d_in={run.sae.d_in}; rerun without --resume to "
+                "start over"
             )
-        if state["config"] != params_to_dict(run.cfg):
+        differences = _differences(f"sae.{run.key}", state["config"], params_to_dict(run.cfg), ())
+        differences += _differences("train", state["train"], params_to_dict(self.train), RESUMABLE_CHANGES)
+        if state["meta"].get("store_fingerprint") != self.meta.get("store_fingerprint"):
+            differences.append(f"the activation store's content ({self.meta.get('store')}) changed")
+        if differences:
             raise PipelineError(
-                f"checkpoint {self.checkpoint_path(run)} was trained with {state['config']}, params now say "
-                f"{params_to_dict(run.cfg)}; delete it to start over"
+                f"cannot --resume from {self.checkpoint_path(run)}: it was trained with other settings "
+                f"({'; '.join(differences)}); rerun without --resume to start over"
             )
         run.sae.load_state_dict(state["sae"])
         run.optimizer.load_state_dict(state["optimizer"])
@@ -224,6 +253,7 @@ class Trainer:
             batch_tokens=batch_tokens,
             steps_per_epoch=self.loader.n_tokens // batch_tokens,
             skipped_steps=torch.zeros((), dtype=torch.long, device=self.device),
+            diverged=torch.zeros((), dtype=torch.bool, device=self.device),
         )
 
 
@@ -252,6 +282,11 @@ def train_step(
     scaler.update()
     sae.normalize_decoder()
     return loss.detach(), {k: v.detach() for k, v in terms.items()}, skipped
+
+
+def _differences(section: str, saved: dict, now: dict, ignored: tuple[str, ...]) -> list[str]:
+    keys = sorted((set(saved) | set(now)) - set(ignored))
+    return [f"{section}.{k}: {saved.get(k)!r} then, {now.get(k)!r} now" for k in keys if saved.get(k) != now.get(k)]
 
 
 def lr_factor(step: int, total_steps: int, warmup_frac: float, decay_frac: float) -> float:

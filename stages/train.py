@@ -6,13 +6,15 @@ import csv
 import io
 import logging
 import time
+from contextlib import ExitStack
 from pathlib import Path
 
-from pipeline.atomic import save_torch, write_json, write_text
-from pipeline.config import Params, params_to_dict, sae_outputs
+from pipeline.atomic import check_replaceable, save_torch, write_json, write_text
+from pipeline.config import Params, SAEConfig, params_to_dict, sae_name, sae_outputs
 from pipeline.device import amp_dtype, describe, peak_memory_bytes, reset_peak_memory, resolve_device
 from pipeline.loader import ActivationLoader
-from pipeline.sae import save_saelens
+from pipeline.locks import exclusive_lock
+from pipeline.sae import is_saelens_folder, save_saelens
 from pipeline.store import ActivationStore
 from pipeline.trainer import CURVE_COLUMNS, SAERun, Trainer
 
@@ -20,9 +22,20 @@ log = logging.getLogger(__name__)
 
 
 def run(params: Params, which: str = "all", resume: bool = False) -> dict[str, dict]:
-    """Train the configs named by `which` ("all" or a key of `sae`); returns their metrics."""
+    """Train the configs named by `which` ("all" or a key of `sae`); returns their details."""
     cfg = params.train
     configs = params.sae_configs(which)
+    checkpoint_dir = Path(cfg.out_dir) / "checkpoints"
+    for key, sae_cfg in configs.items():  # before any work: never replace a folder that is not ours
+        check_replaceable(sae_outputs(cfg.out_dir, key, sae_cfg)["saelens"], is_saelens_folder)
+    with ExitStack() as locks:
+        for key, sae_cfg in configs.items():  # two runs of one config would write the same checkpoints
+            locks.enter_context(exclusive_lock(checkpoint_dir / sae_name(key, sae_cfg)))
+        return _train(params, configs, checkpoint_dir, resume)
+
+
+def _train(params: Params, configs: dict[str, SAEConfig], checkpoint_dir: Path, resume: bool) -> dict[str, dict]:
+    cfg = params.train
     store = ActivationStore(params.extract.store)
     device = resolve_device(cfg.device)
     started = time.perf_counter()
@@ -33,12 +46,18 @@ def run(params: Params, which: str = "all", resume: bool = False) -> dict[str, d
     meta = {
         "hook": cfg.hook,
         "store": str(store.path),
+        "store_fingerprint": store.fingerprint,
         "model": store.attrs["model"],
         "dataset": store.attrs["dataset"],
         "n_ctx": store.attrs["n_ctx"],
     }
-    trainer = Trainer(configs, loader, cfg, Path(cfg.out_dir) / "checkpoints", meta)
+    trainer = Trainer(configs, loader, cfg, checkpoint_dir, meta)
     resumed = trainer.resume() if resume else []
+    fresh = [r.name for r in trainer.runs if r.name not in resumed]
+    if resume and fresh:
+        log.warning(
+            "--resume: no checkpoint of %s in %s, so it trains from the start", ", ".join(fresh), checkpoint_dir
+        )
     stale = [r.name for r in trainer.runs if not resume and trainer.checkpoint_path(r).is_file()]
     if stale:
         log.warning("starting over: checkpoints of an interrupted run of %s exist (--resume continues it)", stale)
@@ -60,6 +79,7 @@ def run(params: Params, which: str = "all", resume: bool = False) -> dict[str, d
     peak, peak_kind = peak_memory_bytes(device)
     shared = {
         "trained_with": [r.key for r in trainer.runs],
+        "command": params.origin.command,
         "run_wall_time_s": wall,
         "loader_stall_s": loader.stall_seconds,
         "loader_residency": "device" if loader.resident_on_device else "host",
@@ -72,12 +92,12 @@ def run(params: Params, which: str = "all", resume: bool = False) -> dict[str, d
         "scale_factor": trainer.scale,
         "n_training_tokens_per_epoch": loader.n_tokens,
     }
-    metrics = {}
+    details = {}
     for sae_run in trainer.runs:
-        metrics[sae_run.key] = _write_outputs(params, trainer, sae_run, shared)
+        details[sae_run.key] = _write_outputs(params, trainer, sae_run, shared)
     for sae_run in trainer.runs:  # the final outputs now hold everything the periodic checkpoints held
         trainer.checkpoint_path(sae_run).unlink(missing_ok=True)
-    return metrics
+    return details
 
 
 def _write_outputs(params: Params, trainer: Trainer, sae_run: SAERun, shared: dict) -> dict:
@@ -98,7 +118,7 @@ def _write_outputs(params: Params, trainer: Trainer, sae_run: SAERun, shared: di
     )
     tokens = sae_run.step * sae_run.batch_tokens
     final = sae_run.curve[-1] if sae_run.curve else {}
-    metrics = {
+    details = {
         "config": params_to_dict(sae_run.cfg),
         "name": sae_run.name,
         "hook": trainer.meta["hook"],
@@ -119,14 +139,21 @@ def _write_outputs(params: Params, trainer: Trainer, sae_run: SAERun, shared: di
         "skipped_fp16_steps": state["skipped_steps"],
         **shared,
     }
-    write_json(paths["train_metrics"], metrics)
-    write_text(paths["curve"], _tsv(sae_run.curve))
-    return metrics
+    write_json(paths["train_details"], details)
+    write_json(paths["train_metrics"], {
+        "final_loss": details["final_step"]["loss"],
+        "final_mse": details["final_step"]["mse"],
+        "final_l0": details["final_step"]["l0"],
+        "tokens_per_s": details["tokens_per_s"],
+    })  # fmt: skip
+    write_text(paths["curve"], _tsv(sae_run.key, sae_run.curve))
+    return details
 
 
-def _tsv(rows: list[dict]) -> str:
+def _tsv(key: str, rows: list[dict]) -> str:
+    """The curve with a `config` column, so that DVC's plot of every config's curves can tell them apart."""
     buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=CURVE_COLUMNS, delimiter="\t", extrasaction="ignore")
+    writer = csv.DictWriter(buffer, fieldnames=("config", *CURVE_COLUMNS), delimiter="\t", extrasaction="ignore")
     writer.writeheader()
-    writer.writerows(rows)
+    writer.writerows({"config": key, **row} for row in rows)
     return buffer.getvalue()
