@@ -8,8 +8,10 @@ Definitions (x: an activation, x_hat: its reconstruction, f: latent activations;
 - dead latents: never active on the split;  dense latents: active on more than `dense_threshold` of tokens
 - splice scores: CE loss score (CE_zero - CE_sae) / (CE_zero - CE_clean), KL score (KL_zero - KL_sae) / KL_zero,
   where the hook's activations are replaced by the reconstruction (sae) or by zeros (zero), BOS positions kept.
-  A score is undefined (None) when its denominator is not positive: zero-ablation does not hurt the model
-  (e.g. random weights), so "share of the ablation's damage recovered" means nothing.
+  A score is undefined (None) when its denominator is within noise: it must exceed both MIN_ABLATION_EFFECT_NATS
+  and three standard errors of its per-token mean. Otherwise zero-ablation barely hurts the model (e.g. random
+  weights), and "share of the ablation's damage recovered" divides by noise: a random tiny model gave
+  CE_zero - CE_clean = 0.004 nats and CE loss scores of 1.3-1.6.
 """
 
 from __future__ import annotations
@@ -25,10 +27,17 @@ from pipeline.sae import SparseAutoencoder
 
 Reconstruct = Callable[[torch.Tensor], torch.Tensor]
 DENSITY_BINS = np.linspace(-7, 0, 29)  # log10 of firing frequency, 0.25 per bin
+# Below 0.1 nats (a 10% change in perplexity), zeroing the hook barely matters to the model, and a score relative
+# to so small an effect turns noise and rounding into large swings. On real GPT-2 small the effect is several nats.
+MIN_ABLATION_EFFECT_NATS = 0.1
+STANDARD_ERRORS = 3.0
 
 
 def reconstruction_metrics(
-    sae: SparseAutoencoder, blocks: Iterable[torch.Tensor], dense_threshold: float
+    sae: SparseAutoencoder,
+    blocks: Iterable[torch.Tensor],
+    dense_threshold: float,
+    on_block: Callable[[int], None] = lambda n_tokens: None,
 ) -> dict[str, float | int | list]:
     """Reconstruction and sparsity over every activation in `blocks` (accumulated in float64)."""
     sums: dict[str, float] = dict.fromkeys(("sq_err", "mse", "nmse", "cos", "shrink", "l0", "l1"), 0.0)
@@ -52,9 +61,16 @@ def reconstruction_metrics(
         total_x = x.sum(0) if total_x is None else total_x + x.sum(0)
         total_xx = x.pow(2).sum() if total_xx is None else total_xx + x.pow(2).sum()
         n += len(x)
+        on_block(len(x))
     total_variance = (total_xx - total_x.pow(2).sum() / n).item()  # sum ||x - mean||^2
     frequency = (fires / n).numpy()
     counts, _ = np.histogram(np.log10(np.clip(frequency, 1e-12, None)), bins=DENSITY_BINS)
+    dead, dense = int((frequency == 0).sum()), int((frequency > dense_threshold).sum())
+    flags = []
+    if dead == sae.d_sae:
+        flags.append(f"all {sae.d_sae} latents are dead")
+    if dense == sae.d_sae:
+        flags.append(f"all {sae.d_sae} latents are dense (active on more than {dense_threshold:g} of tokens)")
     return {
         "n_tokens": n,
         "mse": sums["mse"] / n,
@@ -64,14 +80,15 @@ def reconstruction_metrics(
         "shrinkage": sums["shrink"] / n,
         "l0": sums["l0"] / n,
         "l1": sums["l1"] / n,
-        "dead_latents": int((frequency == 0).sum()),
-        "dense_latents": int((frequency > dense_threshold).sum()),
+        "dead_latents": dead,
+        "dense_latents": dense,
         "d_sae": sae.d_sae,
         "density_histogram": {
             "log10_frequency_bin_edges": DENSITY_BINS.tolist(),
             "counts": counts.tolist(),
-            "dead": int((frequency == 0).sum()),
+            "dead": dead,
         },
+        "flags": flags,
     }
 
 
@@ -82,6 +99,7 @@ def splice_scores(
     hook: str,
     reconstructions: dict[str, Reconstruct],
     batch_tokens: int,
+    on_batch: Callable[[int], None] = lambda n_tokens: None,
 ) -> dict[str, dict[str, float]]:
     """Per entry of `reconstructions`: CE and KL of the model with `hook` replaced by it, by zeros, and untouched.
 
@@ -89,9 +107,8 @@ def splice_scores(
     """
     device = next(model.parameters()).device
     lengths = np.diff(offsets)
-    totals = {
-        key: dict.fromkeys(("ce_clean", "ce_sae", "ce_zero", "kl_sae", "kl_zero"), 0.0) for key in reconstructions
-    }
+    shared = dict.fromkeys(("ce_clean", "ce_zero", "kl_zero", "ce_gap_sq", "kl_zero_sq"), 0.0)
+    per_sae = {key: dict.fromkeys(("ce_sae", "kl_sae"), 0.0) for key in reconstructions}
     n_predicted = 0
     for batch in plan_batches(lengths, np.arange(len(lengths)), batch_tokens):
         ids, mask = padded(batch, tokens, offsets, device)
@@ -100,34 +117,72 @@ def splice_scores(
 
         clean = _log_probs(model, ids, mask, predicted, hook, None)
         zero = _log_probs(model, ids, mask, predicted, hook, torch.zeros_like)
-        ce_clean = F.nll_loss(clean, targets, reduction="sum").item()
-        ce_zero = F.nll_loss(zero, targets, reduction="sum").item()
-        kl_zero = F.kl_div(zero, clean, log_target=True, reduction="sum").item()
+        ce_clean = F.nll_loss(clean, targets, reduction="none").double()
+        ce_gap = F.nll_loss(zero, targets, reduction="none").double() - ce_clean
+        kl_zero = _kl(zero, clean)
         del zero
+        shared["ce_clean"] += ce_clean.sum().item()
+        shared["ce_zero"] += (ce_clean + ce_gap).sum().item()
+        shared["kl_zero"] += kl_zero.sum().item()
+        shared["ce_gap_sq"] += ce_gap.pow(2).sum().item()
+        shared["kl_zero_sq"] += kl_zero.pow(2).sum().item()
         for key, reconstruct in reconstructions.items():
             spliced = _log_probs(model, ids, mask, predicted, hook, reconstruct)
-            sums = totals[key]
-            sums["ce_clean"] += ce_clean
-            sums["ce_zero"] += ce_zero
-            sums["kl_zero"] += kl_zero
-            sums["ce_sae"] += F.nll_loss(spliced, targets, reduction="sum").item()
-            sums["kl_sae"] += F.kl_div(spliced, clean, log_target=True, reduction="sum").item()
+            per_sae[key]["ce_sae"] += F.nll_loss(spliced, targets, reduction="none").double().sum().item()
+            per_sae[key]["kl_sae"] += _kl(spliced, clean).sum().item()
         n_predicted += int(predicted.sum())
-    return {key: _scores(sums, n_predicted, len(lengths)) for key, sums in totals.items()}
+        on_batch(int(mask.sum()))
+    return {key: _scores(shared, sums, n_predicted, len(lengths)) for key, sums in per_sae.items()}
 
 
-def _scores(sums: dict[str, float], n_predicted: int, n_docs: int) -> dict[str, float | None]:
-    """Mean CE/KL and the scores; a score is None (undefined) when zero-ablation does not hurt the model."""
-    means = {k: v / n_predicted for k, v in sums.items()}
+def _kl(log_p: torch.Tensor, log_clean: torch.Tensor) -> torch.Tensor:
+    """KL(clean || p) per predicted token, in float64."""
+    return F.kl_div(log_p, log_clean, log_target=True, reduction="none").sum(-1).double()
+
+
+def _scores(shared: dict[str, float], sums: dict[str, float], n: int, n_docs: int) -> dict[str, float | None]:
+    """Mean CE/KL and the scores; a score is None (undefined) when zero-ablation's effect is within noise."""
+    means = {k: shared[k] / n for k in ("ce_clean", "ce_zero", "kl_zero")} | {k: v / n for k, v in sums.items()}
     ce_gap = means["ce_zero"] - means["ce_clean"]
+    ce_gap_se = _standard_error(shared["ce_gap_sq"] / n, ce_gap, n)
+    kl_zero_se = _standard_error(shared["kl_zero_sq"] / n, means["kl_zero"], n)
+    ce_defined = ce_gap > max(MIN_ABLATION_EFFECT_NATS, STANDARD_ERRORS * ce_gap_se)
+    kl_defined = means["kl_zero"] > max(MIN_ABLATION_EFFECT_NATS, STANDARD_ERRORS * kl_zero_se)
+    scores = {
+        "ce_loss_score": (means["ce_zero"] - means["ce_sae"]) / ce_gap if ce_defined else None,
+        "kl_score": (means["kl_zero"] - means["kl_sae"]) / means["kl_zero"] if kl_defined else None,
+    }
+    flags = []
+    for name, value in scores.items():
+        if value is not None and not 0 <= value <= 1:
+            flags.append(f"{name} {value:.3f} is outside [0, 1]")
+    for name, what, effect, se, defined in (
+        ("ce_loss_score", "CE", ce_gap, ce_gap_se, ce_defined),
+        ("kl_score", "KL", means["kl_zero"], kl_zero_se, kl_defined),
+    ):
+        if not defined:
+            flags.append(
+                f"{name} undefined: zero-ablation changes {what} by {effect:.4f} nats (± {se:.4f}), "
+                f"below the {MIN_ABLATION_EFFECT_NATS} nats / {STANDARD_ERRORS:g} standard errors needed"
+            )
     return {
         **means,
-        "ce_loss_score": (means["ce_zero"] - means["ce_sae"]) / ce_gap if ce_gap > 0 else None,
-        "kl_score": (means["kl_zero"] - means["kl_sae"]) / means["kl_zero"] if means["kl_zero"] > 0 else None,
+        **scores,
         "ce_delta": means["ce_sae"] - means["ce_clean"],
+        "ce_ablation_effect": ce_gap,
+        "ce_ablation_effect_standard_error": ce_gap_se,
+        "kl_zero_standard_error": kl_zero_se,
+        "min_ablation_effect_nats": MIN_ABLATION_EFFECT_NATS,
+        "standard_errors": STANDARD_ERRORS,
         "n_docs": n_docs,
-        "n_predicted_tokens": n_predicted,
+        "n_predicted_tokens": n,
+        "flags": flags,
     }
+
+
+def _standard_error(mean_square: float, mean: float, n: int) -> float:
+    """Standard error of a mean, from the mean and the mean square of n values."""
+    return max(mean_square - mean * mean, 0.0) ** 0.5 / max(n - 1, 1) ** 0.5
 
 
 def _log_probs(

@@ -11,6 +11,7 @@ from pipeline.errors import PipelineError
 from pipeline.lm import load_model
 from pipeline.loader import ActivationLoader
 from pipeline.metrics import reconstruction_metrics, splice_scores
+from pipeline.progress import progress_bars
 from pipeline.sae import SparseAutoencoder, load_saelens
 from pipeline.store import ActivationStore
 
@@ -18,7 +19,7 @@ log = logging.getLogger(__name__)
 
 
 def run(params: Params, which: str = "all") -> dict[str, dict]:
-    """Evaluate the configs named by `which` ("all" or a key of `sae`); returns their metrics."""
+    """Evaluate the configs named by `which` ("all" or a key of `sae`); returns their details."""
     ev, hook = params.evaluate, params.train.hook
     store = ActivationStore(params.extract.store)
     tokens, offsets = store.tokens(ev.split), store.doc_offsets(ev.split)
@@ -28,27 +29,49 @@ def run(params: Params, which: str = "all") -> dict[str, dict]:
     loader = ActivationLoader(store, ev.split, hook, device, params.train.seed, params.train.exclude_bos)
     model = _load_model_of(params, store)
     log.info("splicing %s into the model on %d %s documents", ", ".join(saes), n_docs, ev.split)
-    splices = splice_scores(
-        model,
-        tokens,
-        offsets[: n_docs + 1],
-        hook,
-        {key: (lambda x, sae=sae: sae(x)[0]) for key, sae in saes.items()},
-        ev.batch_tokens,
-    )
-    results = {}
-    for key, sae in saes.items():
+    totals = {"splice": int(offsets[n_docs] - offsets[0]), "reconstruction": loader.n_tokens * len(saes)}
+    with progress_bars(totals) as bars:
+        splices = splice_scores(
+            model,
+            tokens,
+            offsets[: n_docs + 1],
+            hook,
+            {key: (lambda x, sae=sae: sae(x)[0]) for key, sae in saes.items()},
+            ev.batch_tokens,
+            on_batch=bars["splice"].advance,
+        )
+        reconstructions = {
+            key: reconstruction_metrics(
+                sae, loader.epoch(0, ev.batch_tokens), ev.dense_threshold, on_block=bars["reconstruction"].advance
+            )
+            for key, sae in saes.items()
+        }
+    details = {}
+    for key in saes:
         cfg = params.sae[key]
-        log.info("reconstruction metrics of sae.%s on %d %s tokens", key, loader.n_tokens, ev.split)
-        results[key] = {
+        rec, splice = reconstructions[key], splices[key]
+        details[key] = {
             "config": params_to_dict(cfg),
             "hook": hook,
             "split": ev.split,
-            "reconstruction": reconstruction_metrics(sae, loader.epoch(0, ev.batch_tokens), ev.dense_threshold),
-            "splice": splices[key],
+            "command": params.origin.command,
+            "reconstruction": rec,
+            "splice": splice,
+            "flags": rec["flags"] + splice["flags"],
         }
-        write_json(sae_outputs(params.train.out_dir, key, cfg)["eval_metrics"], results[key])
-    return results
+        for flag in details[key]["flags"]:
+            log.warning("sae.%s: %s", key, flag)
+        paths = sae_outputs(params.train.out_dir, key, cfg)
+        write_json(paths["eval_details"], details[key])
+        write_json(paths["eval_metrics"], {
+            "explained_variance": rec["explained_variance"],
+            "normalized_mse": rec["normalized_mse"],
+            "l0": rec["l0"],
+            "dead_latents": rec["dead_latents"],
+            "ce_loss_score": splice["ce_loss_score"],
+            "kl_score": splice["kl_score"],
+        })  # fmt: skip
+    return details
 
 
 def _load_sae(params: Params, key: str, store: ActivationStore) -> SparseAutoencoder:
@@ -66,10 +89,18 @@ def _load_sae(params: Params, key: str, store: ActivationStore) -> SparseAutoenc
 
 
 def _load_model_of(params: Params, store: ActivationStore):
-    """The model the store was extracted from (checked), for splicing."""
+    """The model the store was extracted from (checked by name, mode and shape), for splicing."""
     for key, stored in (("name", store.attrs["model"]), ("process_weights", store.attrs["process_weights"])):
         if getattr(params.model, key) != stored:
             raise PipelineError(
                 f"model.{key} is {getattr(params.model, key)!r} but {store.path} was extracted with {stored!r}"
             )
-    return load_model(params.model)
+    model = load_model(params.model)
+    found = {"d_model": int(model.cfg.d_model), "n_ctx": int(model.cfg.n_ctx)}
+    expected = {key: int(store.attrs[key]) for key in found}
+    if found != expected:
+        raise PipelineError(
+            f"model {params.model.name!r} now has {found}, but {store.path} was extracted from a model with "
+            f"{expected}: the checkpoint under that name changed; re-extract with `pipeline extract --force`"
+        )
+    return model

@@ -18,7 +18,7 @@ TIE_MARGIN = 0.01  # CE loss scores closer than this count as tied in the recomm
 
 
 def fmt(value) -> str:
-    """The one way a number is written in the report (the tests check the report through it)."""
+    """The one way a dimensionless number is written in the report (the tests check the report through these)."""
     if value is None:
         return "n/a"
     if isinstance(value, int):  # bool included
@@ -26,6 +26,18 @@ def fmt(value) -> str:
     if abs(value) >= 1e4 or (value != 0 and abs(value) < 1e-3):
         return f"{value:.3e}"
     return f"{value:.4f}"
+
+
+def fmt_seconds(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:,.1f}"
+
+
+def fmt_gb(n_bytes: int | None) -> str:
+    return "n/a" if n_bytes is None else f"{n_bytes / 1e9:,.2f}"
+
+
+def fmt_rate(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:,.0f}"
 
 
 def report_paths(out_dir: str | Path) -> dict[str, Path]:
@@ -36,6 +48,7 @@ def report_paths(out_dir: str | Path) -> dict[str, Path]:
         "curves": figures / "training_curves.png",
         "frontier": figures / "l0_vs_explained_variance.png",
         "density": figures / "feature_density.png",
+        "curves_table": figures / "curves.tsv",
     }
 
 
@@ -45,10 +58,9 @@ def run(params: Params) -> Path:
     store = ActivationStore(params.extract.store)
     paths = report_paths(params.train.out_dir)
     labels = {key: sae_name(key, cfg) for key, cfg in params.sae.items()}
-    plots.training_curves(
-        {labels[k]: sae_outputs(params.train.out_dir, k, params.sae[k])["curve"] for k in params.sae},
-        paths["curves"],
-    )
+    curves = {labels[k]: sae_outputs(params.train.out_dir, k, params.sae[k])["curve"] for k in params.sae}
+    plots.training_curves(curves, paths["curves"])
+    write_text(paths["curves_table"], _long_table(list(curves.values())))
     plots.sparsity_fidelity(
         {labels[k]: (m["eval"]["reconstruction"]["l0"], m["eval"]["reconstruction"]["explained_variance"])
          for k, m in metrics.items()},
@@ -62,35 +74,55 @@ def run(params: Params) -> Path:
     return paths["report"]
 
 
-RANKINGS = (  # (metric group, metric, what it means): the first one defined for every config decides
-    ("splice", "ce_loss_score", "CE loss score (share of the zero-ablation's CE damage the SAE avoids)"),
-    ("splice", "kl_score", "KL score (share of the zero-ablation's KL damage the SAE avoids)"),
-    ("reconstruction", "explained_variance", "held-out explained variance"),
+RANKINGS = (  # (metric group, metric, what it means, must lie in [0, 1]): the first usable one decides
+    ("splice", "ce_loss_score", "CE loss score (share of the zero-ablation's CE damage the SAE avoids)", True),
+    ("splice", "kl_score", "KL score (share of the zero-ablation's KL damage the SAE avoids)", True),
+    ("reconstruction", "explained_variance", "held-out explained variance", False),
 )
 
 
-def recommend(metrics: dict[str, dict]) -> tuple[str, str]:
-    """The rule, applied: the best score of the first ranking defined for every config; near-ties go to lower L0."""
-    group, metric, meaning = next(
-        r for r in RANKINGS if all(m["eval"][r[0]][r[1]] is not None for m in metrics.values())
-    )  # explained variance is always defined
-    scores = {k: m["eval"][group][metric] for k, m in metrics.items()}
+def recommend(metrics: dict[str, dict]) -> tuple[str | None, str]:
+    """The rule, applied: the best score of the first ranking usable for every config; near-ties go to lower L0.
+
+    A config whose latents are all dead or all dense is not a sparse dictionary and is never recommended. A score
+    is usable only where it is defined (the ablation's effect is beyond noise) and, for CE/KL scores, in [0, 1].
+    """
+    candidates = {k: m for k, m in metrics.items() if not _degenerate(m["eval"]["reconstruction"])}
+    if not candidates:
+        return None, (
+            "No recommendation: in every config all latents are dead or all are dense, so none is a sparse "
+            "dictionary (see the warnings)."
+        )
+
+    def usable(ranking: tuple, m: dict) -> bool:
+        value = m["eval"][ranking[0]][ranking[1]]
+        return value is not None and (not ranking[3] or 0 <= value <= 1)
+
+    group, metric, meaning, _ = next(r for r in RANKINGS if all(usable(r, m) for m in candidates.values()))
+    scores = {k: m["eval"][group][metric] for k, m in candidates.items()}
     best = max(scores.values())
     tied = [k for k, s in scores.items() if best - s <= TIE_MARGIN]
-    choice = min(tied, key=lambda k: metrics[k]["eval"]["reconstruction"]["l0"])
+    choice = min(tied, key=lambda k: candidates[k]["eval"]["reconstruction"]["l0"])
+    excluded = sorted(set(metrics) - set(candidates))
     rule = (
         "Choose the config whose reconstruction costs the model least on the held-out split: the highest CE loss "
-        "score, or where that is undefined for some config (zero-ablation does not raise the CE, as with random "
-        "weights) the highest KL score, or failing that the highest explained variance. Scores within "
-        f"{TIE_MARGIN} of the best are tied, and among them the sparsest (lowest held-out L0) wins. "
-        f"Used here: {meaning}."
+        "score, or where that is not usable for some config (undefined because zero-ablation's effect on the CE is "
+        "within noise, or outside [0, 1]) the highest KL score, or failing that the highest explained variance. "
+        f"Scores within {TIE_MARGIN} of the best are tied, and among them the sparsest (lowest held-out L0) wins. "
+        "Configs whose latents are all dead or all dense are excluded"
+        f"{' (here: ' + ', '.join(excluded) + ')' if excluded else ''}. Used here: {meaning}."
     )
     return choice, rule
 
 
+def _degenerate(reconstruction: dict) -> bool:
+    d_sae = reconstruction["d_sae"]
+    return reconstruction["dead_latents"] == d_sae or reconstruction["dense_latents"] == d_sae
+
+
 def render(params: Params, metrics: dict[str, dict], store_attrs: dict, labels: dict[str, str]) -> str:
     """The Markdown text of the report."""
-    any_train = next(iter(metrics.values()))["train"]
+    any_train, any_eval = next(iter(metrics.values()))["train"], next(iter(metrics.values()))["eval"]
     stats = store_attrs.get("split_stats", {})
     lines = [
         "# SAE training report",
@@ -112,23 +144,25 @@ def render(params: Params, metrics: dict[str, dict], store_attrs: dict, labels: 
     for key, m in metrics.items():
         lines += _config_section(params, key, labels[key], m)
     lines += _comparison(params, metrics, labels)
+    lines += _warnings(metrics, labels)
     choice, rule = recommend(metrics)
-    chosen = metrics[choice]["eval"]
+    lines += ["## Recommendation", "", rule if choice is None else f"Rule: {rule}", ""]
+    if choice is not None:
+        chosen = metrics[choice]["eval"]
+        lines += [
+            f"**{labels[choice]}**: CE loss score {fmt(chosen['splice']['ce_loss_score'])}, KL score "
+            f"{fmt(chosen['splice']['kl_score'])}, held-out L0 {fmt(chosen['reconstruction']['l0'])}, explained "
+            f"variance {fmt(chosen['reconstruction']['explained_variance'])}.",
+            "",
+        ]
     lines += [
-        "## Recommendation",
-        "",
-        f"Rule: {rule}",
-        "",
-        f"**{labels[choice]}**: CE loss score {fmt(chosen['splice']['ce_loss_score'])}, KL score "
-        f"{fmt(chosen['splice']['kl_score'])}, held-out L0 {fmt(chosen['reconstruction']['l0'])}, explained "
-        f"variance {fmt(chosen['reconstruction']['explained_variance'])}.",
-        "",
         *_caveats(params),
         "## Reproduce",
         "",
+        "The commands that produced these numbers (with the params file as it was then):",
+        "",
         "```",
-        "pipeline run            # or: dvc repro",
-        "pipeline train --config c -S sae.c.lr=5e-5 && pipeline evaluate --config c && pipeline report",
+        *reproduce_commands(metrics, store_attrs, params.origin.command),
         "```",
         "",
         "## Definitions",
@@ -137,7 +171,9 @@ def render(params: Params, metrics: dict[str, dict], store_attrs: dict, labels: 
         "E‖x‖² = d_in; MSE is per element, L1 is the sum of latent activations per token (decoder rows have unit "
         "norm), decorrelation is the mean squared cosine between distinct decoder directions.",
         "- Loss per epoch: mean training loss over that epoch's steps. Final step: the values at the last step.",
-        "- tokens/s = tokens seen / time inside this config's training steps; time/step = that time / steps.",
+        "- tokens/s = tokens seen / time inside this config's own training steps (what its progress bar shows); "
+        "time/step = that time / steps. Train time counts only those steps; configs trained in one run share "
+        "the run's wall time.",
         "- Peak memory: CUDA allocator peak, or the process's peak RSS on CPU, over the whole train run "
         "(configs trained in one run share it).",
         "- Held-out metrics (BOS positions excluded): MSE per element; normalized MSE = mean ‖x−x̂‖²/‖x‖²; "
@@ -146,11 +182,35 @@ def render(params: Params, metrics: dict[str, dict], store_attrs: dict, labels: 
         f"{fmt(params.evaluate.dense_threshold)} of tokens.",
         "- Splice: the hook's activations (all but BOS) replaced by the reconstruction, by zeros, or untouched; "
         "CE loss score = (CE_zero − CE_sae)/(CE_zero − CE_clean); KL score = (KL_zero − KL_sae)/KL_zero, KL to "
-        "the clean next-token distribution. A score is n/a when zero-ablation does not hurt the model (its "
-        "denominator is not positive), e.g. with random weights.",
+        "the clean next-token distribution. A score is n/a when zero-ablation's effect (its denominator) is within "
+        f"noise: not above {any_eval['splice']['min_ablation_effect_nats']} nats and "
+        f"{any_eval['splice']['standard_errors']:g} standard errors of its mean over tokens (e.g. a model with "
+        "random weights). A score outside [0, 1] is listed under warnings.",
         "",
     ]
     return "\n".join(lines)
+
+
+def _long_table(tsv_files: list[Path]) -> str:
+    """Every config's curve in one table (each row names its config): what `dvc plots show` draws."""
+    texts = [path.read_text().splitlines() for path in tsv_files]
+    return "\n".join([texts[0][0], *(line for text in texts for line in text[1:])]) + "\n"
+
+
+def _warnings(metrics: dict[str, dict], labels: dict[str, str]) -> list[str]:
+    flagged = [(key, flag) for key, m in metrics.items() for flag in m["eval"]["flags"]]
+    if not flagged:
+        return []
+    return ["## Warnings", "", *[f"- {labels[key]}: {flag}" for key, flag in flagged], ""]
+
+
+def reproduce_commands(metrics: dict[str, dict], store_attrs: dict, report_command: str) -> list[str]:
+    """The recorded command lines of every stage behind the report, in order, each once."""
+    recorded = [store_attrs.get("command")]
+    recorded += [m["train"].get("command") for m in metrics.values()]
+    recorded += [m["eval"].get("command") for m in metrics.values()]
+    recorded.append(report_command)
+    return list(dict.fromkeys(c for c in recorded if c))
 
 
 def _config_section(params: Params, key: str, label: str, m: dict) -> list[str]:
@@ -167,7 +227,7 @@ def _config_section(params: Params, key: str, label: str, m: dict) -> list[str]:
         ("final-step loss", fmt(train["final_step"]["loss"])), ("final-step MSE", fmt(train["final_step"]["mse"])),
         ("final-step L1", fmt(train["final_step"]["l1"])),
         ("final-step decorrelation", fmt(train["final_step"]["decorrelation"])),
-        ("train time (s)", fmt(train["train_time_s"])), ("tokens/s", fmt(train["tokens_per_s"])),
+        ("train time (s)", fmt_seconds(train["train_time_s"])), ("tokens/s", fmt_rate(train["tokens_per_s"])),
         ("skipped fp16 steps", fmt(train["skipped_fp16_steps"])),
         ("held-out explained variance", fmt(rec["explained_variance"])), ("held-out L0", fmt(rec["l0"])),
         ("dead latents", fmt(rec["dead_latents"])), ("CE loss score", fmt(splice["ce_loss_score"])),
@@ -210,8 +270,9 @@ def _comparison(params: Params, metrics: dict[str, dict], labels: dict[str, str]
         ("KL score", "splice", "kl_score"),
     ]  # fmt: skip
     cost_fields = [
-        ("peak memory (bytes)", "peak_memory_bytes"), ("train time (s)", "train_time_s"),
-        ("time/step (s)", "time_per_step_s"), ("tokens/s", "tokens_per_s"),
+        ("peak memory (GB)", "peak_memory_bytes", fmt_gb), ("train time (s)", "train_time_s", fmt_seconds),
+        ("time/step (s)", "time_per_step_s", lambda v: "n/a" if v is None else f"{v:.3g}"),
+        ("tokens/s", "tokens_per_s", fmt_rate),
     ]  # fmt: skip
     paths = report_paths(".")
     return [
@@ -233,7 +294,10 @@ def _comparison(params: Params, metrics: dict[str, dict], labels: dict[str, str]
         "",
         header,
         rule,
-        *[row(name, [metrics[k]["train"][field] for k in keys]) for name, field in cost_fields],
+        *[
+            f"| {name} | " + " | ".join(form(metrics[k]["train"][field]) for k in keys) + " |"
+            for name, field, form in cost_fields
+        ],
         "",
         f"![training curves]({paths['curves'].relative_to('.')})",
         f"![L0 against explained variance]({paths['frontier'].relative_to('.')})",
@@ -260,7 +324,7 @@ def _caveats(params: Params) -> list[str]:
 def _read_metrics(params: Params, key: str) -> dict:
     paths = sae_outputs(params.train.out_dir, key, params.sae[key])
     found = {}
-    for kind, path in (("train", paths["train_metrics"]), ("eval", paths["eval_metrics"])):
+    for kind, path in (("train", paths["train_details"]), ("eval", paths["eval_details"])):
         if not path.is_file():
             stage = "train" if kind == "train" else "evaluate"
             raise PipelineError(f"{path} is missing; run `pipeline {stage} --config {key}` first")
