@@ -11,7 +11,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-import yaml
 from conftest import PROJECT_ROOT, invoke
 
 from pipeline.config import ModelConfig, load_params, sae_outputs
@@ -19,7 +18,7 @@ from pipeline.lm import load_model
 from pipeline.metrics import splice_scores
 from pipeline.store import ActivationStore
 from pipeline.tiny import write_tiny_assets
-from stages.report import fmt, recommend
+from stages.report import fmt, fmt_gb, fmt_rate, fmt_seconds, recommend
 
 
 @pytest.fixture(scope="module")
@@ -52,8 +51,8 @@ def test_report_numbers_are_the_metrics_files_numbers(tiny_run):
     for key, cfg in params.sae.items():
         paths = sae_outputs(tiny_run / "artifacts", key, cfg)
         metrics[key] = {
-            "train": json.loads(paths["train_metrics"].read_text()),
-            "eval": json.loads(paths["eval_metrics"].read_text()),
+            "train": json.loads(paths["train_details"].read_text()),
+            "eval": json.loads(paths["eval_details"].read_text()),
         }
     rows = table_rows(report)
     keys = list(params.sae)
@@ -65,7 +64,9 @@ def test_report_numbers_are_the_metrics_files_numbers(tiny_run):
         ("KL score", "splice", "kl_score"),
     ]:
         assert rows[name] == [fmt(metrics[k]["eval"][group][field]) for k in keys], name
-    assert rows["tokens/s"] == [fmt(metrics[k]["train"]["tokens_per_s"]) for k in keys]
+    assert rows["tokens/s"] == [fmt_rate(metrics[k]["train"]["tokens_per_s"]) for k in keys]
+    assert rows["peak memory (GB)"] == [fmt_gb(metrics[k]["train"]["peak_memory_bytes"]) for k in keys]
+    assert rows["train time (s)"] == [fmt_seconds(metrics[k]["train"]["train_time_s"]) for k in keys]
     for e in range(3):
         assert rows[f"epoch {e + 1}"] == [fmt(metrics[k]["train"]["loss_per_epoch"][e]) for k in keys]
     for m in metrics.values():  # the figures agree with each other
@@ -73,33 +74,62 @@ def test_report_numbers_are_the_metrics_files_numbers(tiny_run):
         assert train["tokens_per_s"] * train["train_time_s"] == pytest.approx(train["tokens_seen"])
         assert train["tokens_seen"] == train["steps"] * train["batch_tokens"]
         splice = m["eval"]["splice"]
-        if splice["ce_zero"] > splice["ce_clean"]:
-            score = (splice["ce_zero"] - splice["ce_sae"]) / (splice["ce_zero"] - splice["ce_clean"])
+        gap = splice["ce_zero"] - splice["ce_clean"]
+        if gap > max(0.1, 3 * splice["ce_ablation_effect_standard_error"]):
+            score = (splice["ce_zero"] - splice["ce_sae"]) / gap
             assert splice["ce_loss_score"] == pytest.approx(score)
-        else:  # zero-ablation does not hurt this random model: the score is undefined, and says so
+        else:  # zero-ablation barely changes this random model's CE: the score is undefined, and says so
             assert splice["ce_loss_score"] is None and rows["CE loss score"][0] == "n/a"
+            assert any(flag.startswith("ce_loss_score undefined") for flag in m["eval"]["flags"])
     stats = ActivationStore(tiny_run / "data/activations").attrs["split_stats"]
     assert rows["train"][:2] == [fmt(stats["train"]["n_docs"]), fmt(stats["train"]["n_tokens"])]
-    choice, _ = recommend(metrics)
-    assert f"**config_{choice}_" in report
+    choice, rule = recommend(metrics)
+    assert (f"**config_{choice}_" in report) if choice else (rule in report)
+    for key, m in metrics.items():  # every flag raised by evaluation is in the report
+        for flag in m["eval"]["flags"]:
+            assert f"- config_{key}_{params.sae[key].expansion}x: {flag}" in report
+    assert "```\npipeline run\n```" in report  # the command that produced it
     for figure in ("training_curves", "l0_vs_explained_variance", "feature_density"):
         png = tiny_run / "artifacts/report" / f"{figure}.png"
         assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
         assert f"(report/{figure}.png)" in report
 
 
-def test_recommendation_follows_the_stated_rule():
-    def entry(score, l0):
-        return {"eval": {"splice": {"ce_loss_score": score, "kl_score": 0.5}, "reconstruction": {"l0": l0}}}
+def entry(ce_score, l0, kl_score=0.5, dead=0, dense=0, d_sae=100):
+    return {"eval": {"splice": {"ce_loss_score": ce_score, "kl_score": kl_score},
+                     "reconstruction": {"l0": l0, "explained_variance": 0.9, "dead_latents": dead,
+                                        "dense_latents": dense, "d_sae": d_sae}}}  # fmt: skip
 
+
+def test_recommendation_follows_the_stated_rule():
     assert recommend({"a": entry(0.80, 10), "b": entry(0.95, 50), "c": entry(0.90, 5)})[0] == "b"
     assert recommend({"a": entry(0.80, 10), "b": entry(0.95, 50), "c": entry(0.945, 5)})[0] == "c"
-    # Where the CE score is undefined for any config, the KL score decides, and the rule says so.
-    undefined = {"a": entry(None, 10), "b": entry(0.95, 50), "c": entry(0.90, 5)}
-    for key, kl in zip("abc", (0.7, 0.5, 0.6), strict=True):
-        undefined[key]["eval"]["splice"]["kl_score"] = kl
-    choice, rule = recommend(undefined)
-    assert choice == "a" and "Used here: KL score" in rule
+    # Where the CE score is not usable for any config (undefined, or outside [0, 1]), the KL score decides.
+    for unusable in (None, 1.4):
+        choice, rule = recommend({"a": entry(unusable, 10, 0.7), "b": entry(0.95, 50, 0.5), "c": entry(0.90, 5, 0.6)})
+        assert choice == "a" and "Used here: KL score" in rule
+    # A config whose latents are all dense (or all dead) is not a sparse dictionary: never recommended.
+    choice, rule = recommend({"a": entry(0.99, 10, dense=100), "b": entry(0.5, 50), "c": entry(0.4, 5, dead=100)})
+    assert choice == "b" and "(here: a, c)" in rule
+    choice, rule = recommend({"a": entry(0.99, 10, dense=100)})
+    assert choice is None and rule.startswith("No recommendation")
+
+
+def test_a_score_is_undefined_when_the_ablation_effect_is_within_noise():
+    from pipeline.metrics import _scores
+
+    def scores(ce_gap: float, gap_sd: float, n: int = 1000) -> dict:
+        # n tokens whose ablation raises the CE by ce_gap on average, with standard deviation gap_sd
+        shared = {"ce_clean": 2.0 * n, "ce_zero": (2.0 + ce_gap) * n, "kl_zero": 1.0 * n,
+                  "ce_gap_sq": (ce_gap**2 + gap_sd**2) * n, "kl_zero_sq": 1.0 * n}  # fmt: skip
+        return _scores(shared, {"ce_sae": (2.0 + ce_gap / 4) * n, "kl_sae": 0.25 * n}, n, 10)
+
+    assert scores(1.0, 0.1)["ce_loss_score"] == pytest.approx(0.75)  # (CE_zero - CE_sae) / (CE_zero - CE_clean)
+    assert scores(1.0, 0.1)["kl_score"] == pytest.approx(0.75)
+    assert scores(0.004, 0.001)["ce_loss_score"] is None  # below 0.1 nats: what a random model gives
+    noisy = scores(0.2, 10.0)  # above 0.1 nats, but the standard error is 10 / sqrt(999) = 0.32
+    assert noisy["ce_loss_score"] is None and noisy["ce_ablation_effect_standard_error"] == pytest.approx(0.316, 1e-2)
+    assert any("within noise" in flag or "below the 0.1 nats" in flag for flag in noisy["flags"])
 
 
 @pytest.fixture(scope="module")
@@ -151,6 +181,47 @@ def test_splice_scores_are_one_for_identity_and_zero_for_zeros(tiny_params, trai
     assert scores["identity"]["n_predicted_tokens"] == int(np.diff(offsets).sum() - 20)
 
 
+def copy_of(tiny_run: Path, destination: Path, with_artifacts: bool) -> Path:
+    ignore = None if with_artifacts else shutil.ignore_patterns("artifacts")
+    shutil.copytree(tiny_run, destination, ignore=ignore)
+    return destination
+
+
+def test_the_tiny_profile_checkpoints_so_an_interrupted_run_resumes(tiny_run, tmp_path, monkeypatch):
+    from pipeline.trainer import Trainer
+
+    monkeypatch.chdir(copy_of(tiny_run, tmp_path / "copy", with_artifacts=False))
+    original = Trainer._train_on_block
+    blocks = {"n": 0}
+
+    def interrupted(self, run, epoch, block_index, block, bar):
+        blocks["n"] += 1
+        if blocks["n"] == 8:  # params-tiny.yaml checkpoints every 5 blocks
+            raise KeyboardInterrupt
+        return original(self, run, epoch, block_index, block, bar)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(Trainer, "_train_on_block", interrupted)
+        assert invoke("train", "--config", "a").exit_code == 130
+    result = invoke("train", "--config", "a", "--resume")
+    assert result.exit_code == 0 and "resumed config_a_4x" in result.output
+
+
+def test_evaluate_refuses_a_model_whose_shape_changed_under_the_same_name(tiny_run, tmp_path, monkeypatch):
+    from transformers import AutoTokenizer
+
+    from pipeline.tiny import save_tiny_gpt2
+
+    root = copy_of(tiny_run, tmp_path / "copy", with_artifacts=True)
+    monkeypatch.chdir(root)
+    tokenizer = AutoTokenizer.from_pretrained(root / "data/tiny/model")
+    shutil.rmtree(root / "data/tiny/model")
+    save_tiny_gpt2(root / "data/tiny/model", tokenizer, n_embd=32)
+    result = invoke("evaluate", "--config", "a")
+    assert result.exit_code == 2 and len(result.stderr.strip().splitlines()) == 1
+    assert "now has {'d_model': 32, 'n_ctx': 256}" in result.stderr and "{'d_model': 64" in result.stderr
+
+
 def test_evaluate_errors_name_what_is_missing(tiny_run):
     params = str(tiny_run / "params.yaml")
     with pytest.MonkeyPatch.context() as mp:
@@ -171,6 +242,12 @@ def dvc(repo: Path, *args: str) -> str:
     done = subprocess.run(["dvc", *args], cwd=repo, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stdout + done.stderr
     return done.stdout + done.stderr
+
+
+def dvc_json(repo: Path, *args: str):
+    done = subprocess.run(["dvc", *args, "--json"], cwd=repo, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr
+    return json.loads(done.stdout)
 
 
 def stages_run(output: str) -> set[str]:
@@ -199,13 +276,29 @@ def test_dvc_repro_on_the_tiny_profile(tmp_path):
     assert first == {"extract", "train@a", "train@b", "train@c", "evaluate@a", "evaluate@b", "evaluate@c", "report"}
     assert (repo / "artifacts/report.md").is_file()
     assert stages_run(dvc(repo, "repro")) == set()
+    subprocess.run([*git, "add", "-A"], cwd=repo, check=True)
+    subprocess.run([*git, "commit", "-qm", "baseline"], cwd=repo, check=True)
 
-    params = yaml.safe_load((repo / "params.yaml").read_text())
-    params["sae"]["c"]["lr"] = 5e-5
-    (repo / "params.yaml").write_text(yaml.safe_dump(params))
-    assert stages_run(dvc(repo, "repro")) == {"train@c", "evaluate@c", "report"}
-    assert json.loads((repo / "artifacts/metrics/train_c.json").read_text())["config"]["lr"] == 5e-5
+    # Experiments: each reruns only what its change touches, and keeps its own metrics for comparison.
+    for lr in ("5e-5", "2e-4"):
+        assert stages_run(dvc(repo, "exp", "run", "-S", f"sae.c.lr={lr}")) == {"train@c", "evaluate@c", "report"}
+    assert json.loads((repo / "artifacts/details/train_c.json").read_text())["config"]["lr"] == 2e-4
+    shown = dvc_json(repo, "exp", "show")
+    experiments = [rev for commit in shown for exp in commit.get("experiments") or [] for rev in exp["revs"]]
+    assert len(experiments) == 2
+    eval_c = [rev["data"]["metrics"]["artifacts/metrics/eval_c.json"]["data"] for rev in experiments]
+    assert all("explained_variance" in m and "l0" in m for m in eval_c)
+    assert eval_c[0]["explained_variance"] != eval_c[1]["explained_variance"]
+
+    # Metrics are a few numbers; plots compare every config in one figure per quantity, plus the report's PNGs.
+    metrics = dvc_json(repo, "metrics", "show")
+    (workspace,) = metrics.values()  # the workspace's metrics (DVC names that revision "" or "workspace")
+    values = [v for f in workspace["data"].values() for v in f["data"].values()]
+    assert all(isinstance(v, int | float) for v in values) and len(values) <= 30
+    plots = dvc_json(repo, "plots", "show")["data"]
+    for name in ("training loss", "training MSE", "training L1", "training L0"):
+        points = plots[name][0]["content"]["data"]["values"]
+        assert {p["config"] for p in points} == {"a", "b", "c"}, name
+    assert any(name.endswith("training_curves.png") for name in plots)
 
     assert stages_run(dvc(repo, "repro", "--force", "--single-item", "train@a")) == {"train@a"}
-    metrics = dvc(repo, "metrics", "show", "--json")
-    assert "splice.ce_loss_score" in metrics or "ce_loss_score" in metrics
