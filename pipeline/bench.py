@@ -1,6 +1,10 @@
 """Benchmarks measured as ratios within one run (absolute times on shared machines are not comparable).
 
-1. extract efficiency      extraction tokens/s / bare forward (up to the hooked layer, no hooks, no storage)
+1. extract efficiency      extraction tokens/s / the same weights as a plain `transformers` model (its default
+                           attention), run on the same batches up to the hooked layer: a reference outside our
+                           code and outside TransformerLens, whose output equals the deepest hook's activation
+1b. bridge overhead        TransformerBridge forward to the hooked layer (no hooks, no storage) time / that plain
+                           `transformers` forward's time: what TransformerLens itself costs
 2. extract speed-up        extraction tokens/s / per-document run_with_cache over the whole model
 3. train efficiency        FLOP/s of a config-C training step / FLOP/s of its six matrix products alone
 4. loader stall            share of training wall time spent waiting for data (streamed from host memory)
@@ -27,9 +31,10 @@ import torch
 
 from pipeline.config import Params, SAEConfig
 from pipeline.device import amp_dtype, autocast, extraction_batch_tokens, grad_scaler, resolve_device, synchronize
+from pipeline.errors import PipelineError
 from pipeline.extraction import ShardExtractor, extract_pending, padded, plan_batches
 from pipeline.gsm8k import load_documents, tokenize
-from pipeline.lm import check_hooks, load_model
+from pipeline.lm import capture, check_hooks, load_model
 from pipeline.loader import ActivationLoader
 from pipeline.sae import SparseAutoencoder, decorrelation
 from pipeline.store import ActivationStore, StoreWriter
@@ -53,8 +58,28 @@ def timed(fn: Callable[[], object], device: torch.device, repeats: int = 3, warm
     return statistics.median(times)
 
 
+def plain_transformers_forward(params: Params, n_blocks: int, dtype: torch.dtype, device: torch.device) -> Callable:
+    """The model as plain `transformers` loads it, stopped after `n_blocks` blocks (GPT-2-architecture models)."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(params.model.name, revision=params.model.revision, dtype=dtype)
+    body = getattr(model, "transformer", None)
+    if body is None or not hasattr(body, "h"):
+        raise PipelineError(f"the bench's plain-transformers reference supports GPT-2-architecture models only, "
+                            f"not {type(model).__name__}")  # fmt: skip
+    body.h = body.h[:n_blocks]
+    body.ln_f = torch.nn.Identity()  # the output is then the residual stream after block n_blocks - 1
+    body.to(device).eval()
+
+    def forward(ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        with torch.inference_mode():
+            return body(input_ids=ids, attention_mask=mask).last_hidden_state
+
+    return forward
+
+
 def bench_extract(params: Params, n_docs: int, workdir: Path) -> dict:
-    """Figures 1 and 2 on the first `n_docs` documents of the test split."""
+    """Figures 1, 1b and 2 on the first `n_docs` documents of the test split."""
     model = load_model(params.model)
     hooks = params.extract.hooks
     stop = check_hooks(model, hooks)
@@ -94,20 +119,41 @@ def bench_extract(params: Params, n_docs: int, workdir: Path) -> dict:
                 ids = torch.from_numpy(data.tokens[data.doc_offsets[doc] : data.doc_offsets[doc + 1]]).long()
                 model.run_with_cache(ids[None].to(device), names_filter=lambda name: name in hooks)
 
-    t_bare, t_extract = timed(bare, device, repeats=2), timed(extract, device, repeats=2)
+    hf_forward = plain_transformers_forward(params, stop, next(model.parameters()).dtype, device)
+
+    def plain() -> None:
+        for ids, mask in inputs:
+            hf_forward(ids, mask)
+
+    t_plain, t_bare, t_extract = (timed(fn, device, repeats=2) for fn in (plain, bare, extract))
     t_naive = timed(naive, device, repeats=1, warmup=False)  # slow, and the model is warm by now
     naive_tokens = int(data.doc_offsets[naive_docs])
     return {
         "n_docs": data.n_docs,
         "n_tokens": n_tokens,
         "batch_tokens": batch_tokens,
-        "bare_forward_tokens_per_s": n_tokens / t_bare,
+        "plain_transformers_tokens_per_s": n_tokens / t_plain,
+        "bridge_forward_tokens_per_s": n_tokens / t_bare,
         "extract_tokens_per_s": n_tokens / t_extract,
         "naive_tokens_per_s": naive_tokens / t_naive,
-        "extract_efficiency": t_bare / t_extract,
+        "extract_efficiency": t_plain / t_extract,
+        "bridge_overhead": t_bare / t_plain,
         "extract_speedup_over_naive": (n_tokens / t_extract) / (naive_tokens / t_naive),
+        "plain_transformers_vs_hook": _reference_agreement(model, hf_forward, inputs[0], hooks, stop),
         "d_model": int(model.cfg.d_model),
     }
+
+
+def _reference_agreement(model, hf_forward: Callable, batch: tuple, hooks: list[str], stop: int) -> dict:
+    """Largest difference between the plain forward's output and the hook it should equal, on one batch."""
+    hook = f"blocks.{stop - 1}.hook_resid_post"
+    if hook not in hooks:
+        return {"hook": hook, "compared": False, "why": "that hook is not extracted"}
+    ids, mask = batch
+    real = mask.bool()
+    ours = capture(model, ids, mask, [hook], stop)[hook][real].float()
+    diff = (hf_forward(ids, mask)[real].float() - ours).abs().max().item()
+    return {"hook": hook, "compared": True, "max_abs_diff": diff, "max_abs_activation": ours.abs().max().item()}
 
 
 def bench_train_step(device: torch.device, amp: str, d_in: int, expansion: int, batch_tokens: int) -> dict:
@@ -228,6 +274,7 @@ def run(params: Params, n_docs: int, n_tokens: int, width: int | None, workdir: 
     read = bench_store_read(store)
     figures = {
         "extract_efficiency": extract["extract_efficiency"],
+        "bridge_overhead": extract["bridge_overhead"],
         "extract_speedup_over_naive": extract["extract_speedup_over_naive"],
         "train_efficiency": step["train_efficiency"],
         "loader_stall": runs["loader_stall"],

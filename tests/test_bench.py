@@ -10,8 +10,8 @@ from conftest import invoke, write_params
 from pipeline.bench import GOALS
 
 FIGURES = {
-    "extract_efficiency", "extract_speedup_over_naive", "train_efficiency", "loader_stall", "one_read_ratio",
-    "store_read_ratio", "decorrelation_cost",
+    "extract_efficiency", "bridge_overhead", "extract_speedup_over_naive", "train_efficiency", "loader_stall",
+    "one_read_ratio", "store_read_ratio", "decorrelation_cost",
 }  # fmt: skip
 
 
@@ -33,8 +33,14 @@ def test_bench_reports_every_figure(tmp_path, tiny_model_dir, gsm_dir):
     details = report["details"]
     # Each figure is the ratio of the two measurements it names.
     extract = details["extract"]
-    efficiency = extract["extract_tokens_per_s"] / extract["bare_forward_tokens_per_s"]
+    # The anchor is plain `transformers`, outside our code: its output is the hooked activation itself.
+    efficiency = extract["extract_tokens_per_s"] / extract["plain_transformers_tokens_per_s"]
     assert math.isclose(report["figures"]["extract_efficiency"], efficiency)
+    overhead = extract["plain_transformers_tokens_per_s"] / extract["bridge_forward_tokens_per_s"]
+    assert math.isclose(report["figures"]["bridge_overhead"], overhead)
+    agreement = extract["plain_transformers_vs_hook"]
+    assert agreement["compared"] and agreement["hook"] == "blocks.1.hook_resid_post"
+    assert agreement["max_abs_diff"] <= 1e-4 * agreement["max_abs_activation"]
     step = details["train_step"]
     assert step["flops_per_step"] == 12 * step["shape"]["batch_tokens"] * step["shape"]["d_in"] * step["shape"]["d_sae"]
     assert math.isclose(report["figures"]["train_efficiency"], step["step_flops_per_s"] / step["matmul_flops_per_s"])
