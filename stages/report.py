@@ -74,6 +74,12 @@ def run(params: Params) -> Path:
     return paths["report"]
 
 
+SAELENS_SPLICE_ROWS = (
+    ("CE clean (SAELens)", "ce_clean"), ("CE with SAE (SAELens)", "ce_sae"),
+    ("CE zero-ablated (SAELens)", "ce_zero"), ("CE loss score (SAELens)", "ce_loss_score"),
+    ("KL with SAE (SAELens)", "kl_sae"), ("KL zero-ablated (SAELens)", "kl_zero"), ("KL score (SAELens)", "kl_score"),
+)  # fmt: skip
+
 RANKINGS = (  # (metric group, metric, what it means, must lie in [0, 1]): the first usable one decides
     ("splice", "ce_loss_score", "CE loss score (share of the zero-ablation's CE damage the SAE avoids)", True),
     ("splice", "kl_score", "KL score (share of the zero-ablation's KL damage the SAE avoids)", True),
@@ -186,6 +192,11 @@ def render(params: Params, metrics: dict[str, dict], store_attrs: dict, labels: 
         f"noise: not above {any_eval['splice']['min_ablation_effect_nats']} nats and "
         f"{any_eval['splice']['standard_errors']:g} standard errors of its mean over tokens (e.g. a model with "
         "random weights). A score outside [0, 1] is listed under warnings.",
+        "- SAELens convention (rows marked SAELens; SAELens's run_evals with BOS, EOS and padding ignored, as "
+        "SAEBench's core evaluation calls it): the SAE replaces all but BOS, zero-ablation zeroes every position, "
+        "CE is over the predictions made at positions 1..L−2 of each document and KL over positions 1..L−1; MSE "
+        "per token = mean ‖x−x̂‖² (summed over d_in). Ours: CE and KL over the predictions at positions 0..L−2, and "
+        "zero-ablation keeps BOS. The same noise rule applies to both.",
         "",
     ]
     return "\n".join(lines)
@@ -289,6 +300,19 @@ def _comparison(params: Params, metrics: dict[str, dict], labels: dict[str, str]
         header,
         rule,
         *[row(name, [metrics[k]["eval"][group][field] for k in keys]) for name, group, field in eval_fields],
+        "",
+        "The same evaluation under SAELens's convention (what SAELens, SAEBench and Neuronpedia publish: "
+        "zero-ablation also zeroes BOS, CE leaves out the prediction made at BOS, KL includes each document's last "
+        "position, MSE is summed over d_in). Use these when comparing with published SAEs; the rows above are this "
+        "project's convention (BOS is never ablated).",
+        "",
+        header,
+        rule,
+        row("MSE per token (SAELens)", [metrics[k]["eval"]["reconstruction"]["mse_per_token"] for k in keys]),
+        *[
+            row(name, [metrics[k]["eval"]["splice"]["saelens_compatible"][field] for k in keys])
+            for name, field in SAELENS_SPLICE_ROWS
+        ],
         "",
         "Cost:",
         "",

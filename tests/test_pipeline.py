@@ -64,6 +64,9 @@ def test_report_numbers_are_the_metrics_files_numbers(tiny_run):
         ("KL score", "splice", "kl_score"),
     ]:
         assert rows[name] == [fmt(metrics[k]["eval"][group][field]) for k in keys], name
+    for name, field in (("CE loss score (SAELens)", "ce_loss_score"), ("KL score (SAELens)", "kl_score")):
+        assert rows[name] == [fmt(metrics[k]["eval"]["splice"]["saelens_compatible"][field]) for k in keys]
+    assert rows["MSE per token (SAELens)"] == [fmt(metrics[k]["eval"]["reconstruction"]["mse_per_token"]) for k in keys]
     assert rows["tokens/s"] == [fmt_rate(metrics[k]["train"]["tokens_per_s"]) for k in keys]
     assert rows["peak memory (GB)"] == [fmt_gb(metrics[k]["train"]["peak_memory_bytes"]) for k in keys]
     assert rows["train time (s)"] == [fmt_seconds(metrics[k]["train"]["train_time_s"]) for k in keys]
@@ -73,6 +76,8 @@ def test_report_numbers_are_the_metrics_files_numbers(tiny_run):
         train = m["train"]
         assert train["tokens_per_s"] * train["train_time_s"] == pytest.approx(train["tokens_seen"])
         assert train["tokens_seen"] == train["steps"] * train["batch_tokens"]
+        rec = m["eval"]["reconstruction"]
+        assert rec["mse_per_token"] == pytest.approx(rec["mse"] * train["d_in"])  # SAELens sums over d_in
         splice = m["eval"]["splice"]
         gap = splice["ce_zero"] - splice["ce_clean"]
         if gap > max(0.1, 3 * splice["ce_ablation_effect_standard_error"]):
@@ -116,20 +121,74 @@ def test_recommendation_follows_the_stated_rule():
 
 
 def test_a_score_is_undefined_when_the_ablation_effect_is_within_noise():
-    from pipeline.metrics import _scores
+    from pipeline.metrics import _Totals
 
     def scores(ce_gap: float, gap_sd: float, n: int = 1000) -> dict:
         # n tokens whose ablation raises the CE by ce_gap on average, with standard deviation gap_sd
-        shared = {"ce_clean": 2.0 * n, "ce_zero": (2.0 + ce_gap) * n, "kl_zero": 1.0 * n,
-                  "ce_gap_sq": (ce_gap**2 + gap_sd**2) * n, "kl_zero_sq": 1.0 * n}  # fmt: skip
-        return _scores(shared, {"ce_sae": (2.0 + ce_gap / 4) * n, "kl_sae": 0.25 * n}, n, 10)
+        totals = _Totals(["s"])
+        totals.sums = {"ce_clean": 2.0 * n, "ce_zero": (2.0 + ce_gap) * n, "kl_zero": 1.0 * n,
+                       "ce_gap_sq": (ce_gap**2 + gap_sd**2) * n, "kl_zero_sq": 1.0 * n}  # fmt: skip
+        totals.n_ce = totals.n_kl = n
+        totals.per_sae["s"] = {"ce_sae": (2.0 + ce_gap / 4) * n, "kl_sae": 0.25 * n}
+        return totals.scores("s", n_docs=10)
 
     assert scores(1.0, 0.1)["ce_loss_score"] == pytest.approx(0.75)  # (CE_zero - CE_sae) / (CE_zero - CE_clean)
     assert scores(1.0, 0.1)["kl_score"] == pytest.approx(0.75)
     assert scores(0.004, 0.001)["ce_loss_score"] is None  # below 0.1 nats: what a random model gives
     noisy = scores(0.2, 10.0)  # above 0.1 nats, but the standard error is 10 / sqrt(999) = 0.32
     assert noisy["ce_loss_score"] is None and noisy["ce_ablation_effect_standard_error"] == pytest.approx(0.316, 1e-2)
-    assert any("within noise" in flag or "below the 0.1 nats" in flag for flag in noisy["flags"])
+    assert any("below the 0.1 nats" in flag for flag in noisy["flags"])
+
+
+class LookupModel(torch.nn.Module):
+    """A 'model' whose hooked activation is a lookup of the token and whose logits are that activation."""
+
+    def __init__(self, table: torch.Tensor) -> None:
+        super().__init__()
+        self.table = torch.nn.Parameter(table)
+
+    def run_with_hooks(self, ids, attention_mask, fwd_hooks, return_type):
+        activation = self.table[ids]
+        for _, hook in fwd_hooks:
+            activation = hook(activation, hook=None)
+        return activation
+
+
+def test_both_splice_conventions_on_a_hand_computable_case():
+    """Documents [BOS, 1, 2] and [BOS, 3]; the 'SAE' halves the activation, so every value has a closed form."""
+    table = torch.tensor([[0.0, 2.0, 0.0, 1.0], [0.0, 0.0, 3.0, 0.0], [1.0, 0.0, 0.0, 2.0], [2.0, 1.0, 0.0, 0.0]])
+    tokens, offsets = np.array([0, 1, 2, 0, 3]), np.array([0, 3, 5])
+    scores = splice_scores(LookupModel(table), tokens, offsets, "hook", {"half": lambda x: 0.5 * x}, 64)["half"]
+
+    def log_p(logits):
+        return torch.log_softmax(torch.as_tensor(logits, dtype=torch.float64), -1)
+
+    uniform = log_p(torch.zeros(4))
+
+    def ce(rows):  # rows: (logits at the predicting position, target)
+        return float(np.mean([-log_p(logits)[target] for logits, target in rows]))
+
+    def kl(rows):  # rows: (clean logits, other logits)
+        return float(np.mean([(log_p(c).exp() * (log_p(c) - log_p(o))).sum() for c, o in rows]))
+
+    t = table.double()
+    # Ours: BOS never replaced; CE and KL over the predictions at positions 0..L-2 (BOS's included).
+    ours_ce = {"clean": [(t[0], 1), (t[1], 2), (t[0], 3)], "sae": [(t[0], 1), (0.5 * t[1], 2), (t[0], 3)],
+               "zero": [(t[0], 1), (uniform, 2), (t[0], 3)]}  # fmt: skip
+    assert scores["ce_clean"] == pytest.approx(ce(ours_ce["clean"]))
+    assert scores["ce_sae"] == pytest.approx(ce(ours_ce["sae"]))
+    assert scores["ce_zero"] == pytest.approx(ce(ours_ce["zero"]))
+    assert scores["kl_sae"] == pytest.approx(kl([(t[0], t[0]), (t[1], 0.5 * t[1]), (t[0], t[0])]))
+    assert scores["kl_zero"] == pytest.approx(kl([(t[0], t[0]), (t[1], uniform), (t[0], t[0])]))
+    assert (scores["n_ce_tokens"], scores["n_kl_tokens"]) == (3, 3)
+    # SAELens: zero-ablation zeroes BOS too; CE over the predictions at positions 1..L-2, KL over 1..L-1.
+    saelens = scores["saelens_compatible"]
+    assert saelens["ce_clean"] == pytest.approx(ce([(t[1], 2)]))
+    assert saelens["ce_sae"] == pytest.approx(ce([(0.5 * t[1], 2)]))
+    assert saelens["ce_zero"] == pytest.approx(ce([(uniform, 2)]))
+    assert saelens["kl_sae"] == pytest.approx(kl([(t[1], 0.5 * t[1]), (t[2], 0.5 * t[2]), (t[3], 0.5 * t[3])]))
+    assert saelens["kl_zero"] == pytest.approx(kl([(t[1], uniform), (t[2], uniform), (t[3], uniform)]))
+    assert (saelens["n_ce_tokens"], saelens["n_kl_tokens"]) == (1, 3)
 
 
 @pytest.fixture(scope="module")
@@ -178,7 +237,11 @@ def test_splice_scores_are_one_for_identity_and_zero_for_zeros(tiny_params, trai
     assert scores["zero"]["ce_loss_score"] == pytest.approx(0.0)
     assert scores["zero"]["kl_score"] == pytest.approx(0.0)
     assert 0 < scores["noisy"]["kl_sae"] < scores["noisy"]["kl_zero"]
-    assert scores["identity"]["n_predicted_tokens"] == int(np.diff(offsets).sum() - 20)
+    n_tokens = int(np.diff(offsets).sum())
+    assert scores["identity"]["n_ce_tokens"] == n_tokens - 20  # every document's last token predicts nothing
+    saelens = scores["identity"]["saelens_compatible"]
+    assert (saelens["n_ce_tokens"], saelens["n_kl_tokens"]) == (n_tokens - 40, n_tokens - 20)  # and BOS neither
+    assert saelens["ce_loss_score"] == pytest.approx(1.0) and saelens["kl_score"] == pytest.approx(1.0)
 
 
 def copy_of(tiny_run: Path, destination: Path, with_artifacts: bool) -> Path:
