@@ -73,7 +73,10 @@ class ActivationLoader:
         return self.data[chosen[:n_tokens].to(self.data.device)].float().to(self.device)
 
     def epoch(self, epoch: int, block_tokens: int, start_block: int = 0) -> Iterator[torch.Tensor]:
-        """Consecutive blocks of this epoch's order (the last may be shorter), from block `start_block` on."""
+        """Consecutive blocks of this epoch's order (the last may be shorter), from block `start_block` on.
+
+        Each block is the caller's to modify in place until it asks for the next one.
+        """
         order = self.order(epoch)
         blocks = [order[i : i + block_tokens] for i in range(start_block * block_tokens, len(order), block_tokens)]
         if self.resident_on_device:

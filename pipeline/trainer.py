@@ -108,6 +108,7 @@ class Trainer:
                 for run in self.runs:
                     bars[run.name].advance(run.step * run.batch_tokens)
                 for epoch, block_index, block in self._remaining_blocks():
+                    block.mul_(self.scale)  # once per block (a fresh tensor from the loader), not once per batch
                     for run in self.runs:
                         self._train_on_block(run, epoch, block_index, block, bars[run.name])
                     if (block_index + 1) % self.train.checkpoint_every == 0:
@@ -142,7 +143,7 @@ class Trainer:
             step = epoch * run.steps_per_epoch + block_index * per_block + j
             if step != run.step or run.done:
                 continue  # already trained before a resume, or this run has finished its epochs
-            self._step(run, block[j * run.batch_tokens : (j + 1) * run.batch_tokens] * self.scale)
+            self._step(run, block[j * run.batch_tokens : (j + 1) * run.batch_tokens])
             n_trained += 1
         if n_trained:
             synchronize(self.device)  # so that the time below is the time the steps really took

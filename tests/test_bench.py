@@ -5,13 +5,14 @@ from __future__ import annotations
 import json
 import math
 
+import pytest
 from conftest import invoke, write_params
 
 from pipeline.bench import GOALS
 
 FIGURES = {
     "extract_efficiency", "bridge_overhead", "extract_speedup_over_naive", "train_efficiency", "loader_stall",
-    "one_read_ratio", "store_read_ratio", "decorrelation_cost",
+    "one_read_ratio", "trainer_vs_minimal", "store_read_ratio", "decorrelation_cost",
 }  # fmt: skip
 
 
@@ -45,4 +46,22 @@ def test_bench_reports_every_figure(tmp_path, tiny_model_dir, gsm_dir):
     assert step["flops_per_step"] == 12 * step["shape"]["batch_tokens"] * step["shape"]["d_in"] * step["shape"]["d_sae"]
     assert math.isclose(report["figures"]["train_efficiency"], step["step_flops_per_s"] / step["matmul_flops_per_s"])
     assert 0 <= report["figures"]["loader_stall"] < 1
+    runs = details["training_runs"]
+    widest = runs["minimal_loop_config"]
+    assert widest == "c" and math.isclose(
+        report["figures"]["trainer_vs_minimal"], runs["minimal_loop_wall_s"] / runs["single_configs_wall_s"][widest]
+    )
     assert "train_efficiency" in result.stderr  # the table is printed
+
+
+def test_the_saelens_comparison_runs_where_saelens_is_installed(monkeypatch, capsys):
+    pytest.importorskip("sae_lens", reason="SAELens pins transformer-lens<4: it lives in an environment of its own")
+    from pipeline import bench_saelens
+
+    monkeypatch.setattr("sys.argv", ["bench_saelens", "--d-in", "16", "--expansion", "2", "--batch", "64"])
+    bench_saelens.main()
+    report = json.loads(capsys.readouterr().out)
+    assert set(report["seconds_per_step"]) == {"ours", "saelens", "minimal"}
+    assert math.isclose(
+        report["ours_vs_saelens"], report["seconds_per_step"]["saelens"] / report["seconds_per_step"]["ours"]
+    )

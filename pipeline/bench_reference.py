@@ -1,0 +1,83 @@
+"""What the benchmarks measure against: a timer, and the training loop anyone would write by hand.
+
+Kept apart from `pipeline.bench` (which needs TransformerLens) so that `pipeline.bench_saelens` can use it in an
+environment holding SAELens, which pins an older TransformerLens.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from collections.abc import Callable
+
+import torch
+
+from pipeline.device import synchronize
+
+
+def timed_interleaved(fns: dict[str, Callable[[], object]], device: torch.device, repeats: int = 3) -> dict[str, float]:
+    """Median wall time of each function, taking turns (A B C A B C ...) after one warm-up each.
+
+    Ratios between them then see the same drift in the machine's load, which on a shared machine otherwise makes
+    whichever runs last look faster or slower.
+    """
+    for fn in fns.values():
+        fn()
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            synchronize(device)
+            start = time.perf_counter()
+            fn()
+            synchronize(device)
+            times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(values) for name, values in times.items()}
+
+
+def timed(fn: Callable[[], object], device: torch.device, repeats: int = 3, warmup: bool = True) -> float:
+    """Median wall time of `fn` over `repeats` runs (after one warm-up run unless `warmup` is False)."""
+    if warmup:
+        fn()
+    times = []
+    for _ in range(repeats):
+        synchronize(device)
+        start = time.perf_counter()
+        fn()
+        synchronize(device)
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def minimal_sae_training(
+    data: torch.Tensor, d_sae: int, batch: int, n_steps: int, lr: float, l1_coeff: float, decorrelation_coeff: float
+) -> float:
+    """Seconds for `n_steps` of the training loop anyone would write by hand: the reference for the trainer's speed.
+
+    Same SAE, loss (MSE + L1 + decorrelation), Adam and decoder renormalisation as the trainer; shuffled batches
+    gathered from `data` (device-resident). No warmup schedule, no logging, no checkpoints, no mixed precision.
+    """
+    device, d = data.device, data.shape[1]
+    generator = torch.Generator().manual_seed(0)
+    w_dec = torch.randn(d_sae, d, generator=generator)
+    w_dec /= w_dec.norm(dim=1, keepdim=True)
+    w_enc = (w_dec.T * (2 * d / d_sae)).contiguous()
+    params = [p.to(device).requires_grad_() for p in (w_enc, torch.zeros(d_sae), w_dec, torch.zeros(d))]
+    w_enc, b_enc, w_dec, b_dec = params
+    optimizer = torch.optim.Adam(params, lr=lr)
+    order = torch.randperm(len(data), generator=generator).to(device)
+    synchronize(device)
+    start = time.perf_counter()
+    for i in range(n_steps):
+        x = data[order[i * batch : (i + 1) * batch]].float()
+        f = torch.relu((x - b_dec) @ w_enc + b_enc)
+        x_hat = f @ w_dec + b_dec
+        gram, norms_sq = w_dec.T @ w_dec, (w_dec * w_dec).sum(dim=1)
+        decorrelation_term = ((gram * gram).sum() - (norms_sq * norms_sq).sum()) / (d_sae * (d_sae - 1))
+        loss = (x_hat - x).pow(2).mean() + l1_coeff * f.sum(dim=1).mean() + decorrelation_coeff * decorrelation_term
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        with torch.no_grad():
+            w_dec /= w_dec.norm(dim=1, keepdim=True)
+    synchronize(device)
+    return time.perf_counter() - start
