@@ -15,13 +15,16 @@ import torch
 from pipeline.device import synchronize
 
 
-def timed_interleaved(fns: dict[str, Callable[[], object]], device: torch.device, repeats: int = 3) -> dict[str, float]:
-    """Median wall time of each function, taking turns (A B C A B C ...) after one warm-up each.
+def timed_interleaved(
+    fns: dict[str, Callable[[], object]], device: torch.device, repeats: int = 3, warmup: bool = True
+) -> dict[str, float]:
+    """Median wall time of each function, taking turns (A B C A B C ...) after one warm-up each unless `warmup`
+    is False.
 
     Ratios between them then see the same drift in the machine's load, which on a shared machine otherwise makes
     whichever runs last look faster or slower.
     """
-    for fn in fns.values():
+    for fn in fns.values() if warmup else ():
         fn()
     times: dict[str, list[float]] = {name: [] for name in fns}
     for _ in range(repeats):
@@ -36,16 +39,7 @@ def timed_interleaved(fns: dict[str, Callable[[], object]], device: torch.device
 
 def timed(fn: Callable[[], object], device: torch.device, repeats: int = 3, warmup: bool = True) -> float:
     """Median wall time of `fn` over `repeats` runs (after one warm-up run unless `warmup` is False)."""
-    if warmup:
-        fn()
-    times = []
-    for _ in range(repeats):
-        synchronize(device)
-        start = time.perf_counter()
-        fn()
-        synchronize(device)
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+    return timed_interleaved({"fn": fn}, device, repeats, warmup)["fn"]
 
 
 def minimal_sae_training(

@@ -71,7 +71,7 @@ def _run(
         params = load_params(params_file, overrides)
         options = [] if params_file == DEFAULT_PARAMS_FILE else ["--params", params_file]
         options += [word for item in overrides or [] for word in ("-S", item)]
-        params.origin.command = shlex.join(["pipeline", *command, *options])
+        params.command = shlex.join(["pipeline", *command, *options])
         _quiet_libraries(verbose)
         return stage(params)
     except (PipelineError, OSError) as exc:  # bad input, or the environment (disk full, permissions): not a bug

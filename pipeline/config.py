@@ -87,15 +87,6 @@ class EvaluateConfig:
 
 
 @dataclass
-class ParamsOrigin:
-    """Where a Params object came from: not a parameter, recorded so that outputs can say how to reproduce them."""
-
-    file: str = DEFAULT_PARAMS_FILE
-    overrides: list[str] = field(default_factory=list)
-    command: str = ""  # the full command line that ran, when run from the CLI
-
-
-@dataclass
 class Params:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -109,7 +100,8 @@ class Params:
     )
     train: TrainConfig = field(default_factory=TrainConfig)
     evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
-    origin: ParamsOrigin = field(default_factory=ParamsOrigin, repr=False)
+    # Not a parameter: the command line that ran (set by the CLI), recorded so that outputs say how to reproduce them.
+    command: str = field(default="", repr=False)
 
     def sae_configs(self, which: str) -> dict[str, SAEConfig]:
         """The SAE configs named by `which` ("all" or one key of the `sae` section)."""
@@ -157,7 +149,6 @@ def load_params(path: str | Path = DEFAULT_PARAMS_FILE, overrides: list[str] | N
         _apply_override(raw, item)
     params = _build(Params, raw, "")
     _validate(params)
-    params.origin = ParamsOrigin(file=str(path), overrides=list(overrides or []))
     return params
 
 
@@ -196,7 +187,7 @@ def _build(cls: type, raw: Any, where: str) -> Any:
     if not isinstance(raw, dict):
         raise PipelineError(f"{where or 'params'} must be a mapping, got {raw!r}")
     hints = typing.get_type_hints(cls)
-    names = {f.name for f in dataclasses.fields(cls)} - {"origin"}
+    names = {f.name for f in dataclasses.fields(cls)} - {"command"}
     unknown = sorted(set(raw) - names)
     if unknown:
         raise PipelineError(

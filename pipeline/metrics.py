@@ -138,7 +138,9 @@ def splice_scores(
     for key in reconstructions:
         ours = totals["ours"].scores(key, len(lengths))
         saelens = totals["saelens"].scores(key, len(lengths))
-        ours["flags"] += [flag for flag in saelens.pop("flags") if "outside" in flag]
+        # The noise flags would repeat ours; a SAELens score outside [0, 1] is news of its own.
+        saelens["flags"] = _out_of_range(saelens, "saelens_compatible.")
+        ours["flags"] += saelens["flags"]
         results[key] = {**ours, "saelens_compatible": saelens}
     return results
 
@@ -219,11 +221,16 @@ class _Totals:
         }
 
 
+def _out_of_range(scores: dict, prefix: str = "") -> list[str]:
+    return [
+        f"{prefix}{name} {scores[name]:.3f} is outside [0, 1]"
+        for name in ("ce_loss_score", "kl_score")
+        if scores[name] is not None and not 0 <= scores[name] <= 1
+    ]
+
+
 def _flags(scores: dict, ce_gap: float, ce_se: float, ce_ok: bool, kl_zero: float, kl_se: float, kl_ok: bool):
-    flags = []
-    for name, value in scores.items():
-        if value is not None and not 0 <= value <= 1:
-            flags.append(f"{name} {value:.3f} is outside [0, 1]")
+    flags = _out_of_range(scores)
     for name, what, effect, se, defined in (
         ("ce_loss_score", "CE", ce_gap, ce_se, ce_ok),
         ("kl_score", "KL", kl_zero, kl_se, kl_ok),

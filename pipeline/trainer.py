@@ -160,7 +160,8 @@ class Trainer:
         coeffs = (self.train.l1_coeff, self.train.decorrelation_coeff)
         loss, terms, skipped = train_step(run.sae, run.optimizer, run.scaler, x, self.amp, *coeffs, logging)
         run.skipped_steps += skipped
-        run.diverged |= ~torch.isfinite(loss) & (skipped == 0)  # a skipped fp16 step changed nothing
+        if not run.scaler.is_enabled():  # with fp16's GradScaler a non-finite loss is a skipped step: no harm done
+            run.diverged |= ~torch.isfinite(loss)
         epoch = run.step // run.steps_per_epoch
         if epoch == len(run.epoch_loss_sums):
             run.epoch_loss_sums.append(0.0)

@@ -54,7 +54,7 @@ def run(params: Params, which: str = "all") -> dict[str, dict]:
             "config": params_to_dict(cfg),
             "hook": hook,
             "split": ev.split,
-            "command": params.origin.command,
+            "command": params.command,
             "reconstruction": rec,
             "splice": splice,
             "flags": rec["flags"] + splice["flags"],

@@ -61,7 +61,7 @@ def run(params: Params, resume: bool = False, force: bool = False) -> Path:
             extract_pending(writer, extractor, splits, on_shard=bars["extract"].advance)
         writer.finalize({
             "split_stats": {split: _stats(data) for split, data in splits.items()},
-            "command": params.origin.command,
+            "command": params.command,
         })  # fmt: skip
     log.info("activation store written to %s", path)
     return path

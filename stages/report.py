@@ -168,7 +168,7 @@ def render(params: Params, metrics: dict[str, dict], store_attrs: dict, labels: 
         "The commands that produced these numbers (with the params file as it was then):",
         "",
         "```",
-        *reproduce_commands(metrics, store_attrs, params.origin.command),
+        *reproduce_commands(metrics, store_attrs, params.command),
         "```",
         "",
         "## Definitions",

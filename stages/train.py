@@ -79,7 +79,7 @@ def _train(params: Params, configs: dict[str, SAEConfig], checkpoint_dir: Path, 
     peak, peak_kind = peak_memory_bytes(device)
     shared = {
         "trained_with": [r.key for r in trainer.runs],
-        "command": params.origin.command,
+        "command": params.command,
         "run_wall_time_s": wall,
         "loader_stall_s": loader.stall_seconds,
         "loader_residency": "device" if loader.resident_on_device else "host",
