@@ -37,7 +37,7 @@ from pipeline.locks import exclusive_lock
 
 log = logging.getLogger(__name__)
 
-FORMAT_VERSION = 2  # 2: manifest.json with per-file checksums, token_sha256 in the identity
+FORMAT_VERSION = 2  # 2: the manifest attribute (per-file checksums), token_sha256 in the identity
 PROGRESS_FILE = "progress.json"
 MANIFEST = "manifest"  # the group attribute that lists every file; its presence marks a complete store
 ZARR_TEMPORARY = ".partial"  # suffix of zarr's own temporary files (a killed write leaves them behind)
