@@ -14,6 +14,8 @@
                            / time of `Trainer.fit` training the widest config alone on the same data and steps
 6. store read speed        zarr store -> host array bytes/s / in-memory numpy copy bytes/s
 7. decorrelation cost      decorrelation forward+backward time / config-C step time
+8. <arch> step cost        a training step of that architecture / a ReLU step, same shape (config C) and batch
+8b. topk selection share   the top-k selection alone (ReLU, topk, scatter over [batch, d_sae]) / a topk step
 
 FLOPs of a step (stated, not profiled): the encoder and decoder products each cost 2*B*d*s in the forward pass
 and twice that in the backward pass (gradient of the input and of the weight), so a step is 12*B*d*s FLOPs;
@@ -32,14 +34,14 @@ import numpy as np
 import torch
 
 from pipeline.bench_reference import minimal_sae_training, timed, timed_interleaved
-from pipeline.config import Params, SAEConfig
+from pipeline.config import ARCHITECTURES, Params, SAEConfig
 from pipeline.device import amp_dtype, autocast, extraction_batch_tokens, grad_scaler, resolve_device, synchronize
 from pipeline.errors import PipelineError
 from pipeline.extraction import ShardExtractor, extract_pending, padded, plan_batches
 from pipeline.gsm8k import load_documents, tokenize
 from pipeline.lm import capture, check_hooks, load_model
 from pipeline.loader import ActivationLoader
-from pipeline.sae import SparseAutoencoder, decorrelation
+from pipeline.sae import Architecture, LossCoefficients, SparseAutoencoder, decorrelation, keep_top
 from pipeline.store import ActivationStore, StoreWriter
 from pipeline.trainer import Trainer, train_step
 
@@ -160,7 +162,7 @@ def bench_train_step(device: torch.device, amp: str, d_in: int, expansion: int, 
     x = torch.randn(batch_tokens, d_in, device=device)
 
     def step() -> None:  # the trainer's own step, on a non-logging step (no L0 pass)
-        train_step(sae, optimizer, scaler, x, dtype, 1e-3, 1.0, with_l0=False)
+        train_step(sae, optimizer, scaler, x, dtype, LossCoefficients(l1=1e-3), with_l0=False)
 
     mm_dtype = dtype or torch.float32
     a = torch.randn(batch_tokens, d_in, device=device, dtype=mm_dtype)
@@ -187,6 +189,32 @@ def bench_train_step(device: torch.device, amp: str, d_in: int, expansion: int, 
         "train_efficiency": t_mm / t_step,
         "decorrelation_s": t_decor,
         "decorrelation_cost": t_decor / t_step,
+    }
+
+
+def bench_architectures(device: torch.device, amp: str, d_in: int, expansion: int, batch_tokens: int, k: int) -> dict:
+    """Figure 8: each architecture's training step against the ReLU step, and what TopK's selection costs."""
+    dtype = amp_dtype(amp, device)
+    d_sae = d_in * expansion
+    x = torch.randn(batch_tokens, d_in, device=device)
+    coeffs = LossCoefficients(dead_tokens=1)  # every latent counts as dead: AuxK always runs (its worst case)
+
+    def step_of(name: str) -> Callable[[], object]:
+        sae = SparseAutoencoder(d_in, d_sae, Architecture(name, k=k, prefixes=(0.0625, 0.125, 0.25, 0.5)))
+        sae = sae.to(device)
+        optimizer = torch.optim.Adam(sae.parameters(), lr=1e-4)
+        scaler = grad_scaler(device, dtype)
+        return lambda: train_step(sae, optimizer, scaler, x, dtype, coeffs, with_l0=False)
+
+    pre = torch.randn(batch_tokens, d_sae, device=device, dtype=dtype or torch.float32)
+    fns = {name: step_of(name) for name in ARCHITECTURES}
+    fns["topk_selection"] = lambda: keep_top(torch.relu(pre), k, dim=-1)
+    seconds = timed_interleaved(fns, device)
+    return {
+        "shape": {"batch_tokens": batch_tokens, "d_in": d_in, "d_sae": d_sae, "k": k},
+        "step_s": seconds,
+        "step_cost": {name: seconds[name] / seconds["relu"] for name in ARCHITECTURES if name != "relu"},
+        "topk_selection_share": seconds["topk_selection"] / seconds["topk"],
     }
 
 
@@ -273,6 +301,8 @@ def run(params: Params, n_docs: int, n_tokens: int, width: int | None, workdir: 
     c = params.sae["c"] if "c" in params.sae else next(iter(params.sae.values()))
     d_model = extract["d_model"]
     step = bench_train_step(device, params.train.amp, d_model, c.expansion, c.batch_size * params.train.seq_len)
+    arch = bench_architectures(device, params.train.amp, d_model, c.expansion, c.batch_size * params.train.seq_len,
+                               min(params.train.k, d_model * c.expansion))  # fmt: skip
     width = width or d_model
     store = write_random_store(workdir / "random-store", n_tokens, width)
     runs = bench_training_runs(params, store, device, width)
@@ -287,10 +317,18 @@ def run(params: Params, n_docs: int, n_tokens: int, width: int | None, workdir: 
         "trainer_vs_minimal": runs["trainer_vs_minimal"],
         "store_read_ratio": read["store_read_ratio"],
         "decorrelation_cost": step["decorrelation_cost"],
+        **{f"{name}_step_cost": cost for name, cost in arch["step_cost"].items()},
+        "topk_selection_share": arch["topk_selection_share"],
     }
     return {
         "device": str(device),
         "figures": figures,
         "goals": GOALS,
-        "details": {"extract": extract, "train_step": step, "training_runs": runs, "store_read": read},
+        "details": {
+            "extract": extract,
+            "train_step": step,
+            "training_runs": runs,
+            "store_read": read,
+            "architectures": arch,
+        },
     }

@@ -23,7 +23,7 @@ import json
 import torch
 
 from pipeline.bench_reference import minimal_sae_training, timed
-from pipeline.sae import SparseAutoencoder
+from pipeline.sae import LossCoefficients, SparseAutoencoder
 from pipeline.trainer import train_step
 
 
@@ -55,7 +55,7 @@ def our_step(d_in: int, d_sae: int, batch: int, device: torch.device):
     optimizer = torch.optim.Adam(sae.parameters(), lr=1e-4)
     scaler = torch.amp.GradScaler(device.type, enabled=False)
     x = torch.randn(batch, d_in, device=device)
-    return lambda: train_step(sae, optimizer, scaler, x, None, 5e-3, 1.0, with_l0=False)
+    return lambda: train_step(sae, optimizer, scaler, x, None, LossCoefficients(l1=5e-3), with_l0=False)
 
 
 def main() -> None:

@@ -107,6 +107,19 @@ def extract(
 
 
 @app.command()
+def synth(
+    resume: Annotated[bool, typer.Option(help="Continue an interrupted run, keeping finished shards.")] = False,
+    force: Annotated[bool, typer.Option(help="Recompute even when the store is up to date.")] = False,
+    params: ParamsOption = DEFAULT_PARAMS_FILE,
+    set_: SetOption = None,
+    verbose: VerboseOption = False,
+) -> None:
+    """Synthetic activations with known features (params `synth`) into the store (extract.store)."""
+    command = ["synth", *(["--resume"] if resume else []), *(["--force"] if force else [])]
+    _run(command, verbose, params, set_, lambda p: _stage("synth").run(p, resume=resume, force=force))
+
+
+@app.command()
 def train(
     config: ConfigOption = "all",
     resume: Annotated[bool, typer.Option(help="Continue from the latest periodic checkpoints.")] = False,

@@ -7,6 +7,7 @@ spirit as `dvc exp run -S`. Unknown keys and wrong types are errors that name th
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import math
 import re
 import types
@@ -44,10 +45,19 @@ class DataConfig:
 class ExtractConfig:
     hooks: list[str] = field(default_factory=lambda: ["blocks.6.hook_resid_pre", "blocks.6.hook_resid_post"])
     store: str = "data/activations"
+    source: str = "gsm8k"  # gsm8k: the model's activations on the dataset; synthetic: the `synth` section's data
     dtype: str = "float16"  # stored activation dtype
     batch_tokens: int | None = None  # padded tokens per forward pass; None = 16384 on cuda, 2048 on cpu
     shard_tokens: int = 65536  # tokens per shard file: the unit of writing and of resuming
     chunk_tokens: int = 4096  # tokens per chunk inside a shard: the unit of reading
+
+
+ARCHITECTURES = ("relu", "topk", "batchtopk", "jumprelu", "matryoshka")  # described in pipeline/sae.py
+# Loss and optimiser settings a config may set for itself; where it does not, the train section's value applies.
+PER_CONFIG_SETTINGS = (
+    "l1_coeff", "decorrelation_coeff", "warmup_frac", "decay_frac", "k", "k_aux", "aux_coeff", "dead_tokens",
+    "l0_coeff", "jumprelu_bandwidth", "jumprelu_initial_threshold", "matryoshka_prefixes",
+)  # fmt: skip
 
 
 @dataclass
@@ -56,6 +66,20 @@ class SAEConfig:
     batch_size: int  # in sequences of train.seq_len tokens
     lr: float
     epochs: int = 3
+    architecture: str = "relu"  # relu | topk | batchtopk | jumprelu | matryoshka
+    # None = the train section's value (see TrainConfig for their meaning).
+    l1_coeff: float | None = None
+    decorrelation_coeff: float | None = None
+    warmup_frac: float | None = None
+    decay_frac: float | None = None
+    k: int | None = None
+    k_aux: int | None = None
+    aux_coeff: float | None = None
+    dead_tokens: int | None = None
+    l0_coeff: float | None = None
+    jumprelu_bandwidth: float | None = None
+    jumprelu_initial_threshold: float | None = None
+    matryoshka_prefixes: list[float] | None = None
 
 
 @dataclass
@@ -63,10 +87,18 @@ class TrainConfig:
     hook: str = "blocks.6.hook_resid_post"
     split: str = "train"
     seq_len: int = 512  # tokens per "sequence" of batch_size: batch = batch_size * seq_len token activations
-    l1_coeff: float = 5e-3
-    decorrelation_coeff: float = 1.0
+    l1_coeff: float = 5e-3  # relu: L1 penalty on the latents
+    decorrelation_coeff: float = 1.0  # every architecture: mean squared cosine between decoder rows
     warmup_frac: float = 0.05
     decay_frac: float = 0.0  # linear decay to zero over this final share of steps (the seed: none)
+    k: int = 32  # topk: active latents per token; batchtopk, matryoshka: per token on average over a batch
+    k_aux: int = 512  # topk family, AuxK loss: dead latents that reconstruct the residual
+    aux_coeff: float = 0.03125  # topk family: weight of the AuxK loss (1/32, as Gao et al.)
+    dead_tokens: int = 1_000_000  # topk family: a latent that has not fired for this many tokens is dead
+    l0_coeff: float = 1e-3  # jumprelu: L0 penalty (per-element MSE scale, like l1_coeff)
+    jumprelu_bandwidth: float = 0.05  # jumprelu: width of the straight-through estimators' kernel
+    jumprelu_initial_threshold: float = 0.01
+    matryoshka_prefixes: list[float] = field(default_factory=lambda: [0.0625, 0.125, 0.25, 0.5])  # shares of d_sae
     amp: str = "auto"  # auto = fp16 on cuda, none on cpu; or none | fp16 | bf16
     seed: int = 0
     device: str = "auto"
@@ -87,6 +119,34 @@ class EvaluateConfig:
 
 
 @dataclass
+class SynthConfig:
+    """Synthetic data with known features (pipeline/synthetic.py); defaults: the SynthSAEBench-16k recipe."""
+
+    n_features: int = 16384
+    d_model: int = 768
+    n_train: int = 10_000_000  # samples in the train split (a store of n * d_model * 2 bytes in float16)
+    n_test: int = 200_000
+    firing_max: float = 0.4  # Zipfian firing probabilities, from the most frequent feature...
+    firing_min: float = 5e-4  # ...to the rarest
+    zipf_exponent: float = 0.5
+    hierarchy_roots: int = 128
+    hierarchy_branching: int = 4
+    hierarchy_depth: int = 3  # levels below the roots
+    correlation_rank: int = 25
+    correlation_scale: float = 0.1
+    magnitude_start: float = 5.0  # mean magnitude of the most frequent feature, linear to...
+    magnitude_end: float = 4.0  # ...the rarest one's
+    magnitude_std_mean: float = 0.5  # per-feature magnitude std ~ |N(mean, std)|
+    magnitude_std_std: float = 0.5
+    bias_norm: float = 0.5
+    orthogonalize_steps: int = 100
+    orthogonalize_lr: float = 3e-4
+    eval_samples: int = 100_000  # fresh samples for the ground-truth precision/recall at evaluate
+    seed: int = 42
+    device: str = "auto"  # where samples are generated (cuda draws differ from cpu draws: part of the identity)
+
+
+@dataclass
 class Params:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -100,6 +160,7 @@ class Params:
     )
     train: TrainConfig = field(default_factory=TrainConfig)
     evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
+    synth: SynthConfig = field(default_factory=SynthConfig)
     # Not a parameter: the command line that ran (set by the CLI), recorded so that outputs say how to reproduce them.
     command: str = field(default="", repr=False)
 
@@ -110,6 +171,13 @@ class Params:
         if which not in self.sae:
             raise PipelineError(f"unknown SAE config {which!r}; params define: {', '.join(self.sae)}")
         return {which: self.sae[which]}
+
+
+def resolved(cfg: SAEConfig, train: TrainConfig) -> SAEConfig:
+    """`cfg` with every unset per-config setting taken from the train section: the settings that really apply."""
+    return dataclasses.replace(
+        cfg, **{name: getattr(train, name) for name in PER_CONFIG_SETTINGS if getattr(cfg, name) is None}
+    )
 
 
 def sae_name(key: str, cfg: SAEConfig) -> str:
@@ -248,7 +316,7 @@ def looks_local(name: str) -> bool:
 
 def _validate(params: Params) -> None:
     """Every value in its allowed range; an error names the key, the value and the range."""
-    m, d, x, t, e = params.model, params.data, params.extract, params.train, params.evaluate
+    m, d, x, t, e, s = params.model, params.data, params.extract, params.train, params.evaluate, params.synth
     positive = "a positive integer"
     checks = [
         (m.dtype in ("auto", "float32", "float16", "bfloat16"), "model.dtype", m.dtype,
@@ -268,10 +336,6 @@ def _validate(params: Params) -> None:
          "a positive multiple of extract.chunk_tokens"),
         (t.amp in ("auto", "none", "fp16", "bf16"), "train.amp", t.amp, "auto, none, fp16 or bf16"),
         (t.seq_len > 0, "train.seq_len", t.seq_len, positive),
-        (t.l1_coeff >= 0, "train.l1_coeff", t.l1_coeff, ">= 0"),
-        (t.decorrelation_coeff >= 0, "train.decorrelation_coeff", t.decorrelation_coeff, ">= 0"),
-        (0 <= t.warmup_frac < 1, "train.warmup_frac", t.warmup_frac, "0 <= value < 1"),
-        (0 <= t.decay_frac <= 1, "train.decay_frac", t.decay_frac, "0 <= value <= 1"),
         (t.memory_budget_gb >= 0, "train.memory_budget_gb", t.memory_budget_gb, ">= 0"),
         (t.scale_sample_tokens > 0, "train.scale_sample_tokens", t.scale_sample_tokens, positive),
         (t.checkpoint_every > 0, "train.checkpoint_every", t.checkpoint_every, positive),
@@ -280,6 +344,19 @@ def _validate(params: Params) -> None:
         (e.n_docs is None or e.n_docs > 0, "evaluate.n_docs", e.n_docs, "null or a positive integer"),
         (0 < e.dense_threshold <= 1, "evaluate.dense_threshold", e.dense_threshold, "0 < value <= 1"),
         (bool(params.sae), "sae", params.sae, "at least one config"),
+        (x.source in ("gsm8k", "synthetic"), "extract.source", x.source, "gsm8k or synthetic"),
+        (DEVICE_PATTERN.match(s.device), "synth.device", s.device, "auto, cpu, cuda, cuda:N or mps"),
+        (s.d_model > 0, "synth.d_model", s.d_model, positive),
+        (s.n_train > 0 and s.n_test > 0 and s.eval_samples > 0, "synth.n_train, n_test, eval_samples",
+         (s.n_train, s.n_test, s.eval_samples), "positive integers"),
+        (0 < s.firing_min <= s.firing_max <= 1, "synth.firing_min, firing_max", (s.firing_min, s.firing_max),
+         "0 < firing_min <= firing_max <= 1"),
+        (s.hierarchy_roots >= 0 and s.hierarchy_branching > 0 and s.hierarchy_depth >= 0
+         and s.hierarchy_roots * sum(s.hierarchy_branching**i for i in range(s.hierarchy_depth + 1)) <= s.n_features,
+         "synth.hierarchy_*", (s.hierarchy_roots, s.hierarchy_branching, s.hierarchy_depth),
+         "a hierarchy of at most synth.n_features nodes"),
+        (s.correlation_rank > 0 and s.correlation_scale >= 0, "synth.correlation_*",
+         (s.correlation_rank, s.correlation_scale), "a positive rank and a scale >= 0"),
     ]  # fmt: skip
     for key, cfg in params.sae.items():
         checks += [
@@ -287,10 +364,41 @@ def _validate(params: Params) -> None:
             (cfg.batch_size > 0, f"sae.{key}.batch_size", cfg.batch_size, positive),
             (cfg.lr > 0, f"sae.{key}.lr", cfg.lr, "> 0"),
             (cfg.epochs > 0, f"sae.{key}.epochs", cfg.epochs, positive),
+            (cfg.architecture in ARCHITECTURES, f"sae.{key}.architecture", cfg.architecture, ", ".join(ARCHITECTURES)),
         ]
+    for where, values in [("train", t)] + [(f"sae.{key}", cfg) for key, cfg in params.sae.items()]:
+        checks += _setting_checks(where, values)
     for ok, key, value, allowed in checks:
         if not ok:
             raise PipelineError(f"invalid {key}: {value!r} (allowed: {allowed})")
+
+
+SETTING_RANGES = {  # per-config setting -> (allowed, description); None (unset) is always allowed in sae.<key>
+    "l1_coeff": (lambda v: v >= 0, ">= 0"),
+    "decorrelation_coeff": (lambda v: v >= 0, ">= 0"),
+    "warmup_frac": (lambda v: 0 <= v < 1, "0 <= value < 1"),
+    "decay_frac": (lambda v: 0 <= v <= 1, "0 <= value <= 1"),
+    "k": (lambda v: v > 0, "a positive integer"),
+    "k_aux": (lambda v: v > 0, "a positive integer"),
+    "aux_coeff": (lambda v: v >= 0, ">= 0"),
+    "dead_tokens": (lambda v: v > 0, "a positive integer"),
+    "l0_coeff": (lambda v: v >= 0, ">= 0"),
+    "jumprelu_bandwidth": (lambda v: v > 0, "> 0"),
+    "jumprelu_initial_threshold": (lambda v: v >= 0, ">= 0"),
+    "matryoshka_prefixes": (
+        lambda v: all(0 < a < 1 for a in v) and all(a < b for a, b in itertools.pairwise(v)),
+        "increasing shares of d_sae, each strictly between 0 and 1",
+    ),
+}
+
+
+def _setting_checks(where: str, values: Any) -> list[tuple]:
+    checks = []
+    for name in PER_CONFIG_SETTINGS:
+        value = getattr(values, name)
+        allowed, description = SETTING_RANGES[name]
+        checks.append((value is None or allowed(value), f"{where}.{name}", value, description))
+    return checks
 
 
 def _is_cwd_or_above(path: str) -> bool:

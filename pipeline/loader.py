@@ -133,10 +133,10 @@ class ActivationLoader:
 
 
 def _training_positions(store: ActivationStore, split: str, exclude_bos: bool) -> np.ndarray:
-    """Token positions used for training: all of them, or all but each document's leading BOS."""
+    """Token positions used for training: all of them, or all but each document's leading BOS (if it has one)."""
     n_tokens = len(store.tokens(split))
     keep = np.ones(n_tokens, dtype=bool)
-    if exclude_bos:
+    if exclude_bos and store.attrs.get("bos_token_id") is not None:
         starts = store.doc_offsets(split)[:-1]
         keep[starts[starts < n_tokens]] = False
     return np.flatnonzero(keep)

@@ -45,8 +45,9 @@ ZARR_TEMPORARY = ".partial"  # suffix of zarr's own temporary files (a killed wr
 IDENTITY_KEYS = (
     "format_version", "model", "model_revision", "process_weights", "compute_dtype", "hooks", "dtype",
     "tokenizer", "bos_token_id", "template", "dataset", "dataset_config", "splits", "max_docs",
-    "shard_tokens", "chunk_tokens", "d_model", "n_ctx", "token_sha256",
+    "shard_tokens", "chunk_tokens", "d_model", "n_ctx", "token_sha256", "synthetic",
 )  # fmt: skip
+TRUTH_GROUP = "truth"  # synthetic stores: the true features and their distribution (pipeline/synthetic.py)
 
 
 def partial_path(path: Path) -> Path:
@@ -158,6 +159,14 @@ class StoreWriter:
             )
         self.done.setdefault(split, set())
         self._save_progress()
+
+    def add_truth(self, arrays: dict[str, np.ndarray]) -> None:
+        """Keep a synthetic store's ground truth inside it (so it is checksummed, and moves with it)."""
+        if TRUTH_GROUP in self.group:
+            return  # resumed: written before, from identical parameters
+        group = self.group.create_group(TRUTH_GROUP)
+        for name, values in arrays.items():
+            group.create_array(name, data=values, chunks=values.shape or None)
 
     def pending_shards(self, split: str) -> list[tuple[int, int, int]]:
         """(index, first token, end token) of every shard of `split` not yet written."""
@@ -293,6 +302,16 @@ class ActivationStore:
         """Activations of tokens start..end-1; a failed read is an error naming split, hook and shard files."""
         self.activations(split, hook)  # names an unknown split or hook
         return self._read(split, hook, slice(start, end))
+
+    def truth(self) -> dict[str, np.ndarray]:
+        """A synthetic store's ground truth (see pipeline/synthetic.py); an error for a model's store."""
+        if TRUTH_GROUP not in self.group:
+            raise PipelineError(f"{self.path} holds a model's activations, not synthetic data with known features")
+        return {name: array[...] for name, array in self.group[TRUTH_GROUP].arrays()}
+
+    @property
+    def is_synthetic(self) -> bool:
+        return self.attrs.get("synthetic") is not None
 
     @property
     def shard_tokens(self) -> int:

@@ -18,12 +18,12 @@ from typing import Any
 import torch
 
 from pipeline.atomic import load_torch, save_torch
-from pipeline.config import SAEConfig, TrainConfig, params_to_dict, sae_name
+from pipeline.config import SAEConfig, TrainConfig, params_to_dict, resolved, sae_name
 from pipeline.device import amp_dtype, autocast, grad_scaler, synchronize
 from pipeline.errors import PipelineError
 from pipeline.loader import ActivationLoader
 from pipeline.progress import progress_bars
-from pipeline.sae import SparseAutoencoder, loss_terms
+from pipeline.sae import Architecture, LossCoefficients, SparseAutoencoder, training_loss
 
 MAX_BLOCK_FACTOR = 16  # the shared block may be at most this many times the largest batch
 # Settings that do not change what is learned: --resume accepts a change to these and refuses any other.
@@ -36,8 +36,9 @@ class SAERun:
     """One SAE being trained: model, optimiser state, progress and measured statistics."""
 
     key: str
-    cfg: SAEConfig
+    cfg: SAEConfig  # resolved: every per-config setting filled in from the train section
     sae: SparseAutoencoder
+    coeffs: LossCoefficients
     optimizer: torch.optim.Adam
     scaler: torch.amp.GradScaler
     batch_tokens: int
@@ -81,7 +82,7 @@ class Trainer:
         self.checkpoint_dir = checkpoint_dir
         self.meta = meta
         self.scale = 1.0
-        self.runs = [self._new_run(key, cfg) for key, cfg in configs.items()]
+        self.runs = [self._new_run(key, resolved(cfg, train)) for key, cfg in configs.items()]
         self.block_tokens = _shared_block(self.runs)
 
     def estimate_scale(self) -> float:
@@ -153,12 +154,11 @@ class Trainer:
             bar.advance(n_trained * run.batch_tokens, seconds=seconds, **fields)
 
     def _step(self, run: SAERun, x: torch.Tensor) -> None:
-        lr = run.cfg.lr * lr_factor(run.step, run.total_steps, self.train.warmup_frac, self.train.decay_frac)
+        lr = run.cfg.lr * lr_factor(run.step, run.total_steps, run.cfg.warmup_frac, run.cfg.decay_frac)
         for group in run.optimizer.param_groups:
             group["lr"] = lr
         logging = (run.step + 1) % self.train.log_every == 0 or run.step + 1 == run.total_steps
-        coeffs = (self.train.l1_coeff, self.train.decorrelation_coeff)
-        loss, terms, skipped = train_step(run.sae, run.optimizer, run.scaler, x, self.amp, *coeffs, logging)
+        loss, terms, skipped = train_step(run.sae, run.optimizer, run.scaler, x, self.amp, run.coeffs, logging)
         run.skipped_steps += skipped
         if not run.scaler.is_enabled():  # with fp16's GradScaler a non-finite loss is a skipped step: no harm done
             run.diverged |= ~torch.isfinite(loss)
@@ -243,13 +243,17 @@ class Trainer:
                 f"sae.{key}: a batch of {cfg.batch_size} x {self.train.seq_len} = {batch_tokens} tokens is larger "
                 f"than the {self.loader.n_tokens} training tokens of the split"
             )
-        generator = torch.Generator().manual_seed(self.train.seed)
         d_in = self.loader.d_model
-        sae = SparseAutoencoder(d_in, d_in * cfg.expansion, generator=generator).to(self.device)
+        d_sae = d_in * cfg.expansion
+        if cfg.architecture in ("topk", "batchtopk", "matryoshka") and cfg.k > d_sae:
+            raise PipelineError(f"sae.{key}: k={cfg.k} is more than its {d_sae} latents")
+        generator = torch.Generator().manual_seed(self.train.seed)
+        sae = SparseAutoencoder(d_in, d_sae, architecture_of(cfg), generator=generator).to(self.device)
         return SAERun(
             key=key,
             cfg=cfg,
             sae=sae,
+            coeffs=coefficients_of(cfg),
             optimizer=torch.optim.Adam(sae.parameters(), lr=cfg.lr),
             scaler=grad_scaler(self.device, self.amp),
             batch_tokens=batch_tokens,
@@ -265,14 +269,12 @@ def train_step(
     scaler: torch.amp.GradScaler,
     x: torch.Tensor,
     amp: torch.dtype | None,
-    l1_coeff: float,
-    decorrelation_coeff: float,
+    coeffs: LossCoefficients,
     with_l0: bool,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor], torch.Tensor]:
     """One optimiser step; returns the loss, its terms (detached, on device) and 1 if the scaler skipped it."""
     with autocast(x.device, amp):
-        terms = loss_terms(sae, x, with_l0=with_l0)
-        loss = terms["mse"] + l1_coeff * terms["l1"] + decorrelation_coeff * terms["decorrelation"]
+        loss, terms = training_loss(sae, x, coeffs, with_l0=with_l0)
     optimizer.zero_grad(set_to_none=True)
     scaler.scale(loss).backward()
     skipped = torch.zeros((), dtype=torch.long, device=x.device)
@@ -282,8 +284,24 @@ def train_step(
         skipped += ~torch.isfinite(torch.stack(grads).sum())  # exactly what the scaler skips on, without a sync
     scaler.step(optimizer)
     scaler.update()
-    sae.normalize_decoder()
+    sae.after_step()
     return loss.detach(), {k: v.detach() for k, v in terms.items()}, skipped
+
+
+def architecture_of(cfg: SAEConfig) -> Architecture:
+    """The forward-pass settings of a resolved config."""
+    return Architecture(
+        name=cfg.architecture, k=cfg.k, bandwidth=cfg.jumprelu_bandwidth,
+        initial_threshold=cfg.jumprelu_initial_threshold, prefixes=tuple(cfg.matryoshka_prefixes),
+    )  # fmt: skip
+
+
+def coefficients_of(cfg: SAEConfig) -> LossCoefficients:
+    """The loss weights of a resolved config."""
+    return LossCoefficients(
+        l1=cfg.l1_coeff, decorrelation=cfg.decorrelation_coeff, l0=cfg.l0_coeff, aux=cfg.aux_coeff,
+        k_aux=cfg.k_aux, dead_tokens=cfg.dead_tokens,
+    )  # fmt: skip
 
 
 def _differences(section: str, saved: dict, now: dict, ignored: tuple[str, ...]) -> list[str]:

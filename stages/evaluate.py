@@ -5,15 +5,17 @@ from __future__ import annotations
 import logging
 
 from pipeline.atomic import write_json
-from pipeline.config import Params, params_to_dict, sae_outputs
+from pipeline.config import Params, params_to_dict, resolved, sae_outputs
 from pipeline.device import resolve_device
 from pipeline.errors import PipelineError
+from pipeline.ground_truth import ground_truth_metrics
 from pipeline.lm import load_model
 from pipeline.loader import ActivationLoader
 from pipeline.metrics import reconstruction_metrics, splice_scores
 from pipeline.progress import progress_bars
 from pipeline.sae import SparseAutoencoder, load_saelens
 from pipeline.store import ActivationStore
+from pipeline.synthetic import SyntheticModel
 
 log = logging.getLogger(__name__)
 
@@ -27,37 +29,43 @@ def run(params: Params, which: str = "all") -> dict[str, dict]:
     device = resolve_device(params.train.device)
     saes = {key: _load_sae(params, key, store).to(device) for key in params.sae_configs(which)}
     loader = ActivationLoader(store, ev.split, hook, device, params.train.seed, params.train.exclude_bos)
-    model = _load_model_of(params, store)
-    log.info("splicing %s into the model on %d %s documents", ", ".join(saes), n_docs, ev.split)
-    totals = {"splice": int(offsets[n_docs] - offsets[0]), "reconstruction": loader.n_tokens * len(saes)}
+    totals = {"reconstruction": loader.n_tokens * len(saes)}
+    if not store.is_synthetic:  # synthetic data has no model to splice into; it has true features instead
+        totals["splice"] = int(offsets[n_docs] - offsets[0])
+        model = _load_model_of(params, store)
+        log.info("splicing %s into the model on %d %s documents", ", ".join(saes), n_docs, ev.split)
     with progress_bars(totals) as bars:
-        splices = splice_scores(
-            model,
-            tokens,
-            offsets[: n_docs + 1],
-            hook,
-            {key: (lambda x, sae=sae: sae(x)[0]) for key, sae in saes.items()},
-            ev.batch_tokens,
-            on_batch=bars["splice"].advance,
-        )
+        splices = {key: None for key in saes}
+        if not store.is_synthetic:
+            splices = splice_scores(
+                model,
+                tokens,
+                offsets[: n_docs + 1],
+                hook,
+                {key: (lambda x, sae=sae: sae(x)[0]) for key, sae in saes.items()},
+                ev.batch_tokens,
+                on_batch=bars["splice"].advance,
+            )
         reconstructions = {
             key: reconstruction_metrics(
                 sae, loader.epoch(0, ev.batch_tokens), ev.dense_threshold, on_block=bars["reconstruction"].advance
             )
             for key, sae in saes.items()
         }
+    truths = _ground_truth(store, saes, device) if store.is_synthetic else {key: None for key in saes}
     details = {}
     for key in saes:
         cfg = params.sae[key]
-        rec, splice = reconstructions[key], splices[key]
+        rec, splice, truth = reconstructions[key], splices[key], truths[key]
         details[key] = {
-            "config": params_to_dict(cfg),
+            "config": params_to_dict(resolved(cfg, params.train)),
             "hook": hook,
             "split": ev.split,
             "command": params.command,
             "reconstruction": rec,
             "splice": splice,
-            "flags": rec["flags"] + splice["flags"],
+            "ground_truth": truth,
+            "flags": rec["flags"] + (splice["flags"] if splice else []),
         }
         for flag in details[key]["flags"]:
             log.warning("sae.%s: %s", key, flag)
@@ -68,10 +76,19 @@ def run(params: Params, which: str = "all") -> dict[str, dict]:
             "normalized_mse": rec["normalized_mse"],
             "l0": rec["l0"],
             "dead_latents": rec["dead_latents"],
-            "ce_loss_score": splice["ce_loss_score"],
-            "kl_score": splice["kl_score"],
+            **({"ce_loss_score": splice["ce_loss_score"], "kl_score": splice["kl_score"]} if splice else {}),
+            **({"mcc": truth["mcc"], "f1": truth["f1"]} if truth else {}),
         })  # fmt: skip
     return details
+
+
+def _ground_truth(store: ActivationStore, saes: dict[str, SparseAutoencoder], device) -> dict[str, dict]:
+    """Each SAE against the store's true features, on fresh samples from the same generator."""
+    cfg = store.attrs["synthetic"]
+    model = SyntheticModel.from_arrays(store.truth(), device)
+    log.info("ground truth: %s against %d true features on %d fresh samples", ", ".join(saes), model.n_features,
+             cfg["eval_samples"])  # fmt: skip
+    return {key: ground_truth_metrics(sae, model, cfg["eval_samples"], cfg["seed"]) for key, sae in saes.items()}
 
 
 def _load_sae(params: Params, key: str, store: ActivationStore) -> SparseAutoencoder:

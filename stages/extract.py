@@ -22,8 +22,13 @@ log = logging.getLogger(__name__)
 def run(params: Params, resume: bool = False, force: bool = False) -> Path:
     """Tokenize every split, then compute and write each pending shard; returns the store's path.
 
-    A complete store with the same parameters and data is left alone unless `force`.
+    A complete store with the same parameters and data is left alone unless `force`. With extract.source =
+    synthetic, the store holds the `synth` section's synthetic data instead (stages/synth.py).
     """
+    if params.extract.source == "synthetic":
+        from stages import synth
+
+        return synth.run(params, resume=resume, force=force)
     with store.writing(params.extract.store) as path:
         model = load_model(params.model)
         stop_at_layer = check_hooks(model, params.extract.hooks)

@@ -14,7 +14,12 @@ from pipeline.store import ActivationStore
 
 log = logging.getLogger(__name__)
 
-TIE_MARGIN = 0.01  # CE loss scores closer than this count as tied in the recommendation rule
+TIE_MARGIN = 0.01
+ARCHITECTURE_SETTINGS = {  # the settings each architecture's loss and forward pass use (shown in its section)
+    "relu": ("l1_coeff",), "topk": ("k", "k_aux", "aux_coeff", "dead_tokens"),
+    "batchtopk": ("k", "k_aux", "aux_coeff", "dead_tokens"), "jumprelu": ("l0_coeff", "jumprelu_bandwidth"),
+    "matryoshka": ("k", "matryoshka_prefixes", "aux_coeff", "dead_tokens"),
+}  # fmt: skip  # CE loss scores closer than this count as tied in the recommendation rule
 
 
 def fmt(value) -> str:
@@ -83,6 +88,7 @@ SAELENS_SPLICE_ROWS = (
 RANKINGS = (  # (metric group, metric, what it means, must lie in [0, 1]): the first usable one decides
     ("splice", "ce_loss_score", "CE loss score (share of the zero-ablation's CE damage the SAE avoids)", True),
     ("splice", "kl_score", "KL score (share of the zero-ablation's KL damage the SAE avoids)", True),
+    ("ground_truth", "f1", "ground-truth F1 (latents as detectors of their best-matching true feature)", True),
     ("reconstruction", "explained_variance", "held-out explained variance", False),
 )
 
@@ -101,7 +107,7 @@ def recommend(metrics: dict[str, dict]) -> tuple[str | None, str]:
         )
 
     def usable(ranking: tuple, m: dict) -> bool:
-        value = m["eval"][ranking[0]][ranking[1]]
+        value = (m["eval"].get(ranking[0]) or {}).get(ranking[1])
         return value is not None and (not ranking[3] or 0 <= value <= 1)
 
     group, metric, meaning, _ = next(r for r in RANKINGS if all(usable(r, m) for m in candidates.values()))
@@ -113,7 +119,8 @@ def recommend(metrics: dict[str, dict]) -> tuple[str | None, str]:
     rule = (
         "Choose the config whose reconstruction costs the model least on the held-out split: the highest CE loss "
         "score, or where that is not usable for some config (undefined because zero-ablation's effect on the CE is "
-        "within noise, or outside [0, 1]) the highest KL score, or failing that the highest explained variance. "
+        "within noise, or outside [0, 1]) the highest KL score; on synthetic data (no model to splice into) the "
+        "highest ground-truth F1; failing those the highest explained variance. "
         f"Scores within {TIE_MARGIN} of the best are tied, and among them the sparsest (lowest held-out L0) wins. "
         "Configs whose latents are all dead or all dense are excluded"
         f"{' (here: ' + ', '.join(excluded) + ')' if excluded else ''}. Used here: {meaning}."
@@ -135,12 +142,17 @@ def render(params: Params, metrics: dict[str, dict], store_attrs: dict, labels: 
         "",
         f"Model `{store_attrs['model']}`, hook `{params.train.hook}` (d_in = {fmt(any_train['d_in'])}), "
         f"trained on split `{params.train.split}`, evaluated on held-out split `{params.evaluate.split}`. "
-        f"Dataset `{store_attrs['dataset']}` (template `{store_attrs['template']!r}`, one BOS token per document).",
+        f"Dataset `{store_attrs['dataset']}`"
+        + (
+            f" (template `{store_attrs['template']!r}`, one BOS token per document)."
+            if "template" in store_attrs
+            else ": synthetic samples with known features (every sample its own token, no BOS)."
+        ),
         "",
         "| split | documents | tokens (incl. BOS) | truncated documents |",
         "| --- | --- | --- | --- |",
         *[
-            f"| {s} | {fmt(v['n_docs'])} | {fmt(v['n_tokens'])} | {fmt(v['n_truncated_docs'])} |"
+            f"| {s} | {fmt(v['n_docs'])} | {fmt(v['n_tokens'])} | {fmt(v.get('n_truncated_docs', 0))} |"
             for s, v in stats.items()
         ],
         "",
@@ -155,9 +167,11 @@ def render(params: Params, metrics: dict[str, dict], store_attrs: dict, labels: 
     lines += ["## Recommendation", "", rule if choice is None else f"Rule: {rule}", ""]
     if choice is not None:
         chosen = metrics[choice]["eval"]
+        splice, truth = chosen["splice"] or {}, chosen.get("ground_truth") or {}
+        scores = (f"CE loss score {fmt(splice.get('ce_loss_score'))}, KL score {fmt(splice.get('kl_score'))}"
+                  if splice else f"ground-truth F1 {fmt(truth.get('f1'))}, MCC {fmt(truth.get('mcc'))}")  # fmt: skip
         lines += [
-            f"**{labels[choice]}**: CE loss score {fmt(chosen['splice']['ce_loss_score'])}, KL score "
-            f"{fmt(chosen['splice']['kl_score'])}, held-out L0 {fmt(chosen['reconstruction']['l0'])}, explained "
+            f"**{labels[choice]}**: {scores}, held-out L0 {fmt(chosen['reconstruction']['l0'])}, explained "
             f"variance {fmt(chosen['reconstruction']['explained_variance'])}.",
             "",
         ]
@@ -173,9 +187,11 @@ def render(params: Params, metrics: dict[str, dict], store_attrs: dict, labels: 
         "",
         "## Definitions",
         "",
-        "- Training loss = MSE + l1_coeff·L1 + decorrelation_coeff·decorrelation, on inputs scaled so that "
-        "E‖x‖² = d_in; MSE is per element, L1 is the sum of latent activations per token (decoder rows have unit "
-        "norm), decorrelation is the mean squared cosine between distinct decoder directions.",
+        "- Training loss = MSE + decorrelation_coeff·decorrelation + the architecture's sparsity term "
+        "(relu: l1_coeff·L1; jumprelu: l0_coeff·L0 through a straight-through estimator; topk, batchtopk, "
+        "matryoshka: aux_coeff·AuxK, with matryoshka's MSE the mean over its nested prefixes), on inputs scaled so "
+        "that E‖x‖² = d_in; MSE is per element, L1 is the sum of latent activations per token (decoder rows have "
+        "unit norm), decorrelation is the mean squared cosine between distinct decoder directions.",
         "- Loss per epoch: mean training loss over that epoch's steps. Final step: the values at the last step.",
         "- tokens/s = tokens seen / time inside this config's own training steps (what its progress bar shows); "
         "time/step = that time / steps. Train time counts only those steps; configs trained in one run share "
@@ -186,20 +202,38 @@ def render(params: Params, metrics: dict[str, dict], store_attrs: dict, labels: 
         "explained variance = 1 − Σ‖x−x̂‖²/Σ‖x−x̄‖²; cosine(x, x̂); shrinkage = mean ‖x̂‖/‖x‖; L0 = mean active "
         "latents per token; dead = never active on the split; dense = active on more than "
         f"{fmt(params.evaluate.dense_threshold)} of tokens.",
+        *(_splice_definitions(any_eval["splice"]) if any_eval["splice"] else _ground_truth_definitions()),
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def _splice_definitions(splice: dict) -> list[str]:
+    return [
         "- Splice: the hook's activations (all but BOS) replaced by the reconstruction, by zeros, or untouched; "
         "CE loss score = (CE_zero − CE_sae)/(CE_zero − CE_clean); KL score = (KL_zero − KL_sae)/KL_zero, KL to "
         "the clean next-token distribution. A score is n/a when zero-ablation's effect (its denominator) is within "
-        f"noise: not above {any_eval['splice']['min_ablation_effect_nats']} nats and "
-        f"{any_eval['splice']['standard_errors']:g} standard errors of its mean over tokens (e.g. a model with "
-        "random weights). A score outside [0, 1] is listed under warnings.",
+        f"noise: not above {splice['min_ablation_effect_nats']} nats and {splice['standard_errors']:g} standard "
+        "errors of its mean over tokens (e.g. a model with random weights). A score outside [0, 1] is listed under "
+        "warnings.",
         "- SAELens convention (rows marked SAELens; SAELens's run_evals with BOS, EOS and padding ignored, as "
         "SAEBench's core evaluation calls it): the SAE replaces all but BOS, zero-ablation zeroes every position, "
         "CE is over the predictions made at positions 1..L−2 of each document and KL over positions 1..L−1; MSE "
         "per token = mean ‖x−x̂‖² (summed over d_in). Ours: CE and KL over the predictions at positions 0..L−2, and "
         "zero-ablation keeps BOS. The same noise rule applies to both.",
-        "",
     ]
-    return "\n".join(lines)
+
+
+def _ground_truth_definitions() -> list[str]:
+    return [
+        "- Ground truth (synthetic data): MCC = mean |cos| of the optimal one-to-one matching (Hungarian) of "
+        "decoder rows to true feature directions; each latent is a detector of its best-matching true feature, "
+        "precision = P(feature active | latent fires), recall = P(latent fires | feature active), F1 their "
+        "harmonic mean, averaged over latents that fired; uniqueness = distinct best-matching features / latents "
+        "that fired. Measured on fresh samples from the store's generator. L0 was matched by k for topk, batchtopk "
+        "and matryoshka, and by the sparsity coefficient set in the params for relu and jumprelu: compare rows at "
+        "their measured L0.",
+    ]
 
 
 def _long_table(tsv_files: list[Path]) -> str:
@@ -225,13 +259,15 @@ def reproduce_commands(metrics: dict[str, dict], store_attrs: dict, report_comma
 
 
 def _config_section(params: Params, key: str, label: str, m: dict) -> list[str]:
-    train, rec, splice = m["train"], m["eval"]["reconstruction"], m["eval"]["splice"]
-    cfg = params.sae[key]
+    train, rec, splice = m["train"], m["eval"]["reconstruction"], m["eval"]["splice"] or {}
+    cfg = train["config"]  # as trained: per-config settings resolved against the train section
     hyper = [
-        ("expansion", f"{cfg.expansion}x"), ("d_sae", fmt(train["d_sae"])), ("parameters", fmt(train["n_params"])),
-        ("batch size", f"{cfg.batch_size} × {params.train.seq_len} = {fmt(train['batch_tokens'])} tokens"),
-        ("learning rate", fmt(cfg.lr)), ("epochs", fmt(cfg.epochs)), ("warmup", fmt(params.train.warmup_frac)),
-        ("l1_coeff", fmt(params.train.l1_coeff)), ("decorrelation_coeff", fmt(params.train.decorrelation_coeff)),
+        ("architecture", cfg["architecture"]),
+        *[(name, _setting(cfg[name])) for name in ARCHITECTURE_SETTINGS[cfg["architecture"]]],
+        ("expansion", f"{cfg['expansion']}x"), ("d_sae", fmt(train["d_sae"])), ("parameters", fmt(train["n_params"])),
+        ("batch size", f"{cfg['batch_size']} × {params.train.seq_len} = {fmt(train['batch_tokens'])} tokens"),
+        ("learning rate", fmt(cfg["lr"])), ("epochs", fmt(cfg["epochs"])), ("warmup", fmt(cfg["warmup_frac"])),
+        ("decay", fmt(cfg["decay_frac"])), ("decorrelation_coeff", fmt(cfg["decorrelation_coeff"])),
     ]  # fmt: skip
     results = [
         ("steps", fmt(train["steps"])), ("tokens seen", fmt(train["tokens_seen"])),
@@ -241,7 +277,7 @@ def _config_section(params: Params, key: str, label: str, m: dict) -> list[str]:
         ("train time (s)", fmt_seconds(train["train_time_s"])), ("tokens/s", fmt_rate(train["tokens_per_s"])),
         ("skipped fp16 steps", fmt(train["skipped_fp16_steps"])),
         ("held-out explained variance", fmt(rec["explained_variance"])), ("held-out L0", fmt(rec["l0"])),
-        ("dead latents", fmt(rec["dead_latents"])), ("CE loss score", fmt(splice["ce_loss_score"])),
+        ("dead latents", fmt(rec["dead_latents"])), ("CE loss score", fmt(splice.get("ce_loss_score"))),
     ]  # fmt: skip
     return [
         f"## Config {key.upper()}: {label}",
@@ -255,6 +291,16 @@ def _config_section(params: Params, key: str, label: str, m: dict) -> list[str]:
         *[f"| {name} | {value} |" for name, value in results],
         "",
     ]
+
+
+def _setting(value) -> str:
+    return ", ".join(fmt(v) for v in value) if isinstance(value, list) else fmt(value)
+
+
+GROUND_TRUTH_ROWS = (
+    ("MCC", "mcc"), ("F1", "f1"), ("precision", "precision"), ("recall", "recall"), ("uniqueness", "uniqueness"),
+    ("latents that fired", "n_alive_latents"), ("true L0", "true_l0"), ("samples", "n_samples"),
+)  # fmt: skip
 
 
 def _comparison(params: Params, metrics: dict[str, dict], labels: dict[str, str]) -> list[str]:
@@ -286,8 +332,15 @@ def _comparison(params: Params, metrics: dict[str, dict], labels: dict[str, str]
         ("tokens/s", "tokens_per_s", fmt_rate),
     ]  # fmt: skip
     paths = report_paths(".")
+    spliced = all(metrics[k]["eval"]["splice"] for k in keys)
+    eval_fields = [f for f in eval_fields if f[1] == "reconstruction" or spliced]
+    truth = [metrics[k]["eval"].get("ground_truth") for k in keys]
     return [
         "## Comparative analysis",
+        "",
+        header,
+        rule,
+        "| architecture | " + " | ".join(metrics[k]["train"]["config"]["architecture"] for k in keys) + " |",
         "",
         "Mean training loss per epoch:",
         "",
@@ -301,6 +354,27 @@ def _comparison(params: Params, metrics: dict[str, dict], labels: dict[str, str]
         rule,
         *[row(name, [metrics[k]["eval"][group][field] for k in keys]) for name, group, field in eval_fields],
         "",
+        *(_saelens_rows(metrics, header, rule, row) if spliced else []),
+        *(_ground_truth_rows(truth, header, rule, row) if all(truth) else []),
+        "Cost:",
+        "",
+        header,
+        rule,
+        *[
+            f"| {name} | " + " | ".join(form(metrics[k]["train"][field]) for k in keys) + " |"
+            for name, field, form in cost_fields
+        ],
+        "",
+        f"![training curves]({paths['curves'].relative_to('.')})",
+        f"![L0 against explained variance]({paths['frontier'].relative_to('.')})",
+        f"![feature density]({paths['density'].relative_to('.')})",
+        "",
+    ]
+
+
+def _saelens_rows(metrics: dict[str, dict], header: str, rule: str, row) -> list[str]:
+    keys = list(metrics)
+    return [
         "The same evaluation under SAELens's convention (what SAELens, SAEBench and Neuronpedia publish: "
         "zero-ablation also zeroes BOS, CE leaves out the prediction made at BOS, KL includes each document's last "
         "position, MSE is summed over d_in). Use these when comparing with published SAEs; the rows above are this "
@@ -314,18 +388,17 @@ def _comparison(params: Params, metrics: dict[str, dict], labels: dict[str, str]
             for name, field in SAELENS_SPLICE_ROWS
         ],
         "",
-        "Cost:",
+    ]
+
+
+def _ground_truth_rows(truth: list[dict], header: str, rule: str, row) -> list[str]:
+    return [
+        f"Recovery of the {fmt(truth[0]['n_features'])} true features (synthetic data; definitions below). For "
+        f"scale: random directions have E|cos| = {fmt(truth[0]['random_direction_cosine'])} with a true feature.",
         "",
         header,
         rule,
-        *[
-            f"| {name} | " + " | ".join(form(metrics[k]["train"][field]) for k in keys) + " |"
-            for name, field, form in cost_fields
-        ],
-        "",
-        f"![training curves]({paths['curves'].relative_to('.')})",
-        f"![L0 against explained variance]({paths['frontier'].relative_to('.')})",
-        f"![feature density]({paths['density'].relative_to('.')})",
+        *[row(name, [t[field] for t in truth]) for name, field in GROUND_TRUTH_ROWS],
         "",
     ]
 

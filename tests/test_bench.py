@@ -12,7 +12,8 @@ from pipeline.bench import GOALS
 
 FIGURES = {
     "extract_efficiency", "bridge_overhead", "extract_speedup_over_naive", "train_efficiency", "loader_stall",
-    "one_read_ratio", "trainer_vs_minimal", "store_read_ratio", "decorrelation_cost",
+    "one_read_ratio", "trainer_vs_minimal", "store_read_ratio", "decorrelation_cost", "topk_step_cost",
+    "batchtopk_step_cost", "jumprelu_step_cost", "matryoshka_step_cost", "topk_selection_share",
 }  # fmt: skip
 
 
@@ -51,6 +52,8 @@ def test_bench_reports_every_figure(tmp_path, tiny_model_dir, gsm_dir):
     assert widest == "c" and math.isclose(
         report["figures"]["trainer_vs_minimal"], runs["minimal_loop_wall_s"] / runs["single_configs_wall_s"][widest]
     )
+    arch = details["architectures"]
+    assert math.isclose(report["figures"]["topk_step_cost"], arch["step_s"]["topk"] / arch["step_s"]["relu"])
     assert "train_efficiency" in result.stderr  # the table is printed
 
 

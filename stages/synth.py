@@ -1,0 +1,84 @@
+"""Stage `synth`: a store of synthetic activations with known features (extract.source = synthetic).
+
+The store has the layout of an extracted one (one hook, `synthetic`; every sample its own token, with no BOS), so
+train and evaluate read it unchanged; its `truth` group holds the true features, for evaluate's ground-truth
+metrics. Generation is chunked and seeded per shard, so --resume gives the same store as an uninterrupted run.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from pipeline import __version__, store, synthetic
+from pipeline.config import Params, params_to_dict
+from pipeline.device import resolve_device
+from pipeline.progress import progress_bars
+
+log = logging.getLogger(__name__)
+
+HOOK = "synthetic"
+SPLIT_PURPOSE = {"train": 0, "test": 1}  # seeds the samples of each split differently (evaluation uses 2)
+
+
+def run(params: Params, resume: bool = False, force: bool = False) -> Path:
+    """Write the synthetic store at extract.store; a complete one with the same parameters is left alone."""
+    cfg = params.synth
+    device = resolve_device(cfg.device)
+    sizes = {"train": cfg.n_train, "test": cfg.n_test}
+    attrs = {
+        "model": "synthetic",
+        "dataset": "synthetic",
+        "hooks": [HOOK],
+        "d_model": cfg.d_model,
+        "n_ctx": 1,
+        "dtype": params.extract.dtype,
+        "bos_token_id": None,
+        "splits": list(sizes),
+        "shard_tokens": params.extract.shard_tokens,
+        "chunk_tokens": params.extract.chunk_tokens,
+        "synthetic": {**params_to_dict(cfg), "device": device.type},
+        "process_weights": False,
+        "package_version": __version__,
+    }
+    with store.writing(params.extract.store) as path:
+        current, why = store.status(path, attrs)
+        if current and not force:
+            log.info("%s is up to date (%s): nothing to do; --force recomputes it", path, why)
+            return path
+        model = synthetic.build(cfg, device)
+        log.info(
+            "synthetic model: %d features in %d dimensions, %.1f active per sample on average",
+            cfg.n_features, cfg.d_model, synthetic.mean_true_l0(model),
+        )  # fmt: skip
+        writer = store.StoreWriter(path, attrs, resume)
+        writer.add_truth(model.arrays())
+        for split, n in sizes.items():
+            writer.add_split(split, np.zeros(n, np.int32), np.array([0, n], dtype=np.int64))
+        pending = {split: writer.pending_shards(split) for split in sizes}
+        dtype = np.dtype(params.extract.dtype)
+        with progress_bars({"synthesize": sum(end - start for s in pending.values() for _, start, end in s)}) as bars:
+            for split, shards in pending.items():
+                for index, start, end in shards:
+                    generator = synthetic.sample_generator(cfg.seed, SPLIT_PURPOSE[split], index, device)
+                    x = _samples(model, end - start, generator)
+                    writer.write_shard(split, index, start, {HOOK: x.astype(dtype)})
+                    bars["synthesize"].advance(end - start)
+        writer.finalize({
+            "split_stats": {split: {"n_docs": 1, "n_tokens": n} for split, n in sizes.items()},
+            "true_l0": synthetic.mean_true_l0(model),
+            "command": params.command,
+        })  # fmt: skip
+    log.info("synthetic store written to %s", path)
+    return path
+
+
+def _samples(model: synthetic.SyntheticModel, n: int, generator: torch.Generator) -> np.ndarray:
+    chunks = []
+    for start in range(0, n, synthetic.SAMPLE_CHUNK):
+        x, _ = model.sample(min(synthetic.SAMPLE_CHUNK, n - start), generator)
+        chunks.append(x.float().cpu().numpy())
+    return np.concatenate(chunks)

@@ -1,0 +1,92 @@
+"""The ground-truth benchmark: the generator keeps its stated distribution, and the metrics mean what they say."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+from conftest import invoke, write_params
+
+from pipeline import synthetic
+from pipeline.config import SynthConfig
+from pipeline.ground_truth import abs_cosines, mcc
+
+CPU = torch.device("cpu")
+SMALL = SynthConfig(
+    n_features=256, d_model=32, hierarchy_roots=4, hierarchy_branching=4, hierarchy_depth=2, correlation_scale=0.0,
+    orthogonalize_steps=10, seed=3,
+)  # fmt: skip
+N_SAMPLES = 40_000
+
+
+def draw(model: synthetic.SyntheticModel, n: int) -> torch.Tensor:
+    chunks = [model.sample(8192, synthetic.sample_generator(0, 0, i, CPU))[1] for i in range(math.ceil(n / 8192))]
+    return torch.cat(chunks)[:n]
+
+
+@pytest.mark.parametrize("correlation_scale", [0.0, 0.1])
+def test_firing_rates_and_true_l0_match_the_configuration(correlation_scale):
+    cfg = SynthConfig(**{**SMALL.__dict__, "correlation_scale": correlation_scale})
+    model = synthetic.build(cfg, CPU)
+    a = draw(model, N_SAMPLES)
+    rates = (a > 0).double().mean(dim=0)
+    expected = model.expected_rates.double()
+    # Binomial standard error per feature; 5 of them leave a false alarm among 256 features below 1 in 10^4.
+    tolerance = 5 * (expected * (1 - expected) / N_SAMPLES).sqrt() + 1e-4
+    outside = model.depths < 0
+    if correlation_scale == 0:  # siblings independent: the computed rates hold for the hierarchy too
+        outside = torch.ones_like(outside)
+    assert ((rates - expected).abs() <= tolerance)[outside].all()
+    zipf = np.arange(1, 257) ** -0.5
+    target = cfg.firing_min + (cfg.firing_max - cfg.firing_min) * (zipf - zipf[-1]) / (zipf[0] - zipf[-1])
+    np.testing.assert_allclose(model.expected_rates[model.depths < 0].numpy(), target[model.depths.numpy() < 0],
+                               rtol=1e-5)  # fmt: skip
+    l0 = (a > 0).sum(dim=1).double()
+    assert abs(l0.mean() - expected.sum()) <= 4 * l0.std() / math.sqrt(N_SAMPLES)
+
+
+def test_hierarchy_children_fire_only_with_their_parent_and_alone():
+    model = synthetic.build(SMALL, CPU)
+    active = draw(model, 8192) > 0
+    children = model.parents >= 0
+    assert not (active[:, children] & ~active[:, model.parents[children]]).any()
+    for level in (1, 2):
+        groups = synthetic._sibling_groups(model.parents, model.depths, level)
+        assert active[:, groups].sum(dim=2).max() <= 1
+    assert int((model.depths >= 0).sum()) == synthetic.hierarchy_size(SMALL) == 4 + 16 + 64
+
+
+def test_mcc_is_one_for_the_true_dictionary_and_near_chance_for_random_directions():
+    truth = synthetic.build(SMALL, CPU).directions
+    shuffled = truth[torch.randperm(len(truth))] * torch.where(torch.rand(len(truth), 1) < 0.5, -1.0, 1.0)
+    assert mcc(abs_cosines(shuffled[:64], truth)) == pytest.approx(1.0, abs=1e-6)
+    random = torch.randn(64, SMALL.d_model, generator=torch.Generator().manual_seed(0))
+    cosines = abs_cosines(random, truth)
+    chance = synthetic.cosine_baseline(SMALL.d_model)  # E|cos| of two random directions: what any matching beats
+    assert cosines.mean() == pytest.approx(chance, rel=0.05)
+    assert chance < mcc(cosines) <= cosines.max(dim=1).values.mean() + 1e-9  # optimal matching <= greedy rows
+
+
+def test_synth_train_evaluate_report_on_a_small_store(tmp_path):
+    params = write_params(
+        tmp_path / "params.yaml",
+        extract={"source": "synthetic", "store": str(tmp_path / "store"), "shard_tokens": 8192,
+                 "chunk_tokens": 1024},
+        synth={**SMALL.__dict__, "n_train": 20_000, "n_test": 2_000, "eval_samples": 4_000, "device": "cpu"},
+        sae={"t": {"expansion": 2, "batch_size": 1, "lr": 1e-3, "epochs": 1, "architecture": "topk", "k": 8}},
+        train={"hook": "synthetic", "seq_len": 256, "device": "cpu", "out_dir": str(tmp_path / "artifacts")},
+    )  # fmt: skip
+    for stage in (["synth"], ["train"], ["evaluate"], ["report"]):
+        result = invoke(*stage, "--params", str(params))
+        assert result.exit_code == 0, result.output
+    details = json.loads((tmp_path / "artifacts/details/eval_t.json").read_text())
+    truth = details["ground_truth"]
+    assert details["splice"] is None and 0 < truth["mcc"] <= 1 and 0 < truth["f1"] <= 1
+    assert truth["true_l0"] == pytest.approx(details["reconstruction"]["l0"], rel=0.5)  # k=8 vs the data's L0
+    report = (tmp_path / "artifacts/report.md").read_text()
+    assert "Recovery of the 256 true features" in report and "| architecture | topk |" in report
+    again = invoke("synth", "--params", str(params))
+    assert again.exit_code == 0 and "up to date" in again.output
