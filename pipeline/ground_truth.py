@@ -35,39 +35,54 @@ def mcc(cosines: torch.Tensor) -> float:
 
 
 @torch.no_grad()
-def ground_truth_metrics(sae: SparseAutoencoder, model: SyntheticModel, n_samples: int, seed: int) -> dict:
-    """MCC, per-latent precision/recall/F1 and uniqueness of `sae` against `model`'s true features."""
+def ground_truth_metrics(
+    saes: dict[str, SparseAutoencoder], model: SyntheticModel, n_samples: int, seed: int
+) -> dict[str, dict]:
+    """MCC, per-latent precision/recall/F1 and uniqueness of each SAE against `model`'s true features (every SAE
+    sees the same fresh samples, generated once)."""
     device = model.directions.device
-    cosines = abs_cosines(sae.W_dec, model.directions)
-    best = cosines.argmax(dim=1)
-    fires = torch.zeros(sae.d_sae, dtype=torch.float64, device=device)
-    both = torch.zeros_like(fires)
-    truly_active = torch.zeros_like(fires)
+    counts = {key: _Counts(sae, model) for key, sae in saes.items()}
     true_l0 = 0.0
     for index, start in enumerate(range(0, n_samples, SAMPLE_CHUNK)):
-        x, a = model.sample(min(SAMPLE_CHUNK, n_samples - start), sample_generator(seed, EVALUATION_PURPOSE, index,
-                                                                                   device))  # fmt: skip
-        fired = sae.encode(x) > 0
-        active = a[:, best] > 0
-        fires += fired.sum(dim=0)
-        both += (fired & active).sum(dim=0)
-        truly_active += active.sum(dim=0)
+        generator = sample_generator(seed, EVALUATION_PURPOSE, index, device)
+        x, a = model.sample(min(SAMPLE_CHUNK, n_samples - start), generator)
         true_l0 += (a > 0).sum().item()
-    alive = fires > 0
-    precision = both[alive] / fires[alive]
-    recall = torch.where(truly_active[alive] > 0, both[alive] / truly_active[alive].clamp_min(1), 0.0)
-    f1 = torch.where(precision + recall > 0, 2 * precision * recall / (precision + recall).clamp_min(1e-12), 0.0)
-    n_alive = int(alive.sum().item())
-    mean = (lambda v: float(v.mean().item())) if n_alive else (lambda v: None)
-    return {
-        "mcc": mcc(cosines),
-        "f1": mean(f1),
-        "precision": mean(precision),
-        "recall": mean(recall),
-        "uniqueness": len(np.unique(best[alive].cpu().numpy())) / n_alive if n_alive else None,
-        "n_alive_latents": n_alive,
-        "n_samples": n_samples,
-        "true_l0": true_l0 / n_samples,
-        "n_features": model.n_features,
-        "random_direction_cosine": cosine_baseline(model.directions.shape[1]),
-    }
+        for key, sae in saes.items():
+            counts[key].add(sae.encode(x) > 0, a > 0)
+    shared = {"n_samples": n_samples, "true_l0": true_l0 / n_samples, "n_features": model.n_features,
+              "random_direction_cosine": cosine_baseline(model.directions.shape[1])}  # fmt: skip
+    return {key: {**counts[key].metrics(), **shared} for key in saes}
+
+
+class _Counts:
+    """Per-latent firing counts against the latent's best-matching true feature."""
+
+    def __init__(self, sae: SparseAutoencoder, model: SyntheticModel) -> None:
+        self.cosines = abs_cosines(sae.W_dec, model.directions)
+        self.best = self.cosines.argmax(dim=1)
+        zeros = torch.zeros(sae.d_sae, dtype=torch.float64, device=model.directions.device)
+        self.fires, self.both, self.truly_active = zeros, zeros.clone(), zeros.clone()
+
+    def add(self, fired: torch.Tensor, active: torch.Tensor) -> None:
+        matched = active[:, self.best]
+        self.fires += fired.sum(dim=0)
+        self.both += (fired & matched).sum(dim=0)
+        self.truly_active += matched.sum(dim=0)
+
+    def metrics(self) -> dict:
+        alive = self.fires > 0
+        precision = self.both[alive] / self.fires[alive]
+        recall = torch.where(
+            self.truly_active[alive] > 0, self.both[alive] / self.truly_active[alive].clamp_min(1), 0.0
+        )
+        f1 = torch.where(precision + recall > 0, 2 * precision * recall / (precision + recall).clamp_min(1e-12), 0.0)
+        n_alive = int(alive.sum().item())
+        mean = (lambda v: float(v.mean().item())) if n_alive else (lambda v: None)
+        return {
+            "mcc": mcc(self.cosines),
+            "f1": mean(f1),
+            "precision": mean(precision),
+            "recall": mean(recall),
+            "uniqueness": len(np.unique(self.best[alive].cpu().numpy())) / n_alive if n_alive else None,
+            "n_alive_latents": n_alive,
+        }

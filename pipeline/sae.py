@@ -37,7 +37,7 @@ from pipeline.errors import PipelineError
 SAELENS_WEIGHTS = "sae_weights.safetensors"
 SAELENS_CONFIG = "cfg.json"
 BATCH_SELECTED = ("batchtopk", "matryoshka")  # k * batch latents per batch in training, a threshold at inference
-WITH_AUXK = ("topk", "batchtopk", "matryoshka")
+TOPK_FAMILY = ("topk", "batchtopk", "matryoshka")  # k latents per token; AuxK revives dead ones
 WITH_THRESHOLD = ("batchtopk", "jumprelu", "matryoshka")
 TRAINING_STATE = ("tokens_since_fired", "threshold_updates")  # buffers only training needs (not saved for users)
 # SAELens's architecture name for the saved inference SAE: BatchTopK and Matryoshka SAEs are saved as JumpReLU
@@ -77,7 +77,7 @@ class SparseAutoencoder(nn.Module):
         # The encoder starts as the decoder's transpose, scaled so that the initial reconstruction of a random
         # input has about the input's norm: d_sae half-active random directions give ~ d_sae / 2d_in * x; k active
         # ones (the topk family), the k largest projections, unscaled.
-        self.W_enc = nn.Parameter(w_dec.T * (1.0 if self.architecture.name in WITH_AUXK else 2 * d_in / d_sae))
+        self.W_enc = nn.Parameter(w_dec.T * (1.0 if self.architecture.name in TOPK_FAMILY else 2 * d_in / d_sae))
         self.b_enc = nn.Parameter(torch.zeros(d_sae))
         self.b_dec = nn.Parameter(torch.zeros(d_in))
         name = self.architecture.name
@@ -86,7 +86,7 @@ class SparseAutoencoder(nn.Module):
         elif name in BATCH_SELECTED:
             self.register_buffer("threshold", torch.zeros(d_sae))
             self.register_buffer("threshold_updates", torch.zeros((), dtype=torch.long))
-        if name in WITH_AUXK:  # training state: tokens since each latent last fired (AuxK's definition of dead)
+        if name in TOPK_FAMILY:  # training state: tokens since each latent last fired (AuxK's definition of dead)
             self.register_buffer("tokens_since_fired", torch.zeros(d_sae, dtype=torch.long))
 
     # addmm fuses the bias into the matrix product: one pass fewer over [tokens, d_sae] than `@` then `+`.
@@ -133,7 +133,7 @@ class SparseAutoencoder(nn.Module):
     @torch.no_grad()
     def observe(self, f: torch.Tensor) -> None:
         """Training statistics from one batch's activations: firing for AuxK, the batch threshold estimate."""
-        if self.architecture.name in WITH_AUXK:
+        if self.architecture.name in TOPK_FAMILY:
             self.tokens_since_fired += len(f)
             self.tokens_since_fired[(f > 0).any(dim=0)] = 0
         if self.architecture.name in BATCH_SELECTED:  # without a device sync: inf when nothing fired
@@ -249,7 +249,7 @@ def training_loss(
     elif name == "jumprelu":
         terms["l0_penalty"] = _Step.apply(pre, sae.threshold, sae.architecture.bandwidth).float().sum(dim=1).mean()
         loss = loss + coeffs.l0 * terms["l0_penalty"]
-    if name in WITH_AUXK:
+    if name in TOPK_FAMILY:
         terms["auxk"] = _auxk(sae, pre, x - x_hat.detach(), coeffs)
         loss = loss + coeffs.aux * terms["auxk"]
     if with_l0:

@@ -23,7 +23,7 @@ from pipeline.device import amp_dtype, autocast, grad_scaler, synchronize
 from pipeline.errors import PipelineError
 from pipeline.loader import ActivationLoader
 from pipeline.progress import progress_bars
-from pipeline.sae import Architecture, LossCoefficients, SparseAutoencoder, training_loss
+from pipeline.sae import TOPK_FAMILY, Architecture, LossCoefficients, SparseAutoencoder, training_loss
 
 MAX_BLOCK_FACTOR = 16  # the shared block may be at most this many times the largest batch
 # Settings that do not change what is learned: --resume accepts a change to these and refuses any other.
@@ -245,7 +245,7 @@ class Trainer:
             )
         d_in = self.loader.d_model
         d_sae = d_in * cfg.expansion
-        if cfg.architecture in ("topk", "batchtopk", "matryoshka") and cfg.k > d_sae:
+        if cfg.architecture in TOPK_FAMILY and cfg.k > d_sae:
             raise PipelineError(f"sae.{key}: k={cfg.k} is more than its {d_sae} latents")
         generator = torch.Generator().manual_seed(self.train.seed)
         sae = SparseAutoencoder(d_in, d_sae, architecture_of(cfg), generator=generator).to(self.device)

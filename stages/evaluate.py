@@ -88,7 +88,7 @@ def _ground_truth(store: ActivationStore, saes: dict[str, SparseAutoencoder], de
     model = SyntheticModel.from_arrays(store.truth(), device)
     log.info("ground truth: %s against %d true features on %d fresh samples", ", ".join(saes), model.n_features,
              cfg["eval_samples"])  # fmt: skip
-    return {key: ground_truth_metrics(sae, model, cfg["eval_samples"], cfg["seed"]) for key, sae in saes.items()}
+    return ground_truth_metrics(saes, model, cfg["eval_samples"], cfg["seed"])
 
 
 def _load_sae(params: Params, key: str, store: ActivationStore) -> SparseAutoencoder:

@@ -23,7 +23,7 @@ N_SAMPLES = 40_000
 
 
 def draw(model: synthetic.SyntheticModel, n: int) -> torch.Tensor:
-    chunks = [model.sample(8192, synthetic.sample_generator(0, 0, i, CPU))[1] for i in range(math.ceil(n / 8192))]
+    chunks = [model.sample(4096, synthetic.sample_generator(0, 0, i, CPU))[1] for i in range(math.ceil(n / 4096))]
     return torch.cat(chunks)[:n]
 
 
@@ -54,7 +54,7 @@ def test_hierarchy_children_fire_only_with_their_parent_and_alone():
     children = model.parents >= 0
     assert not (active[:, children] & ~active[:, model.parents[children]]).any()
     for level in (1, 2):
-        groups = synthetic._sibling_groups(model.parents, model.depths, level)
+        groups = synthetic.sibling_groups(model.parents, model.depths, level)
         assert active[:, groups].sum(dim=2).max() <= 1
     assert int((model.depths >= 0).sum()) == synthetic.hierarchy_size(SMALL) == 4 + 16 + 64
 
