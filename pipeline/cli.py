@@ -114,9 +114,11 @@ def synth(
     set_: SetOption = None,
     verbose: VerboseOption = False,
 ) -> None:
-    """Synthetic activations with known features (params `synth`) into the store (extract.store)."""
-    command = ["synth", *(["--resume"] if resume else []), *(["--force"] if force else [])]
-    _run(command, verbose, params, set_, lambda p: _stage("synth").run(p, resume=resume, force=force))
+    """Synthetic activations with known features (params `synth`) into the store: extract with its source set to
+    synthetic."""
+    extract(
+        resume=resume, force=force, params=params, set_=[*(set_ or []), "extract.source=synthetic"], verbose=verbose
+    )
 
 
 @app.command()

@@ -74,6 +74,20 @@ def tiny_params(tmp_path, tiny_model_dir, gsm_dir) -> Path:
     )
 
 
+@pytest.fixture
+def frozen_decoder(monkeypatch) -> None:
+    """Every SAE built during the test keeps its random initial decoder (for checks that must then fail)."""
+    from pipeline.sae import SparseAutoencoder
+
+    original_init = SparseAutoencoder.__init__
+
+    def init_frozen(self, *args, **kwargs):
+        original_init(self, *args, **kwargs)
+        self.W_dec.requires_grad_(False)
+
+    monkeypatch.setattr(SparseAutoencoder, "__init__", init_frozen)
+
+
 def invoke(*args: str):
     """Run the CLI in-process; returns the click Result (exit_code, stdout, stderr)."""
     return CliRunner().invoke(app, list(args))

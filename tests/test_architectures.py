@@ -60,15 +60,8 @@ def test_each_architecture_recovers_a_planted_dictionary(tmp_path, planted, arch
 
 
 @pytest.mark.parametrize("architecture", list(PLANTED))
-def test_the_same_check_fails_with_a_frozen_decoder(tmp_path, planted, architecture, monkeypatch):
+def test_the_same_check_fails_with_a_frozen_decoder(tmp_path, planted, architecture, frozen_decoder):
     store, dictionary = planted
-    original_init = SparseAutoencoder.__init__
-
-    def frozen_decoder(self, *args, **kwargs):
-        original_init(self, *args, **kwargs)
-        self.W_dec.requires_grad_(False)
-
-    monkeypatch.setattr(SparseAutoencoder, "__init__", frozen_decoder)
     recovered, _ = recovery_and_explained_variance(train_planted(tmp_path, store, architecture), store, dictionary)
     assert recovered < 0.1
 

@@ -73,15 +73,8 @@ def test_sae_recovers_a_known_dictionary(tmp_path, synthetic):
     assert explained >= 0.9
 
 
-def test_the_same_check_fails_when_the_decoder_is_frozen(tmp_path, synthetic, monkeypatch):
+def test_the_same_check_fails_when_the_decoder_is_frozen(tmp_path, synthetic, frozen_decoder):
     store, dictionary = synthetic
-    original_init = SparseAutoencoder.__init__
-
-    def frozen_decoder(self, *args, **kwargs):
-        original_init(self, *args, **kwargs)
-        self.W_dec.requires_grad_(False)
-
-    monkeypatch.setattr(SparseAutoencoder, "__init__", frozen_decoder)
     params = synthetic_params(tmp_path, store, SYNTHETIC_SAE)
     assert invoke("train", "--params", str(params), "--config", "s").exit_code == 0
     recovered, _ = recovery_and_explained_variance(tmp_path / "artifacts/sae/config_s_4x", store, dictionary)
