@@ -258,6 +258,19 @@ def _standard_error(mean_square: float, mean: float, n: int) -> float:
     return max(mean_square - mean * mean, 0.0) ** 0.5 / max(n - 1, 1) ** 0.5
 
 
+def splice_hook(replace: Reconstruct, replace_bos: bool = False) -> Callable:
+    """A TransformerLens forward hook that swaps a [batch, pos, d] activation for `replace` of it (computed in fp32),
+    leaving position 0 (BOS) untouched unless `replace_bos`."""
+
+    def splice(activation: torch.Tensor, hook=None) -> torch.Tensor:
+        patched = replace(activation.float()).to(activation.dtype)
+        if not replace_bos:
+            patched[:, 0] = activation[:, 0]
+        return patched
+
+    return splice
+
+
 def _log_probs(
     model, ids: torch.Tensor, mask: torch.Tensor, hook: str, replace: Reconstruct | None, replace_bos: bool = False
 ) -> torch.Tensor:
@@ -266,13 +279,7 @@ def _log_probs(
     The BOS position is replaced only if `replace_bos` (SAEs are never trained on it).
     """
 
-    def splice(activation: torch.Tensor, hook=None) -> torch.Tensor:
-        patched = replace(activation.float()).to(activation.dtype)
-        if not replace_bos:
-            patched[:, 0] = activation[:, 0]
-        return patched
-
-    hooks = [] if replace is None else [(hook, splice)]
+    hooks = [] if replace is None else [(hook, splice_hook(replace, replace_bos))]
     with torch.inference_mode():
         logits = model.run_with_hooks(ids, attention_mask=mask, fwd_hooks=hooks, return_type="logits")
     return logits[mask.bool()].float().log_softmax(-1)

@@ -365,3 +365,54 @@ def test_dvc_repro_on_the_tiny_profile(tmp_path):
     assert any(name.endswith("training_curves.png") for name in plots)
 
     assert stages_run(dvc(repo, "repro", "--force", "--single-item", "train@a")) == {"train@a"}
+
+
+def readme_python_block(heading: str) -> str:
+    """The first ```python block after `heading` in the README."""
+    text = (PROJECT_ROOT / "README.md").read_text()
+    section = text[text.index(heading) :]
+    return section[
+        section.index("```python") + len("```python") : section.index("```\n", section.index("```python") + 9)
+    ]
+
+
+def test_the_readme_python_api_snippet_runs(tiny_run, monkeypatch, capsys):
+    monkeypatch.chdir(tiny_run)
+    namespace: dict = {}
+    exec(readme_python_block("## Python API"), namespace)
+    assert namespace["logits"].shape[:2] == namespace["tokens"].shape
+    assert namespace["f"].shape == (256, namespace["sae"].d_sae)
+    assert "relative error" in capsys.readouterr().out
+
+
+def test_run_with_sae_splices_the_reconstruction_at_the_hook(tiny_run):
+    """An SAE that reconstructs exactly leaves the logits alone; one that outputs zeros equals zero-ablation."""
+    import torch
+
+    from pipeline.api import load_model, open_store, run_with_sae
+    from pipeline.sae import SparseAutoencoder
+
+    store = open_store(tiny_run / "data/activations")
+    model = load_model(str(tiny_run / "data/tiny/model"), device="cpu")
+    hook = load_params(tiny_run / "params.yaml").train.hook
+    start, end = store.doc_offsets("test")[:2]
+    tokens = torch.from_numpy(store.tokens("test")[start:end]).long()[None]
+    d = store.d_model
+    identity = SparseAutoencoder(d, 2 * d).eval()  # relu(x) - relu(-x) = x
+    zero = SparseAutoencoder(d, 2 * d).eval()
+    with torch.no_grad():
+        identity.W_enc.copy_(torch.cat([torch.eye(d), -torch.eye(d)], dim=1))
+        identity.W_dec.copy_(torch.cat([torch.eye(d), -torch.eye(d)], dim=0))
+        zero.W_dec.zero_()
+    with torch.inference_mode():
+        clean = model(tokens, return_type="logits")
+
+        def zero_after_bos(activation, hook):
+            activation = activation.clone()
+            activation[:, 1:] = 0
+            return activation
+
+        ablated = model.run_with_hooks(tokens, fwd_hooks=[(hook, zero_after_bos)], return_type="logits")
+    torch.testing.assert_close(run_with_sae(model, identity, tokens, hook), clean, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(run_with_sae(model, zero, tokens, hook), ablated, rtol=1e-4, atol=1e-4)
+    assert not torch.allclose(ablated, clean, atol=1e-3)  # the ablation changes something: the test can fail
