@@ -173,3 +173,29 @@ def test_matryoshka_without_prefixes_trains_as_batchtopk():
         weights[name] = sae.state_dict()
     for key, value in weights["batchtopk"].items():  # up to rounding: the prefix sum is not one fused addmm
         torch.testing.assert_close(value, weights["matryoshka"][key], rtol=1e-5, atol=1e-6, msg=key)
+
+
+@pytest.mark.parametrize("name", list(PLANTED))
+@pytest.mark.parametrize("amp", ["bf16", "fp16"])
+def test_every_architecture_trains_under_autocast(name, amp):
+    """The mixed-precision path of each architecture's loss (custom autograd included), on the CPU."""
+    from pipeline.device import amp_dtype, grad_scaler
+    from pipeline.trainer import train_step
+
+    device = torch.device("cpu")
+    dtype = amp_dtype(amp, device)
+    sae = SparseAutoencoder(
+        16, 64, Architecture(name, k=4, prefixes=(0.25,)), generator=torch.Generator().manual_seed(0)
+    )
+    before = {k: v.clone() for k, v in sae.state_dict().items()}
+    optimizer = torch.optim.Adam(sae.parameters(), lr=1e-2)
+    x = torch.randn(128, 16)
+    for _ in range(3):
+        loss, terms, _ = train_step(
+            sae, optimizer, grad_scaler(device, dtype), x, dtype, LossCoefficients(dead_tokens=1), True
+        )
+        assert torch.isfinite(loss) and all(torch.isfinite(v) for v in terms.values())
+    changed = [k for k, v in sae.state_dict().items() if v.dtype.is_floating_point and not torch.equal(v, before[k])]
+    assert {"W_enc", "W_dec", "b_enc", "b_dec"} <= set(changed)
+    if name == "jumprelu":
+        assert "threshold" in changed
