@@ -28,7 +28,7 @@ def training_curves(curves: dict[str, Path], path: Path) -> None:
         tokens = [int(r["tokens"]) for r in rows]
         loss_ax.plot(tokens, [float(r["loss"]) for r in rows], label=label)
         l0_ax.plot(tokens, [float(r["l0"]) for r in rows], label=label)
-    loss_ax.set(xlabel="tokens seen", ylabel="training loss (MSE + L1 + decorrelation)", yscale="log")
+    loss_ax.set(xlabel="tokens seen", ylabel="training loss (each config's own objective)", yscale="log")
     l0_ax.set(xlabel="tokens seen", ylabel="L0 (training batch)")
     loss_ax.legend()
     _save(fig, path)
@@ -52,4 +52,20 @@ def feature_density(histograms: dict[str, dict], path: Path) -> None:
         ax.stairs(hist["counts"], edges, label=f"{label} ({hist['dead']} dead)")
     ax.set(xlabel="log10 firing frequency on the held-out split", ylabel="latents")
     ax.legend()
+    _save(fig, path)
+
+
+def stability(shares: list[list[float | None]], labels: list[str], threshold: float, path: Path) -> None:
+    """Heatmap: the share of row config's latents matched one-to-one in the column config at cos >= threshold."""
+    fig, ax = plt.subplots(figsize=(1.2 * len(labels) + 2.5, 1.0 * len(labels) + 1.5))
+    values = [[float("nan") if v is None else v for v in row] for row in shares]
+    image = ax.imshow(values, vmin=0, vmax=1, cmap="viridis")
+    for i, row in enumerate(values):
+        for j, value in enumerate(row):
+            if value == value:  # not NaN
+                ax.text(j, i, f"{value:.2f}", ha="center", va="center", color="white" if value < 0.5 else "black")
+    ax.set_xticks(range(len(labels)), labels, rotation=30, ha="right")
+    ax.set_yticks(range(len(labels)), labels)
+    ax.set(title=f"latents of the row SAE matched one-to-one\nin the column SAE at cosine >= {threshold}")
+    fig.colorbar(image, ax=ax)
     _save(fig, path)

@@ -247,7 +247,7 @@ class Trainer:
         d_sae = d_in * cfg.expansion
         if cfg.architecture in TOPK_FAMILY and cfg.k > d_sae:
             raise PipelineError(f"sae.{key}: k={cfg.k} is more than its {d_sae} latents")
-        generator = torch.Generator().manual_seed(self.train.seed)
+        generator = torch.Generator().manual_seed(self.train.seed if cfg.init_seed is None else cfg.init_seed)
         sae = SparseAutoencoder(d_in, d_sae, architecture_of(cfg), generator=generator).to(self.device)
         return SAERun(
             key=key,

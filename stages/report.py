@@ -8,8 +8,10 @@ from pathlib import Path
 
 from pipeline import plots
 from pipeline.atomic import write_text
-from pipeline.config import Params, sae_name, sae_outputs
+from pipeline.config import Params, params_to_dict, sae_name, sae_outputs
 from pipeline.errors import PipelineError
+from pipeline.sae import load_saelens
+from pipeline.stability import THRESHOLDS, stability
 from pipeline.store import ActivationStore
 
 log = logging.getLogger(__name__)
@@ -53,6 +55,7 @@ def report_paths(out_dir: str | Path) -> dict[str, Path]:
         "curves": figures / "training_curves.png",
         "frontier": figures / "l0_vs_explained_variance.png",
         "density": figures / "feature_density.png",
+        "stability": figures / "feature_stability.png",
         "curves_table": figures / "curves.tsv",
     }
 
@@ -74,9 +77,29 @@ def run(params: Params) -> Path:
     plots.feature_density(
         {labels[k]: m["eval"]["reconstruction"]["density_histogram"] for k, m in metrics.items()}, paths["density"]
     )
-    write_text(paths["report"], render(params, metrics, store.attrs, labels))
+    shares = feature_stability(params)
+    plots.stability(
+        [[None if a == b else shares[a, b]["one_to_one"]["0.7"] for b in params.sae] for a in params.sae],
+        list(labels.values()), 0.7, paths["stability"],
+    )  # fmt: skip
+    write_text(paths["report"], render(params, metrics, store.attrs, labels, shares))
     log.info("report written to %s", paths["report"])
     return paths["report"]
+
+
+def feature_stability(params: Params) -> dict[tuple[str, str], dict]:
+    """Stability (pipeline/stability.py) of every ordered pair of configs, from their saved decoders."""
+    decoders = {}
+    for key, cfg in params.sae.items():
+        sae, _ = load_saelens(sae_outputs(params.train.out_dir, key, cfg)["saelens"])
+        decoders[key] = sae.W_dec.detach()
+    keys, shares = list(decoders), {}
+    for i, x in enumerate(keys):
+        for y in keys[i + 1 :]:
+            log.info("feature stability: %s against %s", x, y)
+            both = stability(decoders[x], decoders[y])
+            shares[x, y], shares[y, x] = both["x_in_y"], both["y_in_x"]
+    return shares
 
 
 SAELENS_SPLICE_ROWS = (
@@ -133,7 +156,9 @@ def _degenerate(reconstruction: dict) -> bool:
     return reconstruction["dead_latents"] == d_sae or reconstruction["dense_latents"] == d_sae
 
 
-def render(params: Params, metrics: dict[str, dict], store_attrs: dict, labels: dict[str, str]) -> str:
+def render(
+    params: Params, metrics: dict[str, dict], store_attrs: dict, labels: dict[str, str], shares: dict | None = None
+) -> str:
     """The Markdown text of the report."""
     any_train, any_eval = next(iter(metrics.values()))["train"], next(iter(metrics.values()))["eval"]
     stats = store_attrs.get("split_stats", {})
@@ -162,6 +187,7 @@ def render(params: Params, metrics: dict[str, dict], store_attrs: dict, labels: 
     for key, m in metrics.items():
         lines += _config_section(params, key, labels[key], m)
     lines += _comparison(params, metrics, labels)
+    lines += _stability_section(params, labels, shares or {})
     lines += _warnings(metrics, labels)
     choice, rule = recommend(metrics)
     lines += ["## Recommendation", "", rule if choice is None else f"Rule: {rule}", ""]
@@ -370,6 +396,54 @@ def _comparison(params: Params, metrics: dict[str, dict], labels: dict[str, str]
         f"![feature density]({paths['density'].relative_to('.')})",
         "",
     ]
+
+
+def _stability_section(params: Params, labels: dict[str, str], shares: dict) -> list[str]:
+    if not shares:
+        return []
+    keys = list(params.sae)
+    header = "| latents of ↓ found in → | " + " | ".join(labels[k] for k in keys) + " |"
+    rule = "| --- |" + " --- |" * len(keys)
+
+    def table(method: str) -> list[str]:
+        def cell(x: str, y: str) -> str:
+            if x == y:
+                return "—"
+            return " / ".join(fmt(shares[x, y][method][str(t)]) for t in THRESHOLDS)
+
+        return [header, rule, *[f"| {labels[x]} | " + " | ".join(cell(x, y) for y in keys) + " |" for x in keys]]
+
+    reseeded = [
+        f"{labels[x]} and {labels[y]}" for i, x in enumerate(keys) for y in keys[i + 1 :]
+        if _without_seed(params.sae[x]) == _without_seed(params.sae[y])
+    ]  # fmt: skip
+    seeds = (
+        f"Pairs that differ only in their initial weights' seed: {', '.join(reseeded)}."
+        if reseeded
+        else "No two configs differ only in their seed; add one (e.g. a copy of config C with `init_seed: 1`) to "
+        "measure seed stability."
+    )
+    return [
+        "## Feature stability",
+        "",
+        "Share of each row config's latents whose decoder direction has a counterpart in the column config with "
+        f"cosine ≥ {THRESHOLDS[0]} / ≥ {THRESHOLDS[1]}. {seeds}",
+        "",
+        "One-to-one (Hungarian matching of decoder directions, maximising total cosine):",
+        "",
+        *table("one_to_one"),
+        "",
+        "Max-cosine (each latent's most similar direction, shared matches allowed):",
+        "",
+        *table("max_cosine"),
+        "",
+        f"![feature stability]({report_paths('.')['stability'].relative_to('.')})",
+        "",
+    ]
+
+
+def _without_seed(cfg) -> dict:
+    return {k: v for k, v in params_to_dict(cfg).items() if k != "init_seed"}
 
 
 def _saelens_rows(metrics: dict[str, dict], header: str, rule: str, row) -> list[str]:

@@ -416,3 +416,19 @@ def test_run_with_sae_splices_the_reconstruction_at_the_hook(tiny_run):
     torch.testing.assert_close(run_with_sae(model, identity, tokens, hook), clean, rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(run_with_sae(model, zero, tokens, hook), ablated, rtol=1e-4, atol=1e-4)
     assert not torch.allclose(ablated, clean, atol=1e-3)  # the ablation changes something: the test can fail
+
+
+def test_report_feature_stability_is_recomputed_from_the_saved_decoders(tiny_run):
+    from pipeline.sae import load_saelens
+    from pipeline.stability import stability
+    from stages.report import fmt
+
+    report = (tiny_run / "artifacts/report.md").read_text()
+    section = report[report.index("## Feature stability") :]
+    one_to_one = section[: section.index("Max-cosine")]
+    a, _ = load_saelens(tiny_run / "artifacts/sae/config_a_4x")
+    b, _ = load_saelens(tiny_run / "artifacts/sae/config_b_6x")
+    shares = stability(a.W_dec.detach(), b.W_dec.detach())["x_in_y"]["one_to_one"]
+    row = next(line for line in one_to_one.splitlines() if line.startswith("| config_a_4x |"))
+    assert row.split(" | ")[2] == f"{fmt(shares['0.9'])} / {fmt(shares['0.7'])}"
+    assert (tiny_run / "artifacts/report/feature_stability.png").stat().st_size > 0
