@@ -162,7 +162,7 @@ def bench_train_step(device: torch.device, amp: str, d_in: int, expansion: int, 
     x = torch.randn(batch_tokens, d_in, device=device)
 
     def step() -> None:  # the trainer's own step, on a non-logging step (no L0 pass)
-        train_step(sae, optimizer, scaler, x, dtype, LossCoefficients(l1=1e-3), with_l0=False)
+        train_step(sae, optimizer, scaler, x, dtype, LossCoefficients(l1=1e-3), logged=False)
 
     mm_dtype = dtype or torch.float32
     a = torch.randn(batch_tokens, d_in, device=device, dtype=mm_dtype)
@@ -204,7 +204,7 @@ def bench_architectures(device: torch.device, amp: str, d_in: int, expansion: in
         sae = sae.to(device)
         optimizer = torch.optim.Adam(sae.parameters(), lr=1e-4)
         scaler = grad_scaler(device, dtype)
-        return lambda: train_step(sae, optimizer, scaler, x, dtype, coeffs, with_l0=False)
+        return lambda: train_step(sae, optimizer, scaler, x, dtype, coeffs, logged=False)
 
     pre = torch.randn(batch_tokens, d_sae, device=device, dtype=dtype or torch.float32)
     fns = {name: step_of(name) for name in ARCHITECTURES}

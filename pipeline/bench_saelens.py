@@ -55,7 +55,7 @@ def our_step(d_in: int, d_sae: int, batch: int, device: torch.device):
     optimizer = torch.optim.Adam(sae.parameters(), lr=1e-4)
     scaler = torch.amp.GradScaler(device.type, enabled=False)
     x = torch.randn(batch, d_in, device=device)
-    return lambda: train_step(sae, optimizer, scaler, x, None, LossCoefficients(l1=5e-3), with_l0=False)
+    return lambda: train_step(sae, optimizer, scaler, x, None, LossCoefficients(l1=5e-3), logged=False)
 
 
 def main() -> None:

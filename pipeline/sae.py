@@ -222,28 +222,32 @@ class LossCoefficients:
 
 
 def training_loss(
-    sae: SparseAutoencoder, x: torch.Tensor, coeffs: LossCoefficients, with_l0: bool = True
+    sae: SparseAutoencoder, x: torch.Tensor, coeffs: LossCoefficients, logged: bool = True
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """The loss to minimise and its terms (fp32): mse per element, L1 per token, decorrelation, and the
     architecture's own: l0_penalty (jumprelu), auxk (topk family), matryoshka (mean MSE over prefixes).
 
-    Updates the SAE's training statistics (dead latents, batch threshold). L0 (detached) costs one more pass over
-    the [batch, d_sae] latents, so the trainer asks for it only when it logs.
+    Updates the SAE's training statistics (dead latents, batch threshold). A term the loss does not use (L1 outside
+    relu, decorrelation at coefficient 0, the full MSE of matryoshka) and L0 (detached) each cost a pass over the
+    [batch, d_sae] latents or the decoder, so they are computed only for a step that is `logged`.
     """
     name = sae.architecture.name
     pre = sae.pre_activations(x)
     f = sae.activate(pre)
     x_hat = sae.decode(f)
     sae.observe(f.detach())
-    terms = {
-        "mse": (x_hat.float() - x).pow(2).mean(),
-        "l1": f.float().sum(dim=1).mean(),
-        "decorrelation": decorrelation(sae.W_dec.float()),
-    }
+    terms = {}
+    if name != "matryoshka" or logged:
+        terms["mse"] = (x_hat.float() - x).pow(2).mean()
+    if name == "relu" or logged:
+        terms["l1"] = f.float().sum(dim=1).mean()
+    if coeffs.decorrelation or logged:
+        terms["decorrelation"] = decorrelation(sae.W_dec.float())
     if name == "matryoshka":
         terms["matryoshka"] = _prefix_mse(sae, f, x)
-    reconstruction = terms["matryoshka"] if name == "matryoshka" else terms["mse"]
-    loss = reconstruction + coeffs.decorrelation * terms["decorrelation"]
+    loss = terms["matryoshka"] if name == "matryoshka" else terms["mse"]
+    if coeffs.decorrelation:
+        loss = loss + coeffs.decorrelation * terms["decorrelation"]
     if name == "relu":
         loss = loss + coeffs.l1 * terms["l1"]
     elif name == "jumprelu":
@@ -252,7 +256,7 @@ def training_loss(
     if name in TOPK_FAMILY:
         terms["auxk"] = _auxk(sae, pre, x - x_hat.detach(), coeffs)
         loss = loss + coeffs.aux * terms["auxk"]
-    if with_l0:
+    if logged:
         terms["l0"] = (f > 0).sum(dim=1).float().mean().detach()
     return loss, terms
 

@@ -25,6 +25,7 @@ Every random draw comes from generators seeded by (seed, purpose), so one seed g
 
 from __future__ import annotations
 
+import itertools
 import math
 from dataclasses import dataclass
 
@@ -158,8 +159,9 @@ def _hierarchy(cfg: SynthConfig, rng: np.random.Generator) -> tuple[np.ndarray, 
 def _compensated_rates(target: np.ndarray, parents: np.ndarray, depths: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Base rates q and resulting rates, so that hierarchical features fire at their target rate where possible."""
     base, expected = target.copy(), target.copy()
-    for level in range(1, depths.max(initial=0) + 1):
-        groups = sibling_groups(torch.from_numpy(parents), torch.from_numpy(depths), level).numpy()
+    levels = [level.numpy() for level in hierarchy_levels(torch.from_numpy(parents), torch.from_numpy(depths))]
+    for above, level in itertools.pairwise(levels):
+        groups = level.reshape(len(above), -1)  # [n_parents, branching]
         parent_rate = expected[parents[groups[:, 0]]][:, None]
         q = target[groups]
         for _ in range(50):  # fixed point of q = target / (parent rate * P(chosen | active))
@@ -196,12 +198,6 @@ def hierarchy_levels(parents: torch.Tensor, depths: torch.Tensor) -> list[torch.
         children = torch.nonzero(depths == depth).flatten()
         levels.append(children[torch.argsort(position[parents[children]] * len(parents) + children)])
     return levels if len(levels[0]) else []
-
-
-def sibling_groups(parents: torch.Tensor, depths: torch.Tensor, level: int) -> torch.Tensor:
-    """[n_parents, branching] feature ids of the children at `level` (>= 1), grouped by parent."""
-    levels = hierarchy_levels(parents, depths)
-    return levels[level].reshape(len(levels[level - 1]), -1)
 
 
 def _orthogonalized(directions: torch.Tensor, cfg: SynthConfig) -> torch.Tensor:

@@ -270,11 +270,11 @@ def train_step(
     x: torch.Tensor,
     amp: torch.dtype | None,
     coeffs: LossCoefficients,
-    with_l0: bool,
+    logged: bool,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor], torch.Tensor]:
     """One optimiser step; returns the loss, its terms (detached, on device) and 1 if the scaler skipped it."""
     with autocast(x.device, amp):
-        loss, terms = training_loss(sae, x, coeffs, with_l0=with_l0)
+        loss, terms = training_loss(sae, x, coeffs, logged=logged)
     optimizer.zero_grad(set_to_none=True)
     scaler.scale(loss).backward()
     skipped = torch.zeros((), dtype=torch.long, device=x.device)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 
@@ -53,8 +54,9 @@ def test_hierarchy_children_fire_only_with_their_parent_and_alone():
     active = draw(model, 8192) > 0
     children = model.parents >= 0
     assert not (active[:, children] & ~active[:, model.parents[children]]).any()
-    for level in (1, 2):
-        groups = synthetic.sibling_groups(model.parents, model.depths, level)
+    levels = synthetic.hierarchy_levels(model.parents, model.depths)
+    for above, level in itertools.pairwise(levels):
+        groups = level.reshape(len(above), -1)  # [n_parents, branching]
         assert active[:, groups].sum(dim=2).max() <= 1
     assert int((model.depths >= 0).sum()) == synthetic.hierarchy_size(SMALL) == 4 + 16 + 64
 
