@@ -260,7 +260,7 @@ def bench_training_runs(params: Params, store: ActivationStore, device: torch.de
     batch = cfg.batch_size * train.seq_len
     minimal_s = minimal_sae_training(
         loader.data, width * cfg.expansion, batch, loader.n_tokens // batch, cfg.lr, train.l1_coeff,
-        train.decorrelation_coeff,
+        train.decorrelation_coeff, amp_dtype(train.amp, device),
     )  # fmt: skip
     return {
         "tokens": store.activations("train", "bench").shape[0],

@@ -35,13 +35,14 @@ def planted(tmp_path_factory) -> tuple[Path, np.ndarray]:
     return root / "store", dictionary
 
 
-def train_planted(tmp_path: Path, store: Path, architecture: str) -> Path:
+def train_planted(tmp_path: Path, store: Path, architecture: str, **train) -> Path:
+    """Train one SAE of `architecture` on the planted store; `train` overrides the train section."""
     settings, _ = PLANTED[architecture]
     sae = {"s": {"expansion": 2, "batch_size": 4, "lr": 1e-2, "epochs": 10, "architecture": architecture, **settings}}
     params = write_params(
         tmp_path / "params.yaml",
         extract={"store": str(store)},
-        train={**SYNTHETIC_TRAIN, "l1_coeff": 2e-2, "out_dir": str(tmp_path / "artifacts")},
+        train={**SYNTHETIC_TRAIN, "l1_coeff": 2e-2, "out_dir": str(tmp_path / "artifacts"), **train},
         sae=sae,
     )
     result = invoke("train", "--params", str(params), "--config", "s")
