@@ -16,6 +16,8 @@
 7. decorrelation cost      decorrelation forward+backward time / config-C step time
 8. <arch> step cost        a training step of that architecture / a ReLU step, same shape (config C) and batch
 8b. topk selection share   the top-k selection alone (ReLU, topk, scatter over [batch, d_sae]) / a topk step
+9. analyze vs evaluate     `pipeline analyze`'s computation for config C's width / `pipeline evaluate`'s (reconstruction
+                           metrics and splice scores) for the same SAE on the same documents (the extraction figures')
 
 FLOPs of a step (stated, not profiled): the encoder and decoder products each cost 2*B*d*s in the forward pass
 and twice that in the backward pass (gradient of the input and of the weight), so a step is 12*B*d*s FLOPs;
@@ -48,8 +50,9 @@ from pipeline.trainer import Trainer, train_step
 NAIVE_DOCS = 50  # the naive per-document baseline is slow: measured on the first documents only
 GOALS = {
     "extract_efficiency": 0.85, "train_efficiency": 0.6, "trainer_vs_minimal": 0.95, "loader_stall": 0.05,
-    "decorrelation_cost": 0.15,
+    "decorrelation_cost": 0.15, "analyze_vs_evaluate": 1.0,
 }  # fmt: skip
+LOWER_IS_BETTER = {"loader_stall", "decorrelation_cost", "analyze_vs_evaluate"}
 
 
 def plain_transformers_forward(params: Params, n_blocks: int, dtype: torch.dtype, device: torch.device) -> Callable:
@@ -218,6 +221,35 @@ def bench_architectures(device: torch.device, amp: str, d_in: int, expansion: in
     }
 
 
+def bench_analyze_vs_evaluate(params: Params, store: ActivationStore, split: str, expansion: int) -> dict:
+    """Figure 9 on the extraction figures' store: a random SAE of config C's width (about half its latents fire on
+    each token, more than a trained SAE's few: analysis's worst case), analysed and evaluated on the same tokens."""
+    from pipeline.analysis import analyze, vocabulary_of
+    from pipeline.metrics import reconstruction_metrics, splice_scores
+
+    model = load_model(params.model)
+    device = next(model.parameters()).device
+    hooks = store.attrs["hooks"]
+    hook = params.train.hook if params.train.hook in hooks else hooks[-1]
+    sae = SparseAutoencoder(store.d_model, store.d_model * expansion, generator=torch.Generator().manual_seed(0))
+    sae = sae.to(device).eval()
+    loader = ActivationLoader(store, split, hook, device, params.train.seed, params.train.exclude_bos)
+    tokens, offsets = store.tokens(split), store.doc_offsets(split)
+    vocabulary = vocabulary_of(model, device)
+    positions = torch.from_numpy(loader.positions)
+
+    def analysis() -> None:
+        analyze(sae, loader.data, positions, tokens, offsets, params.analyze, params.train.seed, vocabulary)
+
+    def evaluation() -> None:
+        reconstruction_metrics(sae, loader.epoch(0, params.evaluate.batch_tokens), params.evaluate.dense_threshold)
+        splice_scores(model, tokens, offsets, hook, {"c": lambda x: sae(x)[0]}, params.evaluate.batch_tokens)
+
+    times = timed_interleaved({"analyze": analysis, "evaluate": evaluation}, device, repeats=1)
+    return {"tokens": len(positions), "d_sae": sae.d_sae, "analyze_s": times["analyze"],
+            "evaluate_s": times["evaluate"], "analyze_vs_evaluate": times["analyze"] / times["evaluate"]}  # fmt: skip
+
+
 def write_random_store(path: Path, n_tokens: int, d: int) -> ActivationStore:
     """A store of random float16 activations (content does not matter for speed)."""
     shard = 65536
@@ -299,6 +331,7 @@ def run(params: Params, n_docs: int, n_tokens: int, width: int | None, workdir: 
     device = resolve_device(params.train.device)
     extract = bench_extract(params, n_docs, workdir)
     c = params.sae["c"] if "c" in params.sae else next(iter(params.sae.values()))
+    analysis = bench_analyze_vs_evaluate(params, ActivationStore(workdir / "bench-store"), "bench", c.expansion)
     d_model = extract["d_model"]
     step = bench_train_step(device, params.train.amp, d_model, c.expansion, c.batch_size * params.train.seq_len)
     arch = bench_architectures(device, params.train.amp, d_model, c.expansion, c.batch_size * params.train.seq_len,
@@ -319,6 +352,7 @@ def run(params: Params, n_docs: int, n_tokens: int, width: int | None, workdir: 
         "decorrelation_cost": step["decorrelation_cost"],
         **{f"{name}_step_cost": cost for name, cost in arch["step_cost"].items()},
         "topk_selection_share": arch["topk_selection_share"],
+        "analyze_vs_evaluate": analysis["analyze_vs_evaluate"],
     }
     return {
         "device": str(device),
@@ -330,5 +364,6 @@ def run(params: Params, n_docs: int, n_tokens: int, width: int | None, workdir: 
             "training_runs": runs,
             "store_read": read,
             "architectures": arch,
+            "analysis": analysis,
         },
     }

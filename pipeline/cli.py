@@ -146,6 +146,17 @@ def evaluate(
 
 
 @app.command()
+def analyze(
+    config: ConfigOption = "all",
+    params: ParamsOption = DEFAULT_PARAMS_FILE,
+    set_: SetOption = None,
+    verbose: VerboseOption = False,
+) -> None:
+    """What each latent learned (top contexts, histograms, logit effects): a feature browser per config."""
+    _run(["analyze", "--config", config], verbose, params, set_, lambda p: _stage("analyze").run(p, which=config))
+
+
+@app.command()
 def report(params: ParamsOption = DEFAULT_PARAMS_FILE, set_: SetOption = None, verbose: VerboseOption = False) -> None:
     """Write artifacts/report.md and its figures from the train and eval metrics."""
     _run(["report"], verbose, params, set_, lambda p: _stage("report").run(p))
@@ -158,12 +169,13 @@ def run_all(
     set_: SetOption = None,
     verbose: VerboseOption = False,
 ) -> None:
-    """Every stage in order without DVC: extract, train (all configs, one read), evaluate, report."""
+    """Every stage in order without DVC: extract, train (all configs, one read), evaluate, analyze, report."""
 
     def all_stages(p: Params) -> None:
         _stage("extract").run(p, resume=resume)
         _stage("train").run(p, which="all", resume=resume)
         _stage("evaluate").run(p, which="all")
+        _stage("analyze").run(p, which="all")
         _stage("report").run(p)
 
     _run(["run", *(["--resume"] if resume else [])], verbose, params, set_, all_stages)
@@ -223,7 +235,7 @@ def bench(
             table.add_row(
                 name,
                 f"{value:.3f}",
-                "" if goal is None else f"{'≤' if 'stall' in name or 'cost' in name else '≥'} {goal}",
+                "" if goal is None else f"{'≤' if name in benchmarks.LOWER_IS_BETTER else '≥'} {goal}",
             )
         console.print(table)
 

@@ -120,6 +120,20 @@ class EvaluateConfig:
 
 
 @dataclass
+class AnalyzeConfig:
+    """What `pipeline analyze` keeps per latent for the feature browser (pipeline/analysis.py)."""
+
+    split: str = "test"
+    top_n: int = 10  # top-activating contexts
+    quantiles: int = 5  # equal-width activation intervals of [0, max] to sample examples from
+    per_quantile: int = 2  # examples drawn from each interval
+    window: int = 8  # context tokens shown either side
+    histogram_bins: int = 24
+    logit_tokens: int = 8  # top and bottom vocabulary entries of the direct logit effect
+    batch_tokens: int = 4096
+
+
+@dataclass
 class SynthConfig:
     """Synthetic data with known features (pipeline/synthetic.py); defaults: the SynthSAEBench-16k recipe."""
 
@@ -161,6 +175,7 @@ class Params:
     )
     train: TrainConfig = field(default_factory=TrainConfig)
     evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
+    analyze: AnalyzeConfig = field(default_factory=AnalyzeConfig)
     synth: SynthConfig = field(default_factory=SynthConfig)
     # Not a parameter: the command line that ran (set by the CLI), recorded so that outputs say how to reproduce them.
     command: str = field(default="", repr=False)
@@ -200,6 +215,7 @@ def sae_outputs(out_dir: str | Path, key: str, cfg: SAEConfig) -> dict[str, Path
         "curve": out / "plots" / f"train_{key}.tsv",
         "eval_metrics": out / "metrics" / f"eval_{key}.json",
         "eval_details": out / "details" / f"eval_{key}.json",
+        "browser": out / "browser" / name,
     }
 
 
@@ -344,6 +360,11 @@ def _validate(params: Params) -> None:
         (e.batch_tokens > 0, "evaluate.batch_tokens", e.batch_tokens, positive),
         (e.n_docs is None or e.n_docs > 0, "evaluate.n_docs", e.n_docs, "null or a positive integer"),
         (0 < e.dense_threshold <= 1, "evaluate.dense_threshold", e.dense_threshold, "0 < value <= 1"),
+        *(
+            (getattr(params.analyze, name) > 0, f"analyze.{name}", getattr(params.analyze, name), positive)
+            for name in ("top_n", "quantiles", "per_quantile", "histogram_bins", "logit_tokens", "batch_tokens")
+        ),
+        (params.analyze.window >= 0, "analyze.window", params.analyze.window, ">= 0"),
         (bool(params.sae), "sae", params.sae, "at least one config"),
         (x.source in ("gsm8k", "synthetic"), "extract.source", x.source, "gsm8k or synthetic"),
         (DEVICE_PATTERN.match(s.device), "synth.device", s.device, "auto, cpu, cuda, cuda:N or mps"),

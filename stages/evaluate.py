@@ -7,15 +7,14 @@ import logging
 from pipeline.atomic import write_json
 from pipeline.config import Params, params_to_dict, resolved, sae_outputs
 from pipeline.device import resolve_device
-from pipeline.errors import PipelineError
 from pipeline.ground_truth import ground_truth_metrics
-from pipeline.lm import load_model
 from pipeline.loader import ActivationLoader
 from pipeline.metrics import reconstruction_metrics, splice_scores
 from pipeline.progress import progress_bars
-from pipeline.sae import SparseAutoencoder, load_saelens
+from pipeline.sae import SparseAutoencoder
 from pipeline.store import ActivationStore
 from pipeline.synthetic import SyntheticModel
+from stages.inputs import model_of_store, trained_sae
 
 log = logging.getLogger(__name__)
 
@@ -27,12 +26,12 @@ def run(params: Params, which: str = "all") -> dict[str, dict]:
     tokens, offsets = store.tokens(ev.split), store.doc_offsets(ev.split)
     n_docs = len(offsets) - 1 if ev.n_docs is None else min(ev.n_docs, len(offsets) - 1)
     device = resolve_device(params.train.device)
-    saes = {key: _load_sae(params, key, store).to(device) for key in params.sae_configs(which)}
+    saes = {key: trained_sae(params, key, store).to(device) for key in params.sae_configs(which)}
     loader = ActivationLoader(store, ev.split, hook, device, params.train.seed, params.train.exclude_bos)
     totals = {"reconstruction": loader.n_tokens * len(saes)}
     if not store.is_synthetic:  # synthetic data has no model to splice into; it has true features instead
         totals["splice"] = int(offsets[n_docs] - offsets[0])
-        model = _load_model_of(params, store)
+        model = model_of_store(params, store)
         log.info("splicing %s into the model on %d %s documents", ", ".join(saes), n_docs, ev.split)
     with progress_bars(totals) as bars:
         splices = {key: None for key in saes}
@@ -89,35 +88,3 @@ def _ground_truth(store: ActivationStore, saes: dict[str, SparseAutoencoder], de
     log.info("ground truth: %s against %d true features on %d fresh samples", ", ".join(saes), model.n_features,
              cfg["eval_samples"])  # fmt: skip
     return ground_truth_metrics(saes, model, cfg["eval_samples"], cfg["seed"])
-
-
-def _load_sae(params: Params, key: str, store: ActivationStore) -> SparseAutoencoder:
-    folder = sae_outputs(params.train.out_dir, key, params.sae[key])["saelens"]
-    if not (folder / "cfg.json").is_file():
-        raise PipelineError(f"no trained SAE for sae.{key} at {folder}; run `pipeline train --config {key}` first")
-    sae, cfg = load_saelens(folder)
-    trained_hook = cfg["metadata"].get("hook_name")
-    if trained_hook != params.train.hook or sae.d_in != store.d_model:
-        raise PipelineError(
-            f"{folder} was trained on {trained_hook} (d_in={sae.d_in}); evaluation is on {params.train.hook} of "
-            f"{store.path} (d_model={store.d_model}): retrain it"
-        )
-    return sae.eval()
-
-
-def _load_model_of(params: Params, store: ActivationStore):
-    """The model the store was extracted from (checked by name, mode and shape), for splicing."""
-    for key, stored in (("name", store.attrs["model"]), ("process_weights", store.attrs["process_weights"])):
-        if getattr(params.model, key) != stored:
-            raise PipelineError(
-                f"model.{key} is {getattr(params.model, key)!r} but {store.path} was extracted with {stored!r}"
-            )
-    model = load_model(params.model)
-    found = {"d_model": int(model.cfg.d_model), "n_ctx": int(model.cfg.n_ctx)}
-    expected = {key: int(store.attrs[key]) for key in found}
-    if found != expected:
-        raise PipelineError(
-            f"model {params.model.name!r} now has {found}, but {store.path} was extracted from a model with "
-            f"{expected}: the checkpoint under that name changed; re-extract with `pipeline extract --force`"
-        )
-    return model

@@ -316,7 +316,18 @@ def _config_section(params: Params, key: str, label: str, m: dict) -> list[str]:
         "| --- | --- |",
         *[f"| {name} | {value} |" for name, value in results],
         "",
+        _browser_link(params, key),
+        "",
     ]
+
+
+def _browser_link(params: Params, key: str) -> str:
+    """A link to the config's feature browser, relative to the report (which sits in `train.out_dir`)."""
+    page = sae_outputs(params.train.out_dir, key, params.sae[key])["browser"] / "index.html"
+    if not page.is_file():
+        return f"Feature browser: not built yet (`pipeline analyze --config {key}`)."
+    link = page.relative_to(params.train.out_dir).as_posix()
+    return f"Feature browser: [{link}]({link}) (top contexts, histograms and logit effects of every latent)."
 
 
 def _setting(value) -> str:

@@ -14,6 +14,7 @@ FIGURES = {
     "extract_efficiency", "bridge_overhead", "extract_speedup_over_naive", "train_efficiency", "loader_stall",
     "one_read_ratio", "trainer_vs_minimal", "store_read_ratio", "decorrelation_cost", "topk_step_cost",
     "batchtopk_step_cost", "jumprelu_step_cost", "matryoshka_step_cost", "topk_selection_share",
+    "analyze_vs_evaluate",
 }  # fmt: skip
 
 

@@ -336,15 +336,17 @@ def test_dvc_repro_on_the_tiny_profile(tmp_path):
     subprocess.run([*git, "commit", "-qm", "init"], cwd=repo, check=True)
 
     first = stages_run(dvc(repo, "repro"))
-    assert first == {"extract", "train@a", "train@b", "train@c", "evaluate@a", "evaluate@b", "evaluate@c", "report"}
+    per_config = {f"{stage}@{key}" for stage in ("train", "evaluate", "analyze") for key in "abc"}
+    assert first == {"extract", *per_config, "report"}
     assert (repo / "artifacts/report.md").is_file()
+    assert (repo / "artifacts/browser/config_c_8x/index.html").is_file()
     assert stages_run(dvc(repo, "repro")) == set()
     subprocess.run([*git, "add", "-A"], cwd=repo, check=True)
     subprocess.run([*git, "commit", "-qm", "baseline"], cwd=repo, check=True)
 
     # Experiments: each reruns only what its change touches, and keeps its own metrics for comparison.
     for lr in ("5e-5", "2e-4"):
-        assert stages_run(dvc(repo, "exp", "run", "-S", f"sae.c.lr={lr}")) == {"train@c", "evaluate@c", "report"}
+        assert stages_run(dvc(repo, "exp", "run", "-S", f"sae.c.lr={lr}")) == {"train@c", "evaluate@c", "analyze@c", "report"}
     assert json.loads((repo / "artifacts/details/train_c.json").read_text())["config"]["lr"] == 2e-4
     shown = dvc_json(repo, "exp", "show")
     experiments = [rev for commit in shown for exp in commit.get("experiments") or [] for rev in exp["revs"]]
@@ -432,3 +434,54 @@ def test_report_feature_stability_is_recomputed_from_the_saved_decoders(tiny_run
     row = next(line for line in one_to_one.splitlines() if line.startswith("| config_a_4x |"))
     assert row.split(" | ")[2] == f"{fmt(shares['0.9'])} / {fmt(shares['0.7'])}"
     assert (tiny_run / "artifacts/report/feature_stability.png").stat().st_size > 0
+
+
+def test_each_config_has_a_feature_browser_listing_every_latent(tiny_run):
+    from pipeline.browser import read_browser_data
+
+    params = load_params(tiny_run / "params.yaml")
+    report = (tiny_run / "artifacts/report.md").read_text()
+    for key, cfg in params.sae.items():
+        folder = tiny_run / sae_outputs(params.train.out_dir, key, cfg)["browser"]
+        data = read_browser_data(folder)
+        d_sae = cfg.expansion * ActivationStore(tiny_run / params.extract.store).d_model
+        assert [f["id"] for f in data["features"]] == list(range(d_sae))
+        assert data["vocab"] and data["logit_note"]
+        link = f"browser/{folder.name}/index.html"
+        assert f"[{link}]({link})" in report
+
+
+def chromium() -> str:
+    for name in ("chromium", "chromium-browser", "google-chrome"):
+        if found := shutil.which(name):
+            return found
+    pytest.skip("headless Chromium is not installed (Debian: apt-get install chromium)")
+
+
+def test_the_feature_browser_opens_in_headless_chromium(tiny_run, tmp_path):
+    from pipeline.browser import read_browser_data
+
+    browser = chromium()
+    folder = tiny_run / "artifacts/browser/config_c_8x"
+    data = read_browser_data(folder)
+    feature = max(data["features"], key=lambda f: f["frequency"])
+    url = f"{(folder / 'index.html').as_uri()}#f={feature['id']}"
+    flags = [browser, "--headless", "--no-sandbox", "--disable-gpu", f"--user-data-dir={tmp_path / 'profile'}"]
+    dom = subprocess.run([*flags, "--virtual-time-budget=10000", "--dump-dom", url], capture_output=True,
+                         text=True, timeout=120, check=True).stdout  # fmt: skip
+    assert len(re.findall(r'<tr class="feature-row[ "]', dom)) == len(data["features"])  # the index lists every one
+    panel = dom[dom.index('id="panel"') :]
+    assert f"<h2>Feature {feature['id']}</h2>" in panel
+    first = feature["top"][0]
+    centre = data["vocab"][str(first[3][first[2]])].replace("\n", "⏎")
+    assert '<span class="tok centre"' in panel and f">{html_escape(centre)}</span>" in panel
+    shot = tmp_path / "browser.png"
+    subprocess.run([*flags, "--window-size=1280,900", f"--screenshot={shot}", url], capture_output=True, timeout=120,
+                   check=True)  # fmt: skip
+    assert shot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and shot.stat().st_size > 20_000
+
+
+def html_escape(text: str) -> str:
+    import html
+
+    return html.escape(text, quote=False)

@@ -1,0 +1,42 @@
+"""Stage `analyze`: what each latent learned, over the held-out split, as a feature browser per config."""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+
+from pipeline.analysis import analyze, vocabulary_of
+from pipeline.browser import write_browser
+from pipeline.config import Params, sae_name, sae_outputs
+from pipeline.device import resolve_device
+from pipeline.loader import ActivationLoader
+from pipeline.progress import progress_bars
+from pipeline.store import ActivationStore
+from stages.inputs import model_of_store, trained_sae
+
+log = logging.getLogger(__name__)
+
+
+def run(params: Params, which: str = "all") -> dict[str, str]:
+    """Analyse the configs named by `which` ("all" or a key of `sae`); returns each browser page's path."""
+    settings, hook, train = params.analyze, params.train.hook, params.train
+    store = ActivationStore(params.extract.store)
+    device = resolve_device(train.device)
+    saes = {key: trained_sae(params, key, store).to(device) for key in params.sae_configs(which)}
+    loader = ActivationLoader(store, settings.split, hook, device, train.seed, train.exclude_bos,
+                              train.memory_budget_gb)  # fmt: skip
+    positions = torch.from_numpy(loader.positions)
+    tokens, offsets = store.tokens(settings.split), store.doc_offsets(settings.split)
+    vocabulary = None if store.is_synthetic else vocabulary_of(model_of_store(params, store), device)
+    pages = {}
+    with progress_bars({key: 2 * len(positions) for key in saes}) as bars:  # passes 1 and 2; 3 is short
+        for key, sae in saes.items():
+            payload = analyze(sae, loader.data, positions, tokens, offsets, settings, train.seed, vocabulary,
+                              on_block=bars[key].advance)  # fmt: skip
+            cfg = params.sae[key]
+            payload |= {"config": key, "name": sae_name(key, cfg), "architecture": cfg.architecture, "hook": hook,
+                        "split": settings.split}  # fmt: skip
+            pages[key] = str(write_browser(sae_outputs(train.out_dir, key, cfg)["browser"], payload))
+            log.info("sae.%s: feature browser written to %s", key, pages[key])
+    return pages
