@@ -16,7 +16,8 @@
 #   1. environment: GPU, torch, CUDA; NCCL with one process (init, all_reduce, barrier)
 #   2. tests/test_cuda.py: CUDA against CPU (extraction, pinned loader, fp16 autocast + GradScaler, evaluation)
 #   3. pipeline bench on the GPT-2-small-shaped model and the real GSM8K test split
-#   4. a short full run (extract, train A/B/C, evaluate, report) on MAX_DOCS documents per split, timed per stage
+#   4. a short full run (extract, train A/B/C, evaluate, analyze, report) on MAX_DOCS documents per split, timed
+#      per stage
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT_DIR=$(mkdir -p "${1:-artifacts/device-check}" && cd "${1:-artifacts/device-check}" && pwd)
@@ -86,6 +87,7 @@ step bench 180 "$python" -m pipeline.cli bench $P --docs "$BENCH_DOCS" --tokens 
 step extract 150 "$python" -m pipeline.cli extract $P
 step train 150 "$python" -m pipeline.cli train $P --config all
 step evaluate 150 "$python" -m pipeline.cli evaluate $P
+step analyze 150 "$python" -m pipeline.cli analyze $P
 step report 120 "$python" -m pipeline.cli report $P
 cp "$WORK/artifacts/report.md" "$OUT_DIR/report.md" 2>/dev/null
 
@@ -106,6 +108,7 @@ try:
 except (OSError, ET.ParseError, AttributeError):
     result["cuda_tests"] = None
 result["train"] = {os.path.basename(p): load(p) for p in sorted(glob.glob(f"{work}/artifacts/details/train_*.json"))}
+result["browser_bytes"] = {p.split("/")[-2]: os.path.getsize(p) for p in glob.glob(f"{work}/artifacts/browser/*/features.js")}
 result["evaluate"] = {os.path.basename(p): load(p) for p in sorted(glob.glob(f"{work}/artifacts/metrics/eval_*.json"))}
 json.dump(result, open(out, "w"), indent=2, default=str)
 print("results:", out)

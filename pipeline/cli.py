@@ -247,15 +247,32 @@ def tiny_assets(
     out: Annotated[str, typer.Argument(help="Directory to write model/ and gsm8k/ into.")] = "data/tiny",
     shape: Annotated[str, typer.Option(help="Model shape: tiny, or gpt2-small (for benchmarks).")] = "tiny",
     tokenizer: Annotated[str | None, typer.Option(help="GPT-2 BPE ranks (.tiktoken) for the real tokenizer.")] = None,
+    train: Annotated[bool, typer.Option(help="Train the model on the train rows (a few minutes on CPU).")] = False,
+    train_steps: Annotated[int, typer.Option(help="Training steps with --train (batches of 32 documents).")] = 1500,
+    dataset: Annotated[
+        str | None, typer.Option(help="Real GSM8K rows instead of generated ones: a hub id or a local directory.")
+    ] = None,
 ) -> None:
-    """Write a random GPT-2 and GSM8K-format rows (what params-tiny.yaml runs on; offline, CPU)."""
+    """Write a tiny GPT-2 and GSM8K-format rows (what params-tiny.yaml runs on; offline, CPU)."""
+    from pipeline.config import DataConfig
+    from pipeline.gsm8k import load_rows
     from pipeline.tiny import SHAPES, write_tiny_assets
 
     if shape not in SHAPES:
         print(f"error: unknown shape {shape!r}; choose from {', '.join(SHAPES)}", file=sys.stderr)
         raise typer.Exit(2)
-    for kind, path in write_tiny_assets(Path(out), shape, Path(tokenizer) if tokenizer else None).items():
+    try:
+        rows = None if dataset is None else {s: load_rows(DataConfig(dataset=dataset), s) for s in ("train", "test")}
+    except PipelineError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        raise typer.Exit(2) from None
+    paths = write_tiny_assets(
+        Path(out), shape, Path(tokenizer) if tokenizer else None, rows=rows, train_steps=train_steps if train else 0
+    )
+    for kind, path in paths.items():
         print(f"{kind}: {path}")
+    if train:
+        print((paths["model"] / "training.json").read_text().strip())
 
 
 if __name__ == "__main__":

@@ -29,7 +29,7 @@ class TokenizedSplit:
 
 def load_documents(cfg: DataConfig, split: str) -> list[str]:
     """The split's rows rendered through `cfg.template` (keys: the row's fields, e.g. {question}, {answer})."""
-    rows = _load_rows(cfg, split)
+    rows = load_rows(cfg, split)
     if cfg.max_docs is not None:
         rows = rows[: cfg.max_docs]
     try:
@@ -54,7 +54,8 @@ def tokenize(documents: list[str], tokenizer, bos_token_id: int, max_len: int) -
     return TokenizedSplit(tokens=tokens, doc_offsets=offsets, n_truncated=n_truncated)
 
 
-def _load_rows(cfg: DataConfig, split: str) -> list[dict]:
+def load_rows(cfg: DataConfig, split: str) -> list[dict]:
+    """The split's GSM8K rows (dicts with `question` and `answer`), from a local directory or the hub."""
     local = Path(cfg.dataset).expanduser()
     if looks_local(cfg.dataset):
         if not local.is_dir():

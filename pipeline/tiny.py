@@ -1,12 +1,16 @@
-"""Tiny offline assets: a random GPT-2-architecture checkpoint and GSM8K-format rows.
+"""Tiny offline assets: a GPT-2-architecture checkpoint and GSM8K-format rows.
 
 They let the whole pipeline run on a CPU with no hub access (`params-tiny.yaml`), and the tests use them too.
-The model's weights are random: only the plumbing, not the numbers, mean anything on them.
+With `train_steps` the tiny model is trained on the rows' train split (next-token prediction, seeded and
+deterministic), so that its activations have structure: zero-ablating its residual stream hurts, splice scores
+mean something, and SAE latents pick out digits, operators and the `<<a+b=c>>` calculator annotations. Without
+it the weights are random, and only the plumbing means anything.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import random
 from pathlib import Path
 
@@ -87,19 +91,105 @@ def save_tiny_gpt2(
 
 
 def write_tiny_assets(
-    root: Path, shape: str = "tiny", tiktoken_file: Path | None = None, n_train: int = 300, n_test: int = 100
+    root: Path,
+    shape: str = "tiny",
+    tiktoken_file: Path | None = None,
+    n_train: int = 300,
+    n_test: int = 100,
+    rows: dict[str, list[dict]] | None = None,
+    train_steps: int = 0,
 ) -> dict[str, Path]:
-    """`root/model` (random GPT-2 of `shape` + tokenizer) and `root/gsm8k/{train,test}.jsonl`.
+    """`root/model` (a GPT-2 of `shape` + tokenizer) and `root/gsm8k/{train,test}.jsonl`.
 
-    The tokenizer is GPT-2's real one when `tiktoken_file` is given, else a small BPE trained on the rows.
+    The rows are `rows` (e.g. real GSM8K) when given, else generated ones. The tokenizer is GPT-2's real one when
+    `tiktoken_file` is given, else a small BPE trained on the train rows. With `train_steps` > 0 the model is then
+    trained on the train rows (`train_tiny_gpt2`), and `root/model/training.json` records its losses.
     """
     root = Path(root)
-    write_jsonl(root / "gsm8k" / "train.jsonl", make_rows(n_train, seed=1))
-    write_jsonl(root / "gsm8k" / "test.jsonl", make_rows(n_test, seed=2))
+    rows = rows or {"train": make_rows(n_train, seed=1), "test": make_rows(n_test, seed=2)}
+    for split, split_rows in rows.items():
+        write_jsonl(root / "gsm8k" / f"{split}.jsonl", split_rows)
+    texts = {split: [TEMPLATE.format(**r) for r in split_rows] for split, split_rows in rows.items()}
     if tiktoken_file is None:
-        tokenizer = train_tokenizer([r["question"] + "\n" + r["answer"] for r in make_rows(300, seed=3)])
+        generated = texts["train"] if "train" in texts else [TEMPLATE.format(**r) for r in make_rows(300, seed=3)]
+        tokenizer = train_tokenizer(generated, vocab_size=400 if len(generated) <= 1000 else 1024)
     else:
         tokenizer = gpt2_tokenizer(tiktoken_file)
     n_layer, n_embd, n_head, n_positions = SHAPES[shape]
-    save_tiny_gpt2(root / "model", tokenizer, n_layer, n_embd, n_positions, n_head=n_head)
+    model_dir = save_tiny_gpt2(root / "model", tokenizer, n_layer, n_embd, n_positions, n_head=n_head)
+    if train_steps > 0:
+        train_tiny_gpt2(model_dir, texts["train"], texts.get("test", []), train_steps)
     return {"model": root / "model", "dataset": root / "gsm8k"}
+
+
+TEMPLATE = "{question}\n{answer}"  # params.yaml's data.template: the model learns what extraction shows it
+
+
+def train_tiny_gpt2(
+    directory: Path, train_texts: list[str], test_texts: list[str], steps: int, seed: int = 0,
+    batch_size: int = 32, lr: float = 3e-3,
+) -> dict:  # fmt: skip
+    """Train the checkpoint in `directory` in place on `train_texts`, each as BOS + its tokens (as extraction
+    feeds documents), then record the mean next-token loss on `test_texts` in `directory/training.json`.
+
+    Seeded: the same call gives the same weights on the same machine (batches come from a seeded generator, and
+    nothing else is random). Adam with a linear warmup over the first 5% of steps and a cosine decay to 10%.
+    """
+    from transformers import AutoTokenizer, GPT2LMHeadModel
+
+    torch.manual_seed(seed)
+    tokenizer = AutoTokenizer.from_pretrained(directory)
+    model = GPT2LMHeadModel.from_pretrained(directory)
+    n_ctx = model.config.n_positions
+    train = _documents(tokenizer, train_texts, n_ctx)
+    generator = torch.Generator().manual_seed(seed)
+    optimizer = torch.optim.Adam(model.parameters(), lr=lr)
+    warmup = max(1, steps // 20)
+    schedule = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: min(1.0, (s + 1) / warmup) * (0.55 + 0.45 * math.cos(math.pi * min(s, steps) / steps))
+    )
+    model.train()
+    losses = []
+    for _ in range(steps):
+        chosen = torch.randint(len(train), (batch_size,), generator=generator).tolist()
+        ids, mask = _padded([train[i] for i in chosen])
+        loss = model(input_ids=ids, attention_mask=mask, labels=ids.masked_fill(mask == 0, -100)).loss
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        schedule.step()
+        losses.append(loss.item())
+    model.eval()
+    record = {
+        "steps": steps, "seed": seed, "batch_size": batch_size, "lr": lr, "train_documents": len(train),
+        "final_train_loss": sum(losses[-20:]) / len(losses[-20:]),
+        **_held_out_loss(model, _documents(tokenizer, test_texts, n_ctx)),
+        "uniform_loss": math.log(len(tokenizer)),
+    }  # fmt: skip
+    model.save_pretrained(directory)
+    (Path(directory) / "training.json").write_text(json.dumps(record, indent=2) + "\n")
+    return record
+
+
+def _documents(tokenizer, texts: list[str], n_ctx: int) -> list[torch.Tensor]:
+    encoded = tokenizer(texts, add_special_tokens=False)["input_ids"]
+    return [torch.tensor([tokenizer.bos_token_id, *ids][:n_ctx]) for ids in encoded]
+
+
+def _padded(documents: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    ids = torch.nn.utils.rnn.pad_sequence(documents, batch_first=True, padding_value=0)
+    mask = (torch.arange(ids.shape[1]) < torch.tensor([len(d) for d in documents])[:, None]).long()
+    return ids, mask
+
+
+def _held_out_loss(model, documents: list[torch.Tensor], batch_size: int = 64) -> dict:
+    """Mean next-token loss over every predicted token of `documents` (the test split)."""
+    total, count = 0.0, 0
+    with torch.no_grad():
+        for start in range(0, len(documents), batch_size):
+            ids, mask = _padded(documents[start : start + batch_size])
+            logits = model(input_ids=ids, attention_mask=mask).logits[:, :-1]
+            targets = ids[:, 1:].masked_fill(mask[:, 1:] == 0, -100)
+            loss = torch.nn.functional.cross_entropy(logits.transpose(1, 2), targets, reduction="sum")
+            total, count = total + loss.item(), count + int((targets != -100).sum())
+    return {"held_out_loss": total / count if count else None, "held_out_tokens": count}
