@@ -248,7 +248,7 @@ def tiny_assets(
     shape: Annotated[str, typer.Option(help="Model shape: tiny, or gpt2-small (for benchmarks).")] = "tiny",
     tokenizer: Annotated[str | None, typer.Option(help="GPT-2 BPE ranks (.tiktoken) for the real tokenizer.")] = None,
     train: Annotated[bool, typer.Option(help="Train the model on the train rows (a few minutes on CPU).")] = False,
-    train_steps: Annotated[int, typer.Option(help="Training steps with --train (batches of 32 documents).")] = 1500,
+    train_steps: Annotated[int, typer.Option(help="Training steps with --train (batches of 32 documents).")] = 600,
     dataset: Annotated[
         str | None, typer.Option(help="Real GSM8K rows instead of generated ones: a hub id or a local directory.")
     ] = None,

@@ -67,7 +67,7 @@ class SAEConfig:
     lr: float
     epochs: int = 3
     architecture: str = "relu"  # relu | topk | batchtopk | jumprelu | matryoshka
-    init_seed: int | None = None  # seed of the SAE's initial weights; None = train.seed (the data order always is)
+    init_seed: int | None = None  # seed of the initial weights (mixed with the width); None = train.seed
     # None = the train section's value (see TrainConfig for their meaning).
     l1_coeff: float | None = None
     decorrelation_coeff: float | None = None

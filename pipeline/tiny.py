@@ -16,6 +16,8 @@ from pathlib import Path
 
 import torch
 
+from pipeline.progress import progress_bars
+
 NAMES = ["Ann", "Bob", "Cy", "Dee", "Eve", "Fay"]
 THINGS = ["apples", "pens", "cards", "marbles", "books"]
 BOS = "<|endoftext|>"
@@ -150,15 +152,17 @@ def train_tiny_gpt2(
     )
     model.train()
     losses = []
-    for _ in range(steps):
-        chosen = torch.randint(len(train), (batch_size,), generator=generator).tolist()
-        ids, mask = _padded([train[i] for i in chosen])
-        loss = model(input_ids=ids, attention_mask=mask, labels=ids.masked_fill(mask == 0, -100)).loss
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        schedule.step()
-        losses.append(loss.item())
+    with progress_bars({"train tiny model": steps}, unit="step") as bars:
+        for _ in range(steps):
+            chosen = torch.randint(len(train), (batch_size,), generator=generator).tolist()
+            ids, mask = _padded([train[i] for i in chosen])
+            loss = model(input_ids=ids, attention_mask=mask, labels=ids.masked_fill(mask == 0, -100)).loss
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            schedule.step()
+            losses.append(loss.item())
+            bars["train tiny model"].advance(1, loss=losses[-1])
     model.eval()
     record = {
         "steps": steps, "seed": seed, "batch_size": batch_size, "lr": lr, "train_documents": len(train),

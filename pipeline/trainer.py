@@ -247,7 +247,7 @@ class Trainer:
         d_sae = d_in * cfg.expansion
         if cfg.architecture in TOPK_FAMILY and cfg.k > d_sae:
             raise PipelineError(f"sae.{key}: k={cfg.k} is more than its {d_sae} latents")
-        generator = torch.Generator().manual_seed(self.train.seed if cfg.init_seed is None else cfg.init_seed)
+        generator = init_generator(self.train.seed if cfg.init_seed is None else cfg.init_seed, d_sae)
         sae = SparseAutoencoder(d_in, d_sae, architecture_of(cfg), generator=generator).to(self.device)
         return SAERun(
             key=key,
@@ -286,6 +286,15 @@ def train_step(
     scaler.update()
     sae.after_step()
     return loss.detach(), {k: v.detach() for k, v in terms.items()}, skipped
+
+
+def init_generator(seed: int, d_sae: int) -> torch.Generator:
+    """The generator of an SAE's initial weights, mixed with its width.
+
+    With one seed for every width, a narrower SAE's initial decoder would be the first rows of a wider one's, and
+    feature stability across widths would measure that shared start rather than what training found.
+    """
+    return torch.Generator().manual_seed(seed * 1_000_003 + d_sae)
 
 
 def architecture_of(cfg: SAEConfig) -> Architecture:

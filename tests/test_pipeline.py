@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import yaml
 from conftest import PROJECT_ROOT, invoke
 
 from pipeline.config import ModelConfig, load_params, sae_outputs
@@ -306,7 +307,11 @@ def test_dvc_repro_on_the_tiny_profile(tmp_path):
         if (PROJECT_ROOT / name).is_file():
             (repo / name).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(PROJECT_ROOT / name, repo / name)
-    shutil.copy(repo / "params-tiny.yaml", repo / "params.yaml")
+    params = yaml.safe_load((repo / "params-tiny.yaml").read_text())
+    params["sae"] = {key: params["sae"][key] for key in "ac"}  # DVC's plumbing is under test here, not the SAEs:
+    for cfg in params["sae"].values():  # two configs (foreach over several), one epoch each
+        cfg["epochs"] = 1
+    (repo / "params.yaml").write_text(yaml.safe_dump(params))
     write_tiny_assets(repo / "data" / "tiny")
     git = ["git", "-c", "user.email=t@t", "-c", "user.name=t"]
     subprocess.run(["git", "init", "-q"], cwd=repo, check=True)
@@ -314,7 +319,7 @@ def test_dvc_repro_on_the_tiny_profile(tmp_path):
     subprocess.run([*git, "commit", "-qm", "init"], cwd=repo, check=True)
 
     first = stages_run(dvc(repo, "repro"))
-    per_config = {f"{stage}@{key}" for stage in ("train", "evaluate", "analyze") for key in "abc"}
+    per_config = {f"{stage}@{key}" for stage in ("train", "evaluate", "analyze") for key in "ac"}
     assert first == {"extract", *per_config, "report"}
     assert (repo / "artifacts/report.md").is_file()
     assert (repo / "artifacts/browser/config_c_8x/index.html").is_file()
@@ -342,7 +347,7 @@ def test_dvc_repro_on_the_tiny_profile(tmp_path):
     plots = dvc_json(repo, "plots", "show")["data"]
     for name in ("training loss", "training MSE", "training L1", "training L0"):
         points = plots[name][0]["content"]["data"]["values"]
-        assert {p["config"] for p in points} == {"a", "b", "c"}, name
+        assert {p["config"] for p in points} == {"a", "c"}, name
     assert any(name.endswith("training_curves.png") for name in plots)
 
     assert stages_run(dvc(repo, "repro", "--force", "--single-item", "train@a")) == {"train@a"}
