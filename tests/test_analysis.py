@@ -24,6 +24,10 @@ SETTINGS = AnalyzeConfig(top_n=5, quantiles=4, per_quantile=3, window=3, histogr
 
 @pytest.fixture(scope="module")
 def case():
+    return make_case()
+
+
+def make_case():
     """A random SAE whose encoder biases range from 0 to very negative (busy, rare and dead latents), data, and
     documents of 10..30 tokens."""
     generator = torch.Generator().manual_seed(0)

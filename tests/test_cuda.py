@@ -10,10 +10,12 @@ import numpy as np
 import pytest
 import torch
 from conftest import invoke, write_synthetic_store
+from test_analysis import SETTINGS, make_case
 from test_architectures import PLANTED, train_planted
 from test_extract import reference_activations
 from test_train import recovery_and_explained_variance
 
+from pipeline.analysis import analyze
 from pipeline.config import ModelConfig, load_params
 from pipeline.lm import load_model
 from pipeline.loader import ActivationLoader
@@ -92,3 +94,17 @@ def test_cuda_evaluation_agrees_with_cpu(tmp_path, tiny_params):
                          ("splice", "ce_clean"), ("splice", "ce_sae"), ("splice", "kl_sae")]:  # fmt: skip
         cpu, cuda = details["cpu"][section][key], details["cuda"][section][key]
         assert cuda == pytest.approx(cpu, rel=1e-3, abs=1e-4), (section, key)
+
+
+def test_cuda_analysis_equals_cpu():
+    """Statistics, top contexts and histograms on CUDA are the CPU's (quantile samples use each device's own
+    random stream, so they are compared only by count)."""
+    sae, data, positions, tokens, offsets, _ = make_case()
+    cpu = analyze(sae, data, positions, tokens, offsets, SETTINGS, seed=0, vocabulary=None)
+    cuda = analyze(sae.to(CUDA), data.to(CUDA), positions, tokens, offsets, SETTINGS, seed=0, vocabulary=None)
+    sae.to("cpu")
+    for a, b in zip(cpu["features"], cuda["features"], strict=True):
+        assert a["frequency"] == b["frequency"] and a["histogram"] == b["histogram"]
+        assert b["max"] == pytest.approx(a["max"], rel=1e-5) and b["mean"] == pytest.approx(a["mean"], rel=1e-5)
+        assert [e[:4] for e in a["top"]] == [e[:4] for e in b["top"]]
+        assert [len(q["examples"]) for q in a["quantiles"]] == [len(q["examples"]) for q in b["quantiles"]]
