@@ -55,23 +55,26 @@ def latent_statistics(
     data: torch.Tensor, positions: torch.Tensor, sae: SparseAutoencoder, settings: AnalyzeConfig,
     on_block: Callable[[int], None] = lambda n: None,
 ) -> LatentStatistics:  # fmt: skip
-    """Pass 1: firing counts, sums, maxima and the running top-N per latent."""
+    """Pass 1: firing counts, sums, maxima and the running top-N per latent.
+
+    Each block's own top-N comes first (one read of the block, no transposed copy), then merges with the running
+    one: [2N, d_sae] values, not [N + block, d_sae].
+    """
     d_sae, device, n = sae.d_sae, sae.W_dec.device, settings.top_n
     counts = torch.zeros(d_sae, dtype=torch.int64, device=device)
     sums = torch.zeros(d_sae, dtype=torch.float64, device=device)
-    maxima = torch.zeros(d_sae, device=device)
-    top_values = torch.zeros(d_sae, n, device=device)
-    top_tokens = torch.full((d_sae, n), -1, dtype=torch.int64, device=device)
+    top_values = torch.zeros(n, d_sae, device=device)
+    top_tokens = torch.full((n, d_sae), -1, dtype=torch.int64, device=device)
     for tokens, acts in blocks(data, positions, sae, settings.batch_tokens):
-        counts += (acts > 0).sum(0)
-        sums += acts.sum(0, dtype=torch.float64)
-        maxima = torch.maximum(maxima, acts.max(0).values)
-        values = torch.cat([top_values, acts.T], dim=1)
-        candidates = torch.cat([top_tokens, tokens.expand(d_sae, -1)], dim=1)
-        top_values, index = values.topk(n, dim=1)
-        top_tokens = candidates.gather(1, index)
+        counts += torch.count_nonzero(acts, dim=0)  # every architecture's activations are >= 0
+        sums += acts.sum(0).double()
+        block_values, block_rows = acts.topk(min(n, len(tokens)), dim=0)
+        values = torch.cat([top_values, block_values])
+        top_values, index = values.topk(n, dim=0)
+        top_tokens = torch.cat([top_tokens, tokens[block_rows]]).gather(0, index)
         on_block(len(tokens))
     top_tokens[top_values <= 0] = -1
+    maxima, top_values, top_tokens = top_values[0], top_values.T.contiguous(), top_tokens.T.contiguous()
     return LatentStatistics(counts, sums, maxima, top_values, top_tokens)
 
 
@@ -206,37 +209,39 @@ def analyze(
     """
     stats = latent_statistics(data, positions, sae, settings, on_block)
     histograms, samples = histograms_and_quantile_samples(data, positions, sae, stats.maxima, settings, seed, on_block)
+    d_sae = sae.d_sae
     top, sampled = stats.top_tokens.cpu().numpy(), samples.cpu().numpy()
-    examples = [np.concatenate([top[j][top[j] >= 0], sampled[j].ravel()[sampled[j].ravel() >= 0]])
-                for j in range(sae.d_sae)]  # fmt: skip
-    latent = np.repeat(np.arange(sae.d_sae), [len(e) for e in examples])
-    centre = np.concatenate(examples).astype(np.int64)
+    # Every example as one row, per latent: its valid top tokens, then each interval's samples (valid ones first).
+    candidates = np.concatenate([top, sampled.reshape(d_sae, -1)], axis=1)
+    latent, _ = np.nonzero(candidates >= 0)
+    centre = candidates[candidates >= 0]
     doc, position, lo, hi = context_windows(tokens, offsets, centre, settings.window)
     lengths = hi - lo
-    starts = np.repeat(np.cumsum(lengths) - lengths, lengths)
-    window_tokens = np.repeat(lo, lengths) + np.arange(lengths.sum()) - starts
+    ends = np.cumsum(lengths)
+    window_tokens = np.repeat(lo - (ends - lengths), lengths) + np.arange(ends[-1] if len(ends) else 0)
     window_acts = activations_at(data, sae, window_tokens, np.repeat(latent, lengths), settings.batch_tokens)
     maxima = stats.maxima.cpu().numpy()
     scaled = np.rint(window_acts / np.maximum(np.repeat(maxima[latent], lengths), 1e-30) * ACTIVATION_SCALE)
+    # Python lists once, then slices of them: per-example numpy calls would dominate on a GPU machine.
+    ids, acts = tokens[window_tokens].tolist(), scaled.astype(np.int64).tolist()
     context = [
-        [int(doc[i]), int(position[i]), int(centre[i] - lo[i]), tokens[lo[i] : hi[i]].tolist(),
-         scaled[starts_i : starts_i + lengths[i]].astype(int).tolist()]
-        for i, starts_i in enumerate(np.cumsum(lengths) - lengths)
+        [d, p, a, ids[e - n : e], acts[e - n : e]]
+        for d, p, a, n, e in zip(doc.tolist(), position.tolist(), (centre - lo).tolist(), lengths.tolist(),
+                                 ends.tolist(), strict=True)
     ]  # fmt: skip
-    logits = None if vocabulary is None else logit_effects(sae, vocabulary.unembed, vocabulary.ln_weight,
-                                                           settings.logit_tokens)  # fmt: skip
-    counts, sums = stats.counts.cpu().numpy(), stats.sums.cpu().numpy()
-    hist = histograms.cpu().numpy()
-    n_top = (top >= 0).sum(1)
+    logit_rows = _logit_rows(sae, vocabulary, settings.logit_tokens)
+    counts, sums, maxima_l = stats.counts.tolist(), stats.sums.tolist(), maxima.tolist()
+    hist = histograms.tolist()
+    n_top, n_sampled = (top >= 0).sum(1).tolist(), (sampled >= 0).sum(2).tolist()
     features, cursor = [], 0
-    for j in range(sae.d_sae):
-        mine = context[cursor : cursor + len(examples[j])]
-        cursor += len(examples[j])
-        features.append(feature_record(j, counts[j], sums[j], maxima[j], len(positions), mine[: n_top[j]],
-                                       mine[n_top[j] :], sampled[j], hist[j], logits, settings))  # fmt: skip
-    used = {t for example in context for t in example[3]}
-    if logits is not None:
-        used |= set(logits[1].flatten().tolist()) | set(logits[3].flatten().tolist())
+    for j in range(d_sae):
+        mine = context[cursor : cursor + n_top[j] + sum(n_sampled[j])]
+        cursor += len(mine)
+        features.append(feature_record(j, counts[j], sums[j], maxima_l[j], len(positions), mine[: n_top[j]],
+                                       mine[n_top[j] :], n_sampled[j], hist[j], logit_rows[j]))  # fmt: skip
+    used = set(ids)
+    for row in logit_rows:
+        used |= {t for t, _ in (row or {}).get("top", []) + (row or {}).get("bottom", [])}
     return {
         "d_sae": sae.d_sae,
         "n_tokens": len(positions),
@@ -257,18 +262,30 @@ LOGIT_NOTE = (
 )
 
 
+def _logit_rows(sae: SparseAutoencoder, vocabulary: Vocabulary | None, n: int) -> list[dict | None]:
+    """Per latent, its top and bottom `n` logit effects as [token id, value] pairs (None without a model)."""
+    if vocabulary is None:
+        return [None] * sae.d_sae
+    top_v, top_i, bottom_v, bottom_i = (x.tolist() for x in logit_effects(sae, vocabulary.unembed,
+                                                                          vocabulary.ln_weight, n))  # fmt: skip
+    return [
+        {"top": [[t, round(v, 4)] for v, t in zip(tv, ti, strict=True)],
+         "bottom": [[t, round(v, 4)] for v, t in zip(bv, bi, strict=True)]}
+        for tv, ti, bv, bi in zip(top_v, top_i, bottom_v, bottom_i, strict=True)
+    ]  # fmt: skip
+
+
 def feature_record(
     j: int, count: int, total: float, maximum: float, n_tokens: int, top: list, sampled_contexts: list,
-    sampled: np.ndarray, histogram: np.ndarray, logits: tuple | None, settings: AnalyzeConfig,
+    per_quantile: list[int], histogram: list[int], logits: dict | None,
 ) -> dict:  # fmt: skip
     """One latent: `top` and each quantile's `examples` are [document, position, index of the token in the
     window, window token ids, activations in thousandths of `max`]; `top_token` is the commonest token among the
-    top examples' activating tokens, with its share."""
-    count, total, maximum = int(count), float(total), float(maximum)
-    quantiles, cursor = [], 0
-    for q in range(settings.quantiles):
-        n = int((sampled[q] >= 0).sum())
-        quantiles.append({"range": [maximum * q / settings.quantiles, maximum * (q + 1) / settings.quantiles],
+    top examples' activating tokens, with its share. `per_quantile`: how many of `sampled_contexts` each
+    equal-width interval of [0, max] holds, in order."""
+    quantiles, cursor, q = [], 0, len(per_quantile)
+    for i, n in enumerate(per_quantile):
+        quantiles.append({"range": [maximum * i / q, maximum * (i + 1) / q],
                           "examples": sampled_contexts[cursor : cursor + n]})  # fmt: skip
         cursor += n
     centres = [example[3][example[2]] for example in top]
@@ -281,11 +298,6 @@ def feature_record(
         "top_token": None if commonest is None else [commonest, centres.count(commonest) / len(centres)],
         "top": top,
         "quantiles": quantiles,
-        "histogram": histogram.tolist(),
-        "logits": None
-        if logits is None
-        else {
-            "top": [[int(t), round(float(v), 4)] for v, t in zip(logits[0][j], logits[1][j], strict=True)],
-            "bottom": [[int(t), round(float(v), 4)] for v, t in zip(logits[2][j], logits[3][j], strict=True)],
-        },
+        "histogram": histogram,
+        "logits": logits,
     }

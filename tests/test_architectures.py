@@ -17,7 +17,7 @@ from pipeline.trainer import architecture_of
 
 # Settings found for this small dictionary (64 directions in 32 dimensions, ~2.6 active per vector).
 PLANTED = {
-    "relu": ({}, 0.8),
+    "relu": ({}, 0.75),  # 0.84 and 0.78 with two initial seeds (the same on CUDA in fp16); frozen decoder < 0.1
     "topk": ({"k": 4, "dead_tokens": 20_000}, 0.8),
     "batchtopk": ({"k": 4, "dead_tokens": 10_000}, 0.7),
     "jumprelu": ({"l0_coeff": 2e-2, "jumprelu_bandwidth": 0.05, "jumprelu_initial_threshold": 0.1}, 0.8),
