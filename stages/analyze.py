@@ -7,7 +7,8 @@ import logging
 import torch
 
 from pipeline.analysis import analyze, vocabulary_of
-from pipeline.browser import write_browser
+from pipeline.atomic import check_replaceable
+from pipeline.browser import is_browser_folder, write_browser
 from pipeline.config import Params, sae_name, sae_outputs
 from pipeline.device import resolve_device
 from pipeline.loader import ActivationLoader
@@ -21,6 +22,8 @@ log = logging.getLogger(__name__)
 def run(params: Params, which: str = "all") -> dict[str, str]:
     """Analyse the configs named by `which` ("all" or a key of `sae`); returns each browser page's path."""
     settings, hook, train = params.analyze, params.train.hook, params.train
+    for key, cfg in params.sae_configs(which).items():  # before any work: never replace a folder that is not ours
+        check_replaceable(sae_outputs(train.out_dir, key, cfg)["browser"], is_browser_folder)
     store = ActivationStore(params.extract.store)
     device = resolve_device(train.device)
     saes = {key: trained_sae(params, key, store).to(device) for key in params.sae_configs(which)}

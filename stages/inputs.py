@@ -25,7 +25,8 @@ def trained_sae(params: Params, key: str, store: ActivationStore) -> SparseAutoe
 
 
 def model_of_store(params: Params, store: ActivationStore):
-    """The model the store was extracted from (checked by name, mode and shape), for splicing."""
+    """The model the store was extracted from (checked by name, mode and shape): for splicing, logit effects and
+    token text."""
     for key, stored in (("name", store.attrs["model"]), ("process_weights", store.attrs["process_weights"])):
         if getattr(params.model, key) != stored:
             raise PipelineError(

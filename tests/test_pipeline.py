@@ -491,3 +491,20 @@ def test_config_c_has_a_latent_for_one_nameable_token_class(tiny_run):
             if len(centres) == 10 and sum(map(member, centres)) >= 9:
                 found.setdefault(name, []).append(feature["id"])
     assert {"digits", "arithmetic operators"} <= set(found), found
+
+
+def test_analyze_refuses_to_replace_a_folder_it_did_not_write(tiny_run, monkeypatch):
+    browser = tiny_run / "artifacts/browser/config_a_4x"
+    moved = browser.with_name("moved-aside")
+    browser.rename(moved)
+    try:
+        browser.mkdir()
+        (browser / "notes.txt").write_text("mine")
+        monkeypatch.chdir(tiny_run)
+        result = invoke("analyze", "--config", "a")
+        assert result.exit_code == 2
+        assert "did not write; refusing to replace it" in result.output
+        assert (browser / "notes.txt").read_text() == "mine"
+    finally:
+        shutil.rmtree(browser)
+        moved.rename(browser)
