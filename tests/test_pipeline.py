@@ -327,15 +327,14 @@ def test_dvc_repro_on_the_tiny_profile(tmp_path):
     subprocess.run([*git, "add", "-A"], cwd=repo, check=True)
     subprocess.run([*git, "commit", "-qm", "baseline"], cwd=repo, check=True)
 
-    # Experiments: each reruns only what its change touches, and keeps its own metrics for comparison.
-    for lr in ("5e-5", "2e-4"):
-        changed = stages_run(dvc(repo, "exp", "run", "-S", f"sae.c.lr={lr}"))
-        assert changed == {"train@c", "evaluate@c", "analyze@c", "report"}
+    # An experiment reruns only what its change touches, and keeps its own metrics beside the baseline's.
+    changed = stages_run(dvc(repo, "exp", "run", "-S", "sae.c.lr=2e-4"))
+    assert changed == {"train@c", "evaluate@c", "analyze@c", "report"}
     assert json.loads((repo / "artifacts/details/train_c.json").read_text())["config"]["lr"] == 2e-4
     shown = dvc_json(repo, "exp", "show")
-    experiments = [rev for commit in shown for exp in commit.get("experiments") or [] for rev in exp["revs"]]
-    assert len(experiments) == 2
-    eval_c = [rev["data"]["metrics"]["artifacts/metrics/eval_c.json"]["data"] for rev in experiments]
+    (baseline,) = [commit for commit in shown if commit.get("experiments")]
+    (experiment,) = [rev for exp in baseline["experiments"] for rev in exp["revs"]]
+    eval_c = [rev["data"]["metrics"]["artifacts/metrics/eval_c.json"]["data"] for rev in (baseline, experiment)]
     assert all("explained_variance" in m and "l0" in m for m in eval_c)
     assert eval_c[0]["explained_variance"] != eval_c[1]["explained_variance"]
 
