@@ -34,9 +34,13 @@ class LatentStatistics:
 
     counts: torch.Tensor  # [d_sae] tokens on which the latent fired
     sums: torch.Tensor  # [d_sae] sum of its activations
-    maxima: torch.Tensor  # [d_sae]
     top_values: torch.Tensor  # [d_sae, top_n], descending; 0 where it fired on fewer tokens
     top_tokens: torch.Tensor  # [d_sae, top_n] token index in the split
+
+    @property
+    def maxima(self) -> torch.Tensor:
+        """[d_sae] each latent's largest activation (0 for a dead one)."""
+        return self.top_values[:, 0]
 
 
 def blocks(
@@ -74,8 +78,7 @@ def latent_statistics(
         top_tokens = torch.cat([top_tokens, tokens[block_rows]]).gather(0, index)
         on_block(len(tokens))
     top_tokens[top_values <= 0] = -1
-    maxima, top_values, top_tokens = top_values[0], top_values.T.contiguous(), top_tokens.T.contiguous()
-    return LatentStatistics(counts, sums, maxima, top_values, top_tokens)
+    return LatentStatistics(counts, sums, top_values.T.contiguous(), top_tokens.T.contiguous())
 
 
 def histograms_and_quantile_samples(
@@ -240,8 +243,8 @@ def analyze(
         features.append(feature_record(j, counts[j], sums[j], maxima_l[j], len(positions), mine[: n_top[j]],
                                        mine[n_top[j] :], n_sampled[j], hist[j], logit_rows[j]))  # fmt: skip
     used = set(ids)
-    for row in logit_rows:
-        used |= {t for t, _ in (row or {}).get("top", []) + (row or {}).get("bottom", [])}
+    for row in filter(None, logit_rows):
+        used |= {t for t, _ in row["top"] + row["bottom"]}
     return {
         "d_sae": sae.d_sae,
         "n_tokens": len(positions),

@@ -76,9 +76,8 @@ def plain_transformers_forward(params: Params, n_blocks: int, dtype: torch.dtype
     return forward
 
 
-def bench_extract(params: Params, n_docs: int, workdir: Path) -> dict:
-    """Figures 1, 1b and 2 on the first `n_docs` documents of the test split."""
-    model = load_model(params.model)
+def bench_extract(params: Params, model, n_docs: int, workdir: Path) -> dict:
+    """Figures 1, 1b and 2 on the first `n_docs` documents of the test split, with `model` (params.model loaded)."""
     hooks = params.extract.hooks
     stop = check_hooks(model, hooks)
     device = next(model.parameters()).device
@@ -223,14 +222,13 @@ def bench_architectures(device: torch.device, amp: str, d_in: int, expansion: in
     }
 
 
-def bench_analyze_vs_evaluate(params: Params, store: ActivationStore, split: str, expansion: int) -> dict:
+def bench_analyze_vs_evaluate(params: Params, model, store: ActivationStore, split: str, expansion: int) -> dict:
     """Figure 9 on the extraction figures' store: a random SAE of config C's width whose encoder biases make each
     latent fire on its share of `L0_OF_BENCH_SAE` per token (about what a trained SAE fires; a random one with zero
     biases fires half its latents), analysed and evaluated on the same tokens."""
     from pipeline.analysis import analyze, vocabulary_of
     from pipeline.metrics import reconstruction_metrics, splice_scores
 
-    model = load_model(params.model)
     device = next(model.parameters()).device
     hooks = store.attrs["hooks"]
     hook = params.train.hook if params.train.hook in hooks else hooks[-1]
@@ -341,9 +339,11 @@ def bench_store_read(store: ActivationStore) -> dict:
 def run(params: Params, n_docs: int, n_tokens: int, width: int | None, workdir: Path) -> dict:
     """Every figure; sizes: `n_docs` documents for extraction, `n_tokens` x `width` for the training runs."""
     device = resolve_device(params.train.device)
-    extract = bench_extract(params, n_docs, workdir)
+    model = load_model(params.model)
+    extract = bench_extract(params, model, n_docs, workdir)
     c = params.sae["c"] if "c" in params.sae else next(iter(params.sae.values()))
-    analysis = bench_analyze_vs_evaluate(params, ActivationStore(workdir / "bench-store"), "bench", c.expansion)
+    analysis = bench_analyze_vs_evaluate(params, model, ActivationStore(workdir / "bench-store"), "bench", c.expansion)
+    del model  # the model's memory is not the training figures' to share
     d_model = extract["d_model"]
     step = bench_train_step(device, params.train.amp, d_model, c.expansion, c.batch_size * params.train.seq_len)
     arch = bench_architectures(device, params.train.amp, d_model, c.expansion, c.batch_size * params.train.seq_len,

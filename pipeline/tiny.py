@@ -16,6 +16,7 @@ from pathlib import Path
 
 import torch
 
+from pipeline.config import DataConfig
 from pipeline.progress import progress_bars
 
 NAMES = ["Ann", "Bob", "Cy", "Dee", "Eve", "Fay"]
@@ -111,10 +112,10 @@ def write_tiny_assets(
     rows = rows or {"train": make_rows(n_train, seed=1), "test": make_rows(n_test, seed=2)}
     for split, split_rows in rows.items():
         write_jsonl(root / "gsm8k" / f"{split}.jsonl", split_rows)
-    texts = {split: [TEMPLATE.format(**r) for r in split_rows] for split, split_rows in rows.items()}
+    # The documents as extraction renders them (data.template's default), so the model learns what it will be shown.
+    texts = {split: [DataConfig.template.format(**r) for r in split_rows] for split, split_rows in rows.items()}
     if tiktoken_file is None:
-        generated = texts["train"] if "train" in texts else [TEMPLATE.format(**r) for r in make_rows(300, seed=3)]
-        tokenizer = train_tokenizer(generated, vocab_size=400 if len(generated) <= 1000 else 1024)
+        tokenizer = train_tokenizer(texts["train"], vocab_size=400 if len(texts["train"]) <= 1000 else 1024)
     else:
         tokenizer = gpt2_tokenizer(tiktoken_file)
     n_layer, n_embd, n_head, n_positions = SHAPES[shape]
@@ -122,9 +123,6 @@ def write_tiny_assets(
     if train_steps > 0:
         train_tiny_gpt2(model_dir, texts["train"], texts.get("test", []), train_steps)
     return {"model": root / "model", "dataset": root / "gsm8k"}
-
-
-TEMPLATE = "{question}\n{answer}"  # params.yaml's data.template: the model learns what extraction shows it
 
 
 def train_tiny_gpt2(
