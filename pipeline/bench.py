@@ -106,7 +106,7 @@ def bench_extract(params: Params, model, n_docs: int, workdir: Path) -> dict:
     def extract() -> None:
         writer = StoreWriter(workdir / "bench-store", attrs, resume=False)
         writer.add_split("bench", data.tokens, data.doc_offsets)
-        extract_pending(writer, extractor, {"bench": data})
+        extract_pending(writer, extractor, {"bench": data}, writer.all_pending_shards())
         writer.finalize({"bos_token_id": model.tokenizer.bos_token_id})  # as the stage does: checksums, rename
 
     naive_docs = min(data.n_docs, NAIVE_DOCS)

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import importlib
 import logging
+import os
 import shlex
 import sys
 from collections.abc import Callable
@@ -54,9 +55,18 @@ def _stage(name: str):
 
 
 def _run(
-    command: list[str], verbose: bool, params_file: str, overrides: list[str] | None, stage: Callable[[Params], T]
-) -> T:
-    """Load parameters and run `stage`; bad input becomes one line on stderr and exit code 2."""
+    command: list[str],
+    verbose: bool,
+    params_file: str,
+    overrides: list[str] | None,
+    stage: Callable[[Params], T],
+    nproc: Callable[[Params], int] | None = None,
+) -> T | None:
+    """Load parameters and run `stage`; bad input becomes one line on stderr and exit code 2.
+
+    A stage that can run on several processes says how many with `nproc`: more than one starts them under
+    torchrun (unless this process is already one of them), and torchrun's processes join its process group.
+    """
     from rich.logging import RichHandler
 
     from pipeline.progress import console
@@ -69,11 +79,24 @@ def _run(
     )
     try:
         params = load_params(params_file, overrides)
-        options = [] if params_file == DEFAULT_PARAMS_FILE else ["--params", params_file]
-        options += [word for item in overrides or [] for word in ("-S", item)]
+        options = _options(params_file, overrides)
         params.command = shlex.join(["pipeline", *command, *options])
         _quiet_libraries(verbose)
-        return stage(params)
+        if nproc is None:
+            if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+                raise PipelineError(f"pipeline {command[0]} runs as one process: start it without torchrun")
+            return stage(params)
+        from pipeline import distributed
+
+        if distributed.should_relaunch(nproc(params)):
+            exit_code = distributed.relaunch(nproc(params), [*command, *options, *(["-v"] * verbose)])
+            if exit_code:
+                raise typer.Exit(exit_code)
+            return None
+        with distributed.process_group():
+            if not distributed.is_main() and not verbose:  # one process speaks for all: rank 0
+                logging.getLogger().setLevel(logging.WARNING)
+            return stage(params)
     except (PipelineError, OSError) as exc:  # bad input, or the environment (disk full, permissions): not a bug
         if verbose:
             raise
@@ -82,6 +105,12 @@ def _run(
     except KeyboardInterrupt:
         print("interrupted: finished work is kept; rerun with --resume to continue", file=sys.stderr)
         raise typer.Exit(130) from None
+
+
+def _options(params_file: str, overrides: list[str] | None) -> list[str]:
+    """The command-line options that select these parameters."""
+    options = [] if params_file == DEFAULT_PARAMS_FILE else ["--params", params_file]
+    return options + [word for item in overrides or [] for word in ("-S", item)]
 
 
 def _quiet_libraries(verbose: bool) -> None:
@@ -103,7 +132,7 @@ def extract(
 ) -> None:
     """GSM8K through GPT-2: hooked residual-stream activations into the zarr store (extract.store)."""
     command = ["extract", *(["--resume"] if resume else []), *(["--force"] if force else [])]
-    _run(command, verbose, params, set_, lambda p: _stage("extract").run(p, resume=resume, force=force))
+    _run(command, verbose, params, set_, lambda p: _stage("extract").run(p, resume=resume, force=force), _extract_nproc)
 
 
 @app.command()
@@ -131,7 +160,15 @@ def train(
 ) -> None:
     """Train SAE config(s) from the store; `--config all` trains every config from one read of the data."""
     command = ["train", "--config", config, *(["--resume"] if resume else [])]
-    _run(command, verbose, params, set_, lambda p: _stage("train").run(p, which=config, resume=resume))
+    _run(command, verbose, params, set_, lambda p: _stage("train").run(p, which=config, resume=resume), _train_nproc)
+
+
+def _extract_nproc(params: Params) -> int:
+    return params.extract.nproc
+
+
+def _train_nproc(params: Params) -> int:
+    return params.train.nproc
 
 
 @app.command()
@@ -171,9 +208,18 @@ def run_all(
 ) -> None:
     """Every stage in order without DVC: extract, train (all configs, one read), evaluate, analyze, report."""
 
+    def in_processes(nproc: int, arguments: list[str], stage: Callable[[], object]) -> None:
+        from pipeline import distributed
+
+        if not distributed.should_relaunch(nproc):
+            stage()
+        elif exit_code := distributed.relaunch(nproc, [*arguments, *_options(params, set_), *(["-v"] * verbose)]):
+            raise PipelineError(f"pipeline {arguments[0]} on {nproc} processes failed (exit code {exit_code})")
+
     def all_stages(p: Params) -> None:
-        _stage("extract").run(p, resume=resume)
-        _stage("train").run(p, which="all", resume=resume)
+        again = ["--resume"] if resume else []
+        in_processes(p.extract.nproc, ["extract", *again], lambda: _stage("extract").run(p, resume=resume))
+        in_processes(p.train.nproc, ["train", *again], lambda: _stage("train").run(p, which="all", resume=resume))
         _stage("evaluate").run(p, which="all")
         _stage("analyze").run(p, which="all")
         _stage("report").run(p)

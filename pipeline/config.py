@@ -50,6 +50,7 @@ class ExtractConfig:
     batch_tokens: int | None = None  # padded tokens per forward pass; None = 16384 on cuda, 2048 on cpu
     shard_tokens: int = 65536  # tokens per shard file: the unit of writing and of resuming
     chunk_tokens: int = 4096  # tokens per chunk inside a shard: the unit of reading
+    nproc: int = 1  # local processes (torchrun); > 1 shards the work across them (see README "Scaling out")
 
 
 ARCHITECTURES = ("relu", "topk", "batchtopk", "jumprelu", "matryoshka")  # described in pipeline/sae.py
@@ -104,6 +105,8 @@ class TrainConfig:
     seed: int = 0
     device: str = "auto"
     memory_budget_gb: float = 8.0  # keep the split on the device when it fits, else stream from host RAM
+    nproc: int = 1  # local processes (torchrun); > 1 trains on several, as `distribute` says
+    distribute: str = "data"  # data: every rank a slice of every batch; configs: every rank its own configs
     exclude_bos: bool = True
     scale_sample_tokens: int = 65536  # tokens used to estimate the input scale factor
     checkpoint_every: int = 10  # shared blocks (lcm of the batch sizes, in tokens) between resumable checkpoints
@@ -353,6 +356,9 @@ def _validate(params: Params) -> None:
          "a positive multiple of extract.chunk_tokens"),
         (t.amp in ("auto", "none", "fp16", "bf16"), "train.amp", t.amp, "auto, none, fp16 or bf16"),
         (t.seq_len > 0, "train.seq_len", t.seq_len, positive),
+        (x.nproc > 0, "extract.nproc", x.nproc, positive),
+        (t.nproc > 0, "train.nproc", t.nproc, positive),
+        (t.distribute in ("data", "configs"), "train.distribute", t.distribute, "data or configs"),
         (t.memory_budget_gb >= 0, "train.memory_budget_gb", t.memory_budget_gb, ">= 0"),
         (t.scale_sample_tokens > 0, "train.scale_sample_tokens", t.scale_sample_tokens, positive),
         (t.checkpoint_every > 0, "train.checkpoint_every", t.checkpoint_every, positive),

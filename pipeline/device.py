@@ -8,6 +8,7 @@ import sys
 
 import torch
 
+from pipeline import distributed
 from pipeline.errors import PipelineError
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -15,12 +16,15 @@ AMP_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
 
 
 def resolve_device(name: str) -> torch.device:
-    """`auto` is CUDA when present, else CPU; an explicit CUDA request without CUDA is an error."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
+    """`auto` is CUDA when present, else CPU; an explicit CUDA request without CUDA is an error.
+
+    Under torchrun, a CUDA device without an index is this process's own GPU (cuda:LOCAL_RANK).
+    """
+    device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if name == "auto" else name)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise PipelineError(f"device {name!r} was asked for but CUDA is not available here")
+    if device.type == "cuda" and device.index is None and distributed.launched():
+        return torch.device("cuda", distributed.local_rank())
     return device
 
 

@@ -53,18 +53,19 @@ def extract_pending(
     writer: StoreWriter,
     extractor: ShardExtractor,
     splits: dict[str, TokenizedSplit],
+    shards: Sequence[tuple[str, int, int, int]],
     on_shard: Callable[[int], None] = lambda n_tokens: None,
 ) -> None:
-    """Compute and write every shard `writer` still lacks, writing on a background thread.
+    """Compute and write `shards` ((split, index, first token, end token) each), writing on a background thread.
 
     Even when interrupted, the shards already computed reach the disk and count as done.
     """
     background = BackgroundWriter(writer)
     try:
-        for split, data in splits.items():
-            for index, start, end in writer.pending_shards(split):
-                background.submit(split, index, start, extractor.extract(data.tokens, data.doc_offsets, start, end))
-                on_shard(end - start)
+        for split, index, start, end in shards:
+            data = splits[split]
+            background.submit(split, index, start, extractor.extract(data.tokens, data.doc_offsets, start, end))
+            on_shard(end - start)
     finally:
         background.close()
 

@@ -63,5 +63,8 @@ def progress_bars(totals: dict[str, int], unit: str = "tok") -> Iterator[dict[st
         TimeElapsedColumn(),
         TextColumn("{task.fields[info]}"),
     )
-    with Progress(*columns, console=console, speed_estimate_period=10.0) as progress:
+    from pipeline import distributed  # here, not above: the CLI's console must not import torch
+
+    shown = distributed.is_main()  # under torchrun, rank 0's bars stand for every rank's
+    with Progress(*columns, console=console, speed_estimate_period=10.0, disable=not shown) as progress:
         yield {name: ProgressBar(progress, name, total, unit) for name, total in totals.items()}

@@ -9,7 +9,9 @@ Layout (zarr v3 group; readable by any zarr v3 reader):
 
 Activation arrays are sharded along tokens (`shard_tokens` per shard file, the unit of writing and resuming)
 with `chunk_tokens`-row chunks inside (the unit of reading). A store is built under `<store>.partial`, where
-`progress.json` records finished shards (and their checksums) for --resume. The group attribute `manifest`
+`progress.json` records finished shards (and their checksums) for --resume; under torchrun, rank r > 0 keeps its
+own record in `progress-<r>.json`, so that no file is written by two processes, and any later run (of any
+world size) merges them. The group attribute `manifest`
 (size and sha256 of every file but the group's own zarr.json) is written last, in one atomic write of zarr.json:
 a store is complete exactly when it has one, and only then is it renamed to its final name. A run that finds a
 complete `.partial` (a crash between the manifest and the rename) finishes the rename instead of recomputing.
@@ -31,6 +33,7 @@ from typing import Any
 import numpy as np
 import zarr
 
+from pipeline import distributed
 from pipeline.atomic import check_replaceable, remove_litter, replace_dir, write_json
 from pipeline.errors import PipelineError
 from pipeline.locks import exclusive_lock
@@ -38,7 +41,7 @@ from pipeline.locks import exclusive_lock
 log = logging.getLogger(__name__)
 
 FORMAT_VERSION = 2  # 2: the manifest attribute (per-file checksums), token_sha256 in the identity
-PROGRESS_FILE = "progress.json"
+PROGRESS_FILE = "progress.json"  # rank 0's record; rank r > 0 writes progress-<r>.json
 MANIFEST = "manifest"  # the group attribute that lists every file; its presence marks a complete store
 ZARR_TEMPORARY = ".partial"  # suffix of zarr's own temporary files (a killed write leaves them behind)
 # Attributes that decide a store's content: --resume refuses, and an up-to-date check re-extracts, when any differs.
@@ -48,6 +51,14 @@ IDENTITY_KEYS = (
     "shard_tokens", "chunk_tokens", "d_model", "n_ctx", "token_sha256", "synthetic",
 )  # fmt: skip
 TRUTH_GROUP = "truth"  # synthetic stores: the true features and their distribution (pipeline/synthetic.py)
+
+
+def progress_file(rank: int) -> str:
+    return PROGRESS_FILE if rank == 0 else f"progress-{rank}.json"
+
+
+def _progress_files(partial: Path) -> list[Path]:
+    return sorted(partial.glob("progress*.json"))
 
 
 def partial_path(path: Path) -> Path:
@@ -112,10 +123,17 @@ def status(path: str | Path, attrs: dict[str, Any]) -> tuple[bool, str]:
 class StoreWriter:
     """Builds a store under `<path>.partial`, one whole shard at a time, then renames it into place."""
 
-    def __init__(self, path: str | Path, attrs: dict[str, Any], resume: bool) -> None:
+    def __init__(self, path: str | Path, attrs: dict[str, Any], resume: bool, rank: int = 0) -> None:
+        """Rank 0 (or the only process) starts or resumes the store; rank r > 0 joins the one rank 0 prepared."""
         self.path = Path(path)
         self.partial = partial_path(self.path)
         self.attrs = {"format_version": FORMAT_VERSION, **attrs}
+        self.progress = self.partial / progress_file(rank)
+        self.done: dict[str, set[int]] = {}
+        self.files: dict[str, dict] = {}
+        if rank > 0:
+            self.group = zarr.open_group(self.partial, mode="r+", zarr_format=3)
+            return
         # A partial store killed before its first progress record holds nothing worth keeping: start over.
         if resume and (self.partial / PROGRESS_FILE).is_file() and (self.partial / "zarr.json").is_file():
             self.group = zarr.open_group(self.partial, mode="r+", zarr_format=3)
@@ -126,9 +144,7 @@ class StoreWriter:
                 )
                 raise PipelineError(f"cannot --resume {self.partial}: it was written with different parameters "
                                     f"({details}); run without --resume to start over")  # fmt: skip
-            progress = json.loads((self.partial / PROGRESS_FILE).read_text())
-            self.done = {split: set(indices) for split, indices in progress["shards"].items()}
-            self.files: dict[str, dict] = progress["files"]
+            self._merge_progress()
         else:
             if resume:
                 log.warning("nothing to resume at %s: extracting from the start", self.partial)
@@ -136,8 +152,6 @@ class StoreWriter:
             shutil.rmtree(self.partial, ignore_errors=True)
             self.partial.parent.mkdir(parents=True, exist_ok=True)
             self.group = zarr.open_group(self.partial, mode="w", zarr_format=3, attributes=self.attrs)
-            self.done = {}
-            self.files = {}
             self._save_progress()
 
     def add_split(self, split: str, tokens: np.ndarray, doc_offsets: np.ndarray) -> None:
@@ -175,8 +189,12 @@ class StoreWriter:
         return [
             (i, start, min(start + size, n_tokens))
             for i, start in enumerate(range(0, n_tokens, size))
-            if i not in self.done[split]
+            if i not in self.done.get(split, ())
         ]
+
+    def all_pending_shards(self) -> list[tuple[str, int, int, int]]:
+        """(split, index, first token, end token) of every shard not yet written, split by split."""
+        return [(split, *shard) for split in self.attrs["splits"] for shard in self.pending_shards(split)]
 
     def write_shard(self, split: str, index: int, start: int, activations: dict[str, np.ndarray]) -> None:
         """Write one whole shard of every hook and its checksum (read back while still in the page cache)."""
@@ -185,15 +203,26 @@ class StoreWriter:
             array[start : start + len(values)] = values
             name = _shard_file(array, split, hook, index)
             self.files[name] = _file_record(self.partial / name)
-        self.done[split].add(index)
+        self.done.setdefault(split, set()).add(index)
         self._save_progress()
 
     def finalize(self, extra_attrs: dict[str, Any]) -> None:
-        """Record the summary attributes with the manifest (the completion mark), then move the store into place."""
+        """Record the summary attributes with the manifest (the completion mark), then move the store into place.
+
+        Rank 0 only, once every rank has written its shards: their progress records are merged first, and a
+        shard that no record lists is an error (the store is left under .partial for --resume).
+        """
+        self._merge_progress()
+        missing = {split: len(self.pending_shards(split)) for split in self.attrs["splits"]}
+        if any(missing.values()):
+            raise PipelineError(
+                f"{self.partial}: shards were never written ({', '.join(f'{s}: {n}' for s, n in missing.items())}); "
+                "run `pipeline extract --resume` to compute them"
+            )
         files = {}
         for file in sorted(self.partial.rglob("*")):
             name = file.relative_to(self.partial).as_posix()
-            if not file.is_file() or name in ("zarr.json", PROGRESS_FILE):
+            if not file.is_file() or name == "zarr.json" or file in _progress_files(self.partial):
                 continue
             if name.endswith(ZARR_TEMPORARY):  # left by a write that was killed before a resume
                 file.unlink()
@@ -201,12 +230,56 @@ class StoreWriter:
             known = self.files.get(name)
             files[name] = known if known and known["size"] == file.stat().st_size else _file_record(file)
         self.group.attrs.update({**extra_attrs, MANIFEST: {"algorithm": "sha256", "files": files}})
-        (self.partial / PROGRESS_FILE).unlink()
+        for record in _progress_files(self.partial):
+            record.unlink()
         replace_dir(self.partial, self.path, is_store)
+
+    def _merge_progress(self) -> None:
+        """Fold every rank's record (of this run or of an earlier one, of any world size) into progress.json."""
+        for record in _progress_files(self.partial):
+            progress = json.loads(record.read_text())
+            for split, indices in progress["shards"].items():
+                self.done.setdefault(split, set()).update(indices)
+            self.files.update(progress["files"])
+        self._save_progress()  # before removing the others: a record is never lost, only duplicated
+        for record in _progress_files(self.partial):
+            if record.name != PROGRESS_FILE:
+                record.unlink()
 
     def _save_progress(self) -> None:
         shards = {split: sorted(indices) for split, indices in self.done.items()}
-        write_json(self.partial / PROGRESS_FILE, {"shards": shards, "files": self.files})
+        write_json(self.progress, {"shards": shards, "files": self.files})
+
+
+def open_writer(
+    path: Path, attrs: dict[str, Any], resume: bool, prepare: Callable[[StoreWriter], None]
+) -> tuple[StoreWriter, list[tuple[str, int, int, int]]]:
+    """This rank's writer, and its share of the pending shards: (split, index, first token, end token).
+
+    Rank 0 (or the only process) creates or resumes the store, has `prepare` create its arrays, and lists what is
+    pending; every rank then takes every world_size-th shard of that list, so the shares are disjoint and together
+    cover it, whatever the world size of an interrupted run was.
+    """
+    rank, world_size = distributed.rank(), distributed.world_size()
+    pending = None
+    if rank == 0:
+        writer = StoreWriter(path, attrs, resume)
+        prepare(writer)
+        pending = writer.all_pending_shards()
+    pending = distributed.broadcast(pending)  # also waits until rank 0 has created the arrays
+    if rank > 0:
+        writer = StoreWriter(path, attrs, resume, rank=rank)
+    mine = pending[rank::world_size]
+    log.debug("rank %d of %d: %d of the %d pending shards", rank, world_size, len(mine), len(pending))
+    return writer, mine
+
+
+def finish(writer: StoreWriter, extra_attrs: dict[str, Any]) -> None:
+    """Once every rank has written its shards, rank 0 finalizes the store; no rank returns before it is in place."""
+    distributed.barrier()
+    if distributed.is_main():
+        writer.finalize(extra_attrs)
+    distributed.barrier()
 
 
 class BackgroundWriter:
@@ -353,7 +426,8 @@ def _finish_interrupted_swap(path: Path) -> None:
     """Move a complete `.partial` (it has its manifest) into place, and remove temporaries of killed runs."""
     partial = partial_path(path)
     if _is_complete(partial):
-        (partial / PROGRESS_FILE).unlink(missing_ok=True)
+        for record in _progress_files(partial):
+            record.unlink()
         replace_dir(partial, path, is_store)
         log.info("%s: moved into place the store an interrupted run had finished", path)
     for litter in remove_litter(path):

@@ -27,7 +27,7 @@ from pipeline.sae import TOPK_FAMILY, Architecture, LossCoefficients, SparseAuto
 
 MAX_BLOCK_FACTOR = 16  # the shared block may be at most this many times the largest batch
 # Settings that do not change what is learned: --resume accepts a change to these and refuses any other.
-RESUMABLE_CHANGES = ("device", "memory_budget_gb", "log_every", "checkpoint_every", "out_dir")
+RESUMABLE_CHANGES = ("device", "memory_budget_gb", "log_every", "checkpoint_every", "out_dir", "nproc", "distribute")
 CURVE_COLUMNS = ("step", "tokens", "lr", "loss", "mse", "l1", "decorrelation", "l0")
 
 

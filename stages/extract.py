@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import logging
+from contextlib import nullcontext
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from pipeline import __version__, store
+from pipeline import __version__, distributed, store
 from pipeline.config import Params
 from pipeline.device import extraction_batch_tokens
 from pipeline.extraction import ShardExtractor, extract_pending
@@ -29,7 +30,10 @@ def run(params: Params, resume: bool = False, force: bool = False) -> Path:
         from stages import synth
 
         return synth.run(params, resume=resume, force=force)
-    with store.writing(params.extract.store) as path:
+    main = distributed.is_main()
+    path = Path(params.extract.store)
+    # Rank 0 holds the lock and decides; the other ranks (under torchrun) follow its broadcasts.
+    with store.writing(path) if main else nullcontext(path):
         model = load_model(params.model)
         stop_at_layer = check_hooks(model, params.extract.hooks)
         tokenizer = model.tokenizer
@@ -38,21 +42,23 @@ def run(params: Params, resume: bool = False, force: bool = False) -> Path:
             for split in params.data.splits
         }
         for split, data in splits.items():
-            if data.n_truncated:
+            if data.n_truncated and main:
                 log.warning(
                     "%s: %d documents longer than %d tokens were truncated", split, data.n_truncated, model.cfg.n_ctx
                 )
         attrs = _store_attrs(params, model, splits)
-        current, why = store.status(path, attrs)
+        current, why = distributed.broadcast(store.status(path, attrs) if main else None)
         if current and not force:
             log.info("%s is up to date (%s): nothing to do; --force recomputes it", path, why)
             return path
-        if path.exists():
+        if path.exists() and main:
             log.info("%s will be replaced: %s", path, "--force" if current else why)
 
-        writer = store.StoreWriter(path, attrs, resume)
-        for split, data in splits.items():
-            writer.add_split(split, data.tokens, data.doc_offsets)
+        def add_splits(writer: store.StoreWriter) -> None:
+            for split, data in splits.items():
+                writer.add_split(split, data.tokens, data.doc_offsets)
+
+        writer, shards = store.open_writer(path, attrs, resume, add_splits)
         device = next(model.parameters()).device
         extractor = ShardExtractor(
             model,
@@ -61,10 +67,9 @@ def run(params: Params, resume: bool = False, force: bool = False) -> Path:
             extraction_batch_tokens(params.extract.batch_tokens, device),
             getattr(torch, params.extract.dtype),
         )
-        total = sum(end - start for split in splits for _, start, end in writer.pending_shards(split))
-        with progress_bars({"extract": total}) as bars:
-            extract_pending(writer, extractor, splits, on_shard=bars["extract"].advance)
-        writer.finalize({
+        with progress_bars({"extract": sum(end - start for _, _, start, end in shards)}) as bars:
+            extract_pending(writer, extractor, splits, shards, on_shard=bars["extract"].advance)
+        store.finish(writer, {
             "split_stats": {split: _stats(data) for split, data in splits.items()},
             "command": params.command,
         })  # fmt: skip

@@ -8,12 +8,13 @@ metrics. Generation is chunked and seeded per shard, so --resume gives the same 
 from __future__ import annotations
 
 import logging
+from contextlib import nullcontext
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from pipeline import __version__, store, synthetic
+from pipeline import __version__, distributed, store, synthetic
 from pipeline.config import Params, params_to_dict
 from pipeline.device import resolve_device
 from pipeline.progress import progress_bars
@@ -44,30 +45,34 @@ def run(params: Params, resume: bool = False, force: bool = False) -> Path:
         "process_weights": False,
         "package_version": __version__,
     }
-    with store.writing(params.extract.store) as path:
-        current, why = store.status(path, attrs)
+    main = distributed.is_main()
+    path = Path(params.extract.store)
+    with store.writing(path) if main else nullcontext(path):  # under torchrun: rank 0 locks and decides
+        current, why = distributed.broadcast(store.status(path, attrs) if main else None)
         if current and not force:
             log.info("%s is up to date (%s): nothing to do; --force recomputes it", path, why)
             return path
         model = synthetic.build(cfg, device)
-        log.info(
-            "synthetic model: %d features in %d dimensions, %.1f active per sample on average",
-            cfg.n_features, cfg.d_model, synthetic.mean_true_l0(model),
-        )  # fmt: skip
-        writer = store.StoreWriter(path, attrs, resume)
-        writer.add_truth(model.arrays())
-        for split, n in sizes.items():
-            writer.add_split(split, np.zeros(n, np.int32), np.array([0, n], dtype=np.int64))
-        pending = {split: writer.pending_shards(split) for split in sizes}
+        if main:
+            log.info(
+                "synthetic model: %d features in %d dimensions, %.1f active per sample on average",
+                cfg.n_features, cfg.d_model, synthetic.mean_true_l0(model),
+            )  # fmt: skip
+
+        def add_splits(writer: store.StoreWriter) -> None:
+            writer.add_truth(model.arrays())
+            for split, n in sizes.items():
+                writer.add_split(split, np.zeros(n, np.int32), np.array([0, n], dtype=np.int64))
+
+        writer, shards = store.open_writer(path, attrs, resume, add_splits)
         dtype = np.dtype(params.extract.dtype)
-        with progress_bars({"synthesize": sum(end - start for s in pending.values() for _, start, end in s)}) as bars:
-            for split, shards in pending.items():
-                for index, start, end in shards:
-                    generator = synthetic.sample_generator(cfg.seed, SPLIT_PURPOSE[split], index, device)
-                    x = _samples(model, end - start, generator)
-                    writer.write_shard(split, index, start, {HOOK: x.astype(dtype)})
-                    bars["synthesize"].advance(end - start)
-        writer.finalize({
+        with progress_bars({"synthesize": sum(end - start for _, _, start, end in shards)}) as bars:
+            for split, index, start, end in shards:  # each shard from its own seed: any rank may compute it
+                generator = synthetic.sample_generator(cfg.seed, SPLIT_PURPOSE[split], index, device)
+                x = _samples(model, end - start, generator)
+                writer.write_shard(split, index, start, {HOOK: x.astype(dtype)})
+                bars["synthesize"].advance(end - start)
+        store.finish(writer, {
             "split_stats": {split: {"n_docs": 1, "n_tokens": n} for split, n in sizes.items()},
             "true_l0": synthetic.mean_true_l0(model),
             "command": params.command,
