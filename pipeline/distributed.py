@@ -97,10 +97,10 @@ def average_(tensors: Sequence[torch.Tensor]) -> None:
         offset += t.numel()
 
 
-def minimum_(tensor: torch.Tensor) -> None:
-    """Replace `tensor` by its elementwise minimum over ranks, in place."""
+def maximum_(tensor: torch.Tensor) -> None:
+    """Replace `tensor` by its elementwise maximum over ranks, in place."""
     if dist.is_initialized():
-        dist.all_reduce(tensor, op=dist.ReduceOp.MIN)
+        dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
 
 
 def relaunch(nproc: int, arguments: Sequence[str]) -> int:

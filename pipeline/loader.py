@@ -39,13 +39,10 @@ class ActivationLoader:
         seed: int,
         exclude_bos: bool = True,
         memory_budget_gb: float = 8.0,
-        rank: int = 0,
-        world_size: int = 1,
     ) -> None:
         array = store.activations(split, hook)
         self.device = device
         self.seed = seed
-        self.rank, self.world_size = rank, world_size
         self.d_model = array.shape[1]
         self.positions = _training_positions(store, split, exclude_bos)
         if len(self.positions) == 0:
@@ -57,14 +54,14 @@ class ActivationLoader:
 
     @property
     def n_tokens(self) -> int:
-        """Training tokens this rank sees per epoch."""
-        return len(self.positions[self.rank :: self.world_size])
+        """Training tokens per epoch."""
+        return len(self.positions)
 
     def order(self, epoch: int) -> torch.Tensor:
-        """This rank's token positions for `epoch`, shuffled by a generator seeded with (seed, epoch)."""
+        """The token positions of `epoch`, shuffled by a generator seeded with (seed, epoch)."""
         generator = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
         perm = torch.randperm(len(self.positions), generator=generator)
-        return torch.from_numpy(self.positions)[perm][self.rank :: self.world_size]
+        return torch.from_numpy(self.positions)[perm]
 
     def sample(self, n_tokens: int) -> torch.Tensor:
         """A fixed random sample of up to `n_tokens` activations (for statistics such as the input scale)."""

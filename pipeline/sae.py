@@ -30,6 +30,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from pipeline import distributed
 from pipeline.atomic import atomic_path
 from pipeline.config import ARCHITECTURES
 from pipeline.errors import PipelineError
@@ -131,13 +132,25 @@ class SparseAutoencoder(nn.Module):
             self.threshold.clamp_(min=0.0)
 
     @torch.no_grad()
-    def observe(self, f: torch.Tensor) -> None:
-        """Training statistics from one batch's activations: firing for AuxK, the batch threshold estimate."""
-        if self.architecture.name in TOPK_FAMILY:
-            self.tokens_since_fired += len(f)
-            self.tokens_since_fired[(f > 0).any(dim=0)] = 0
-        if self.architecture.name in BATCH_SELECTED:  # without a device sync: inf when nothing fired
-            smallest = torch.where(f > 0, f.float(), torch.inf).min()
+    def observe(self, f: torch.Tensor, over_ranks: bool = False) -> None:
+        """Training statistics from one batch's activations: firing for AuxK, the batch threshold estimate.
+
+        `over_ranks`: `f` is this rank's share of a batch split over ranks (data-parallel training), and the
+        statistics are those of the whole batch: a latent fired if it fired on any rank, the smallest selected
+        activation is the smallest on any rank (one small all-reduce).
+        """
+        if self.architecture.name not in TOPK_FAMILY:
+            return
+        fired = (f > 0).any(dim=0)
+        smallest = torch.where(f > 0, f.float(), torch.inf).min()  # inf when nothing fired; no device sync
+        n_tokens = len(f)
+        if over_ranks:
+            merged = torch.cat([fired.float(), -smallest.reshape(1)])
+            distributed.maximum_(merged)
+            fired, smallest, n_tokens = merged[:-1] > 0, -merged[-1], n_tokens * distributed.world_size()
+        self.tokens_since_fired += n_tokens
+        self.tokens_since_fired[fired] = 0
+        if self.architecture.name in BATCH_SELECTED:
             seen = torch.isfinite(smallest)
             rate = torch.where(self.threshold_updates == 0, 1.0, self.architecture.threshold_rate)
             updated = self.threshold + rate * (smallest - self.threshold)
@@ -222,20 +235,21 @@ class LossCoefficients:
 
 
 def training_loss(
-    sae: SparseAutoencoder, x: torch.Tensor, coeffs: LossCoefficients, logged: bool = True
+    sae: SparseAutoencoder, x: torch.Tensor, coeffs: LossCoefficients, logged: bool = True, over_ranks: bool = False
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """The loss to minimise and its terms (fp32): mse per element, L1 per token, decorrelation, and the
     architecture's own: l0_penalty (jumprelu), auxk (topk family), matryoshka (mean MSE over prefixes).
 
     Updates the SAE's training statistics (dead latents, batch threshold). A term the loss does not use (L1 outside
     relu, decorrelation at coefficient 0, the full MSE of matryoshka) and L0 (detached) each cost a pass over the
-    [batch, d_sae] latents or the decoder, so they are computed only for a step that is `logged`.
+    [batch, d_sae] latents or the decoder, so they are computed only for a step that is `logged`. `over_ranks`: `x`
+    is this rank's share of a batch split over ranks (see `observe`).
     """
     name = sae.architecture.name
     pre = sae.pre_activations(x)
     f = sae.activate(pre)
     x_hat = sae.decode(f)
-    sae.observe(f.detach())
+    sae.observe(f.detach(), over_ranks)
     terms = {}
     if name != "matryoshka" or logged:
         terms["mse"] = (x_hat.float() - x).pow(2).mean()

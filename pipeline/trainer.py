@@ -4,6 +4,12 @@ Every SAE k consumes the epoch's token order in consecutive batches of its own s
 its step j of an epoch uses order[j * B_k : (j + 1) * B_k]. The stream hands out blocks of lcm(B_k) tokens, so
 each block is read once and split into whole batches for every SAE, and a config trained alone sees exactly the
 batches it sees when trained with the others.
+
+Data-parallel (several processes, `data_parallel=True`): every rank reads the same stream and trains on its own
+contiguous 1/W of each batch; the gradients, the loss and its terms are averaged over ranks with one all-reduce
+before the optimiser step, so every rank applies the same update to the same parameters. The training
+statistics a batch updates (tokens since a latent fired, the batch-selected threshold) are the whole batch's.
+BatchTopK and Matryoshka still select their k * batch latents within each rank's share.
 """
 
 from __future__ import annotations
@@ -17,6 +23,7 @@ from typing import Any
 
 import torch
 
+from pipeline import distributed
 from pipeline.atomic import load_torch, save_torch
 from pipeline.config import SAEConfig, TrainConfig, params_to_dict, resolved, sae_name
 from pipeline.device import amp_dtype, autocast, grad_scaler, synchronize
@@ -74,7 +81,11 @@ class Trainer:
         train: TrainConfig,
         checkpoint_dir: Path,
         meta: dict[str, Any],
+        data_parallel: bool = False,
     ) -> None:
+        self.data_parallel = data_parallel and distributed.world_size() > 1
+        self.ranks = distributed.world_size() if self.data_parallel else 1  # processes sharing each batch
+        self.writes_checkpoints = not self.data_parallel or distributed.is_main()
         self.loader = loader
         self.train = train
         self.device = loader.device
@@ -89,17 +100,26 @@ class Trainer:
         """The constant that makes E||scale * x||^2 = d_in on a fixed sample of the training split."""
         sample = self.loader.sample(self.train.scale_sample_tokens)
         self.scale = math.sqrt(self.loader.d_model / sample.pow(2).sum(dim=1).mean().item())
+        if self.data_parallel:  # rank 0's figure, so that no rounding difference can make the ranks diverge
+            self.scale = distributed.broadcast(self.scale)
         return self.scale
 
     def resume(self) -> list[str]:
-        """Load each run's latest checkpoint, if any; returns the names of the runs resumed."""
-        resumed = []
+        """Load each run's latest checkpoint, if any; returns the names of the runs resumed.
+
+        Data-parallel, rank 0 reads the checkpoints it wrote and sends them to the other ranks, which may be on
+        machines that do not see its disk.
+        """
+        states = {}
+        if self.writes_checkpoints:
+            paths = {run.name: self.checkpoint_path(run) for run in self.runs}
+            states = {name: load_torch(path) for name, path in paths.items() if path.is_file()}
+        if self.data_parallel:
+            states = distributed.broadcast(states)
         for run in self.runs:
-            path = self.checkpoint_path(run)
-            if path.is_file():
-                self.load_state(run, load_torch(path))
-                resumed.append(run.name)
-        return resumed
+            if run.name in states:
+                self.load_state(run, states[run.name])
+        return [run.name for run in self.runs if run.name in states]
 
     def fit(self) -> None:
         """Train every run to its last step. A loss that became NaN/inf is an error, and such weights are not saved."""
@@ -144,7 +164,9 @@ class Trainer:
             step = epoch * run.steps_per_epoch + block_index * per_block + j
             if step != run.step or run.done:
                 continue  # already trained before a resume, or this run has finished its epochs
-            self._step(run, block[j * run.batch_tokens : (j + 1) * run.batch_tokens])
+            share = run.batch_tokens // self.ranks
+            start = j * run.batch_tokens + distributed.rank() * share if self.data_parallel else j * run.batch_tokens
+            self._step(run, block[start : start + share])
             n_trained += 1
         if n_trained:
             synchronize(self.device)  # so that the time below is the time the steps really took
@@ -158,7 +180,9 @@ class Trainer:
         for group in run.optimizer.param_groups:
             group["lr"] = lr
         logging = (run.step + 1) % self.train.log_every == 0 or run.step + 1 == run.total_steps
-        loss, terms, skipped = train_step(run.sae, run.optimizer, run.scaler, x, self.amp, run.coeffs, logging)
+        loss, terms, skipped = train_step(
+            run.sae, run.optimizer, run.scaler, x, self.amp, run.coeffs, logging, average_over_ranks=self.data_parallel
+        )
         run.skipped_steps += skipped
         if not run.scaler.is_enabled():  # with fp16's GradScaler a non-finite loss is a skipped step: no harm done
             run.diverged |= ~torch.isfinite(loss)
@@ -177,6 +201,8 @@ class Trainer:
         return self.checkpoint_dir / f"{run.name}.pt"
 
     def save_checkpoints(self) -> None:
+        if not self.writes_checkpoints:
+            return
         for run in self.runs:
             self._check_finite(run)  # never a checkpoint of diverged weights
             save_torch(self.state(run), self.checkpoint_path(run))
@@ -243,6 +269,11 @@ class Trainer:
                 f"sae.{key}: a batch of {cfg.batch_size} x {self.train.seq_len} = {batch_tokens} tokens is larger "
                 f"than the {self.loader.n_tokens} training tokens of the split"
             )
+        if batch_tokens % self.ranks:
+            raise PipelineError(
+                f"sae.{key}: a batch of {batch_tokens} tokens does not split evenly over {self.ranks} processes; "
+                "choose a batch_size or a process count that divides it"
+            )
         d_in = self.loader.d_model
         d_sae = d_in * cfg.expansion
         if cfg.architecture in TOPK_FAMILY and cfg.k > d_sae:
@@ -271,12 +302,22 @@ def train_step(
     amp: torch.dtype | None,
     coeffs: LossCoefficients,
     logged: bool,
+    average_over_ranks: bool = False,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor], torch.Tensor]:
-    """One optimiser step; returns the loss, its terms (detached, on device) and 1 if the scaler skipped it."""
+    """One optimiser step; returns the loss, its terms (detached, on device) and 1 if the scaler skipped it.
+
+    `average_over_ranks`: `x` is this rank's equal share of the batch; the gradients, loss and terms become
+    their means over ranks (one all-reduce), which for these per-token means are those of the whole batch, and
+    the SAE's batch statistics are the whole batch's.
+    """
     with autocast(x.device, amp):
-        loss, terms = training_loss(sae, x, coeffs, logged=logged)
+        loss, terms = training_loss(sae, x, coeffs, logged=logged, over_ranks=average_over_ranks)
     optimizer.zero_grad(set_to_none=True)
     scaler.scale(loss).backward()
+    loss, terms = loss.detach(), {k: v.detach() for k, v in terms.items()}
+    if average_over_ranks:  # a non-finite gradient on any rank makes the mean non-finite: every rank skips alike
+        gradients = [p.grad for p in sae.parameters() if p.grad is not None]
+        distributed.average_([*gradients, loss, *terms.values()])
     skipped = torch.zeros((), dtype=torch.long, device=x.device)
     if scaler.is_enabled():
         scaler.unscale_(optimizer)
@@ -285,7 +326,7 @@ def train_step(
     scaler.step(optimizer)
     scaler.update()
     sae.after_step()
-    return loss.detach(), {k: v.detach() for k, v in terms.items()}, skipped
+    return loss, terms, skipped
 
 
 def init_generator(seed: int, d_sae: int) -> torch.Generator:

@@ -1,4 +1,10 @@
-"""Stage `train`: SAEs from the activation store, one shared read of the data for every config."""
+"""Stage `train`: SAEs from the activation store, one shared read of the data for every config.
+
+Under torchrun (train.nproc > 1) the ranks share the work as `train.distribute` says: `data`, every rank trains
+every config on its slice of each batch and rank 0 writes; `configs`, every rank trains and writes its own
+configs (keys in order, dealt round-robin) on the same stream, as the reference report trained A, B and C on
+three GPUs.
+"""
 
 from __future__ import annotations
 
@@ -9,9 +15,11 @@ import time
 from contextlib import ExitStack
 from pathlib import Path
 
+from pipeline import distributed
 from pipeline.atomic import check_replaceable, save_torch, write_json, write_text
 from pipeline.config import Params, SAEConfig, params_to_dict, sae_name, sae_outputs
 from pipeline.device import amp_dtype, describe, peak_memory_bytes, reset_peak_memory, resolve_device
+from pipeline.errors import PipelineError
 from pipeline.loader import ActivationLoader
 from pipeline.locks import exclusive_lock
 from pipeline.sae import is_saelens_folder, save_saelens
@@ -22,19 +30,37 @@ log = logging.getLogger(__name__)
 
 
 def run(params: Params, which: str = "all", resume: bool = False) -> dict[str, dict]:
-    """Train the configs named by `which` ("all" or a key of `sae`); returns their details."""
+    """Train the configs named by `which` ("all" or a key of `sae`); returns their details (every rank's)."""
     cfg = params.train
-    configs = params.sae_configs(which)
+    configs = _this_ranks_configs(params.sae_configs(which), cfg.distribute)
+    writes = cfg.distribute == "configs" or distributed.is_main()
     checkpoint_dir = Path(cfg.out_dir) / "checkpoints"
-    for key, sae_cfg in configs.items():  # before any work: never replace a folder that is not ours
-        check_replaceable(sae_outputs(cfg.out_dir, key, sae_cfg)["saelens"], is_saelens_folder)
     with ExitStack() as locks:
-        for key, sae_cfg in configs.items():  # two runs of one config would write the same checkpoints
+        for key, sae_cfg in configs.items() if writes else ():
+            # before any work: never replace a folder that is not ours, nor let two runs write one checkpoint
+            check_replaceable(sae_outputs(cfg.out_dir, key, sae_cfg)["saelens"], is_saelens_folder)
             locks.enter_context(exclusive_lock(checkpoint_dir / sae_name(key, sae_cfg)))
-        return _train(params, configs, checkpoint_dir, resume)
+        details = _train(params, configs, checkpoint_dir, resume, writes)
+        distributed.barrier()  # every output written before any rank reports success
+    return {key: value for each in distributed.all_gather(details) for key, value in each.items()}
 
 
-def _train(params: Params, configs: dict[str, SAEConfig], checkpoint_dir: Path, resume: bool) -> dict[str, dict]:
+def _this_ranks_configs(configs: dict[str, SAEConfig], distribute: str) -> dict[str, SAEConfig]:
+    world = distributed.world_size()
+    if world == 1 or distribute == "data":
+        return configs
+    if world > len(configs):
+        raise PipelineError(
+            f"train.distribute=configs deals {len(configs)} config(s) ({', '.join(configs)}) to {world} processes; "
+            f"use at most {len(configs)} processes, or train.distribute=data"
+        )
+    keys = list(configs)[distributed.rank() :: world]
+    return {key: configs[key] for key in keys}
+
+
+def _train(
+    params: Params, configs: dict[str, SAEConfig], checkpoint_dir: Path, resume: bool, writes: bool
+) -> dict[str, dict]:
     cfg = params.train
     store = ActivationStore(params.extract.store)
     device = resolve_device(cfg.device)
@@ -51,14 +77,14 @@ def _train(params: Params, configs: dict[str, SAEConfig], checkpoint_dir: Path, 
         "dataset": store.attrs["dataset"],
         "n_ctx": store.attrs["n_ctx"],
     }
-    trainer = Trainer(configs, loader, cfg, checkpoint_dir, meta)
+    trainer = Trainer(configs, loader, cfg, checkpoint_dir, meta, data_parallel=cfg.distribute == "data")
     resumed = trainer.resume() if resume else []
     fresh = [r.name for r in trainer.runs if r.name not in resumed]
-    if resume and fresh:
+    if resume and fresh and writes:
         log.warning(
             "--resume: no checkpoint of %s in %s, so it trains from the start", ", ".join(fresh), checkpoint_dir
         )
-    stale = [r.name for r in trainer.runs if not resume and trainer.checkpoint_path(r).is_file()]
+    stale = [r.name for r in trainer.runs if not resume and writes and trainer.checkpoint_path(r).is_file()]
     if stale:
         log.warning("starting over: checkpoints of an interrupted run of %s exist (--resume continues it)", stale)
     if resumed:
@@ -91,7 +117,11 @@ def _train(params: Params, configs: dict[str, SAEConfig], checkpoint_dir: Path, 
         "amp": str(amp_dtype(cfg.amp, device) or "none (float32)").removeprefix("torch."),
         "scale_factor": trainer.scale,
         "n_training_tokens_per_epoch": loader.n_tokens,
+        "processes": distributed.world_size(),
+        "distribute": cfg.distribute if distributed.world_size() > 1 else None,
     }
+    if not writes:  # data-parallel, not rank 0: rank 0 holds the same SAEs and writes them
+        return {}
     details = {}
     for sae_run in trainer.runs:
         details[sae_run.key] = _write_outputs(params, trainer, sae_run, shared)

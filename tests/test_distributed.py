@@ -10,14 +10,23 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import invoke
+import torch
+import yaml
+from conftest import invoke, write_params, write_synthetic_store
+from safetensors.torch import load_file
 
+from pipeline.config import SAEConfig, sae_outputs
 from pipeline.store import partial_path
 
 
-def pipeline_command(*args: str, cwd: Path) -> subprocess.CompletedProcess:
-    """`pipeline <args>` in a fresh process, as a user runs it (the processes it starts are its children)."""
-    env = {k: v for k, v in os.environ.items() if k not in ("WORLD_SIZE", "RANK", "LOCAL_RANK")}
+def pipeline_command(*args: str, cwd: Path, threads: int | None = None) -> subprocess.CompletedProcess:
+    """`pipeline <args>` in a fresh process, as a user runs it (the processes it starts are its children).
+
+    `threads`: CPU threads per process (OMP_NUM_THREADS); by default the processes share the cores.
+    """
+    env = {k: v for k, v in os.environ.items() if k not in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "OMP_NUM_THREADS")}
+    if threads is not None:
+        env["OMP_NUM_THREADS"] = str(threads)
     result = subprocess.run(
         [sys.executable, "-m", "pipeline.cli", *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=120
     )
@@ -53,8 +62,6 @@ def reference_store(tmp_path_factory, tiny_model_dir, gsm_dir) -> Path:
 
 
 def _params(path: Path, model: Path, gsm: Path, store: Path) -> Path:
-    from conftest import write_params
-
     return write_params(
         path,
         model={"name": str(model), "device": "cpu"},
@@ -115,3 +122,122 @@ def test_resume_with_another_world_size(tmp_path, tiny_model_dir, gsm_dir, refer
     n_shards = sum(-(-s["n_tokens"] // 2048) for s in stats.values())
     assert ranks[0][1] == ranks[1][1] == n_shards - 4  # nothing written before is computed again
     assert_same_store(reference_store, tmp_path / "store")
+
+
+# A relu SAE over two epochs, and a topk SAE whose latents die after two batches, so that AuxK depends on the
+# merged statistics. (Batch-selected SAEs select per rank when data-parallel, so they are not expected to match.)
+CONFIGS = {
+    "a": {"expansion": 4, "batch_size": 8, "lr": 2e-3, "epochs": 2},
+    "b": {"architecture": "topk", "k": 4, "dead_tokens": 512, "expansion": 4, "batch_size": 4, "lr": 2e-3, "epochs": 1},
+}
+
+
+@pytest.fixture(scope="module")
+def small_store(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("small-store")
+    write_synthetic_store(root / "store", n_train=8192, n_test=512, d=64, n_dirs=128)
+    return root / "store"
+
+
+@pytest.fixture(scope="module")
+def one_process_saes(tmp_path_factory, small_store) -> Path:
+    """Both configs trained by one process: the reference for the other modes."""
+    root = tmp_path_factory.mktemp("one-process-saes")
+    assert invoke("train", "--params", str(_train_params(root, small_store))).exit_code == 0
+    return root / "artifacts"
+
+
+def _train_params(root: Path, store: Path) -> Path:
+    """Params that train exactly `CONFIGS` (write_params merges into the project's A/B/C)."""
+    path = write_params(
+        root / "params.yaml",
+        extract={"store": str(store)},
+        train={
+            "hook": "synthetic", "seq_len": 64, "l1_coeff": 3e-3, "device": "cpu", "exclude_bos": False,
+            "log_every": 4, "checkpoint_every": 4, "out_dir": str(root / "artifacts"),
+        },
+    )  # fmt: skip
+    params = yaml.safe_load(path.read_text())
+    path.write_text(yaml.safe_dump({**params, "sae": CONFIGS}))
+    return path
+
+
+def trained(out_dir: Path, key: str) -> tuple[dict[str, torch.Tensor], list[dict], dict]:
+    """Config `key`'s SAELens weights, training curve and details."""
+    paths = sae_outputs(out_dir, key, SAEConfig(**CONFIGS[key]))
+    state = torch.load(paths["checkpoint"], weights_only=True)
+    details = json.loads(paths["train_details"].read_text())
+    return load_file(paths["saelens"] / "sae_weights.safetensors"), state["curve"], details
+
+
+def test_data_parallel_training_matches_one_process(tmp_path, small_store, one_process_saes):
+    params = _train_params(tmp_path, small_store)
+    pipeline_command("train", "--params", str(params), "-S", "train.nproc=2", cwd=tmp_path)
+    for key in CONFIGS:
+        weights, curve, details = trained(tmp_path / "artifacts", key)
+        expected_weights, expected_curve, expected_details = trained(one_process_saes, key)
+        assert details["processes"] == 2 and details["distribute"] == "data"
+        assert details["steps"] == expected_details["steps"] > 0
+        for name, value in expected_weights.items():
+            torch.testing.assert_close(weights[name], value, rtol=1e-4, atol=1e-5, msg=f"{key}.{name}")
+        assert [row["step"] for row in curve] == [row["step"] for row in expected_curve]
+        for row, expected in zip(curve, expected_curve, strict=True):
+            for term in ("loss", "mse", "l0"):
+                assert row[term] == pytest.approx(expected[term], rel=1e-4), (key, row["step"], term)
+    assert not (tmp_path / "artifacts/checkpoints/config_a_4x.pt").exists()
+
+
+def test_configs_across_ranks_match_one_process(tmp_path, small_store, one_process_saes):
+    params = _train_params(tmp_path, small_store)
+    args = ("train", "--params", str(params), "-S", "train.nproc=2", "-S", "train.distribute=configs")
+    # A matrix product's rounding depends on how many threads split its sums (1e-9 apart here otherwise).
+    pipeline_command(*args, cwd=tmp_path, threads=torch.get_num_threads())
+    for key in CONFIGS:
+        weights, curve, details = trained(tmp_path / "artifacts", key)
+        expected_weights, expected_curve, _ = trained(one_process_saes, key)
+        assert details["trained_with"] == [key] and details["distribute"] == "configs"  # a on rank 0, b on rank 1
+        for name, value in expected_weights.items():
+            assert torch.equal(weights[name], value), f"{key}.{name}"
+        assert curve == expected_curve
+
+
+def test_data_parallel_resumes_a_one_process_run(tmp_path, small_store, one_process_saes, monkeypatch):
+    from pipeline.trainer import Trainer
+
+    original, blocks = Trainer._train_on_block, {"a": 0}
+
+    def killed_midway(self, run, epoch, block_index, block, bar):
+        blocks[run.key] = blocks.get(run.key, 0) + 1
+        if blocks[run.key] == 11:  # after the checkpoint at block 8
+            raise KeyboardInterrupt
+        return original(self, run, epoch, block_index, block, bar)
+
+    monkeypatch.setattr(Trainer, "_train_on_block", killed_midway)
+    params = _train_params(tmp_path, small_store)
+    assert invoke("train", "--params", str(params)).exit_code == 130
+    checkpoint = torch.load(tmp_path / "artifacts/checkpoints/config_a_4x.pt", weights_only=True)
+    assert checkpoint["step"] == 8  # the checkpoint after 8 blocks of one batch of config a
+
+    result = pipeline_command("train", "--params", str(params), "--resume", "-S", "train.nproc=2", cwd=tmp_path)
+    assert "resumed config_a_4x, config_b_4x" in result.stderr
+    for key in CONFIGS:
+        weights, curve, details = trained(tmp_path / "artifacts", key)
+        expected_weights, expected_curve, _ = trained(one_process_saes, key)
+        assert details["processes"] == 2
+        for name, value in expected_weights.items():
+            torch.testing.assert_close(weights[name], value, rtol=1e-4, atol=1e-5, msg=f"{key}.{name}")
+        assert [row["step"] for row in curve] == [row["step"] for row in expected_curve]
+
+
+def test_work_that_does_not_divide_over_the_ranks_is_one_clear_line(tmp_path, small_store, monkeypatch):
+    from pipeline import distributed
+
+    monkeypatch.setattr(distributed, "world_size", lambda: 3)
+    monkeypatch.setattr(distributed, "rank", lambda: 1)
+    params = _train_params(tmp_path, small_store)
+    result = invoke("train", "--params", str(params), "-S", "train.distribute=configs")
+    assert result.exit_code == 2
+    assert "deals 2 config(s) (a, b) to 3 processes; use at most 2 processes" in result.stderr
+    result = invoke("train", "--params", str(params))
+    assert result.exit_code == 2
+    assert "sae.a: a batch of 512 tokens does not split evenly over 3 processes" in result.stderr
