@@ -104,7 +104,7 @@ class TrainConfig:
     amp: str = "auto"  # auto = fp16 on cuda, none on cpu; or none | fp16 | bf16
     seed: int = 0
     device: str = "auto"
-    memory_budget_gb: float = 8.0  # keep the split on the device when it fits, else stream from host RAM
+    memory_budget_gb: float = 8.0  # the split on the device when it fits, else streamed from the store within it
     nproc: int = 1  # local processes (torchrun); > 1 trains on several, as `distribute` says
     distribute: str = "data"  # data: every rank a slice of every batch; configs: every rank its own configs
     exclude_bos: bool = True

@@ -247,6 +247,9 @@ class Trainer:
         differences += _differences("train", state["train"], params_to_dict(self.train), RESUMABLE_CHANGES)
         if state["meta"].get("store_fingerprint") != self.meta.get("store_fingerprint"):
             differences.append(f"the activation store's content ({self.meta.get('store')}) changed")
+        then, now = state["meta"].get("loader_order", "resident"), self.meta.get("loader_order", "resident")
+        if then != now:  # train.memory_budget_gb decides it
+            differences.append(f"the loader's order: {then} then, {now} now (set by train.memory_budget_gb)")
         if differences:
             raise PipelineError(
                 f"cannot --resume from {self.checkpoint_path(run)}: it was trained with other settings "

@@ -76,6 +76,7 @@ def _train(
         "model": store.attrs["model"],
         "dataset": store.attrs["dataset"],
         "n_ctx": store.attrs["n_ctx"],
+        "loader_order": loader.order_kind,
     }
     trainer = Trainer(configs, loader, cfg, checkpoint_dir, meta, data_parallel=cfg.distribute == "data")
     resumed = trainer.resume() if resume else []
@@ -92,12 +93,12 @@ def _train(
     else:
         log.info("input scale factor %.4g (E||scale*x||^2 = d_in)", trainer.estimate_scale())
     log.info(
-        "training %s on %d tokens of %s/%s (%s-resident, device %s)",
+        "training %s on %d tokens of %s/%s (%s, device %s)",
         ", ".join(r.name for r in trainer.runs),
         loader.n_tokens,
         cfg.split,
         cfg.hook,
-        "device" if loader.resident_on_device else "host",
+        "resident in memory" if loader.resident_on_device else loader.order_kind,
         device,
     )
     trainer.fit()
@@ -108,7 +109,7 @@ def _train(
         "command": params.command,
         "run_wall_time_s": wall,
         "loader_stall_s": loader.stall_seconds,
-        "loader_residency": "device" if loader.resident_on_device else "host",
+        "loader_order": loader.order_kind,
         "peak_memory_bytes": peak,
         "peak_memory_kind": peak_kind,
         "peak_memory_scope": "the whole train run (all configs in it)",
