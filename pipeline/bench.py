@@ -7,17 +7,21 @@
                            `transformers` forward's time: what TransformerLens itself costs
 2. extract speed-up        extraction tokens/s / per-document run_with_cache over the whole model
 3. train efficiency        FLOP/s of a config-C training step / FLOP/s of its six matrix products alone
-4. loader stall            share of training wall time spent waiting for data (streamed from host memory)
+4. loader stall            share of training wall time spent waiting for data (streamed out of core from the
+                           store through a budget of a quarter of its size)
 5. one read for all        wall time of --config all / sum of the single-config runs
 5b. trainer vs minimal     time of a plain PyTorch training loop (same SAE, loss, Adam and decoder renormalisation,
                            shuffled batches gathered from the same device-resident data; `minimal_sae_training`)
                            / time of `Trainer.fit` training the widest config alone on the same data and steps
 6. store read speed        zarr store -> host array bytes/s / in-memory numpy copy bytes/s
+6b. streamed read speed    bytes/s of an epoch streamed through the loader (shuffled windows, float32 blocks on the
+                           device; no training) / zarr store -> host array bytes/s
 7. decorrelation cost      decorrelation forward+backward time / config-C step time
 8. <arch> step cost        a training step of that architecture / a ReLU step, same shape (config C) and batch
 8b. topk selection share   the top-k selection alone (ReLU, topk, scatter over [batch, d_sae]) / a topk step
 9. analyze vs evaluate     `pipeline analyze`'s computation for config C's width / `pipeline evaluate`'s (reconstruction
                            metrics and splice scores) for the same SAE on the same documents (the extraction figures')
+10-12. scaling             several processes against one (`pipeline/bench_scaling.py`; skipped by --no-scaling)
 
 FLOPs of a step (stated, not profiled): the encoder and decoder products each cost 2*B*d*s in the forward pass
 and twice that in the backward pass (gradient of the input and of the weight), so a step is 12*B*d*s FLOPs;
@@ -35,6 +39,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from pipeline import bench_scaling
 from pipeline.bench_reference import minimal_sae_training, timed, timed_interleaved
 from pipeline.config import ARCHITECTURES, Params, SAEConfig
 from pipeline.device import amp_dtype, autocast, extraction_batch_tokens, grad_scaler, resolve_device, synchronize
@@ -53,7 +58,8 @@ GOALS = {
     "decorrelation_cost": 0.15, "analyze_vs_evaluate": 1.0,
 }  # fmt: skip
 L0_OF_BENCH_SAE = 64
-LOWER_IS_BETTER = {"loader_stall", "decorrelation_cost", "analyze_vs_evaluate"}
+SCALING_FIGURES = ("extract_2proc_vs_1proc", "train_2proc_vs_1proc", "ddp_communication_share")
+LOWER_IS_BETTER = {"ddp_communication_share", "loader_stall", "decorrelation_cost", "analyze_vs_evaluate"}
 
 
 def plain_transformers_forward(params: Params, n_blocks: int, dtype: torch.dtype, device: torch.device) -> Callable:
@@ -295,7 +301,7 @@ def bench_training_runs(params: Params, store: ActivationStore, device: torch.de
 
     wall_all, _ = fit(list(configs), 1e9)
     singles = {k: fit([k], 1e9)[0] for k in configs}
-    wall_streamed, stall = fit(list(configs), 0.0)
+    wall_streamed, stall = fit(list(configs), streaming_budget_gb(store))
     widest = max(configs, key=lambda k: configs[k].expansion)
     cfg = configs[widest]
     loader = ActivationLoader(store, "train", "bench", device, train.seed, False, 1e9)
@@ -320,23 +326,36 @@ def bench_training_runs(params: Params, store: ActivationStore, device: torch.de
     }
 
 
-def bench_store_read(store: ActivationStore) -> dict:
-    """Figure 6: zarr store -> host memory, against copying the same bytes within memory."""
+def streaming_budget_gb(store: ActivationStore) -> float:
+    """A loader budget of a quarter of the store's training split: it streams."""
+    array = store.activations("train", "bench")
+    return array.nbytes / 4 / 2**30
+
+
+def bench_store_read(store: ActivationStore, device: torch.device) -> dict:
+    """Figures 6 and 6b: zarr store -> host memory against copying the same bytes within memory, and an epoch
+    streamed through the loader against that store read."""
     array = store.activations("train", "bench")
     in_memory = array[:]
     target = np.empty_like(in_memory)
-    cpu = torch.device("cpu")
-    t_store = timed(lambda: array[:], cpu)
-    t_copy = timed(lambda: np.copyto(target, in_memory), cpu)
+    loader = ActivationLoader(store, "train", "bench", device, 0, False, streaming_budget_gb(store))
+    times = timed_interleaved({
+        "store": lambda: array[:],
+        "copy": lambda: np.copyto(target, in_memory),
+        "streamed": lambda: sum(len(block) for block in loader.epoch(0, 16384)),
+    }, device)  # fmt: skip
     return {
         "bytes": in_memory.nbytes,
-        "store_bytes_per_s": in_memory.nbytes / t_store,
-        "numpy_bytes_per_s": in_memory.nbytes / t_copy,
-        "store_read_ratio": t_copy / t_store,
+        "store_bytes_per_s": in_memory.nbytes / times["store"],
+        "numpy_bytes_per_s": in_memory.nbytes / times["copy"],
+        "store_read_ratio": times["copy"] / times["store"],
+        "streamed_bytes_per_s": in_memory.nbytes / times["streamed"],
+        "streamed_loader_order": loader.order_kind,
+        "streamed_read_ratio": times["store"] / times["streamed"],
     }
 
 
-def run(params: Params, n_docs: int, n_tokens: int, width: int | None, workdir: Path) -> dict:
+def run(params: Params, n_docs: int, n_tokens: int, width: int | None, workdir: Path, scaling: bool = True) -> dict:
     """Every figure; sizes: `n_docs` documents for extraction, `n_tokens` x `width` for the training runs."""
     device = resolve_device(params.train.device)
     model = load_model(params.model)
@@ -351,7 +370,8 @@ def run(params: Params, n_docs: int, n_tokens: int, width: int | None, workdir: 
     width = width or d_model
     store = write_random_store(workdir / "random-store", n_tokens, width)
     runs = bench_training_runs(params, store, device, width)
-    read = bench_store_read(store)
+    read = bench_store_read(store, device)
+    scaled = bench_scaling.run(params, n_docs, store.path, workdir) if scaling else {}
     figures = {
         "extract_efficiency": extract["extract_efficiency"],
         "bridge_overhead": extract["bridge_overhead"],
@@ -361,10 +381,12 @@ def run(params: Params, n_docs: int, n_tokens: int, width: int | None, workdir: 
         "one_read_ratio": runs["one_read_ratio"],
         "trainer_vs_minimal": runs["trainer_vs_minimal"],
         "store_read_ratio": read["store_read_ratio"],
+        "streamed_read_ratio": read["streamed_read_ratio"],
         "decorrelation_cost": step["decorrelation_cost"],
         **{f"{name}_step_cost": cost for name, cost in arch["step_cost"].items()},
         "topk_selection_share": arch["topk_selection_share"],
         "analyze_vs_evaluate": analysis["analyze_vs_evaluate"],
+        **{name: scaled[name] for name in SCALING_FIGURES if scaled},
     }
     return {
         "device": str(device),
@@ -377,5 +399,6 @@ def run(params: Params, n_docs: int, n_tokens: int, width: int | None, workdir: 
             "store_read": read,
             "architectures": arch,
             "analysis": analysis,
+            "scaling": scaled,
         },
     }

@@ -257,6 +257,9 @@ def bench(
     tokens: Annotated[int, typer.Option(help="Random activations for the training-run figures.")] = 98_304,
     width: Annotated[int | None, typer.Option(help="d_model of those activations (default: the model's).")] = None,
     out: Annotated[str, typer.Option(help="JSON output.")] = "artifacts/bench.json",
+    scaling: Annotated[
+        bool, typer.Option(help="Also 2 processes against 1 (extract, train) and DDP's communication share.")
+    ] = True,
     params: ParamsOption = DEFAULT_PARAMS_FILE,
     set_: SetOption = None,
     verbose: VerboseOption = False,
@@ -273,7 +276,7 @@ def bench(
         from pipeline.progress import console
 
         with tempfile.TemporaryDirectory() as workdir:
-            result = benchmarks.run(p, docs, tokens, width, Path(workdir))
+            result = benchmarks.run(p, docs, tokens, width, Path(workdir), scaling)
         write_json(out, result)
         table = Table("figure", "value", "goal", title=f"pipeline bench ({result['device']})")
         for name, value in result["figures"].items():

@@ -12,9 +12,9 @@ from pipeline.bench import GOALS
 
 FIGURES = {
     "extract_efficiency", "bridge_overhead", "extract_speedup_over_naive", "train_efficiency", "loader_stall",
-    "one_read_ratio", "trainer_vs_minimal", "store_read_ratio", "decorrelation_cost", "topk_step_cost",
-    "batchtopk_step_cost", "jumprelu_step_cost", "matryoshka_step_cost", "topk_selection_share",
-    "analyze_vs_evaluate",
+    "one_read_ratio", "trainer_vs_minimal", "store_read_ratio", "streamed_read_ratio", "decorrelation_cost",
+    "topk_step_cost", "batchtopk_step_cost", "jumprelu_step_cost", "matryoshka_step_cost", "topk_selection_share",
+    "analyze_vs_evaluate", "extract_2proc_vs_1proc", "train_2proc_vs_1proc", "ddp_communication_share",
 }  # fmt: skip
 
 
@@ -55,6 +55,12 @@ def test_bench_reports_every_figure(tmp_path, tiny_model_dir, gsm_dir):
     )
     arch = details["architectures"]
     assert math.isclose(report["figures"]["topk_step_cost"], arch["step_s"]["topk"] / arch["step_s"]["relu"])
+    scaling = details["scaling"]  # two processes under torchrun against one, on the cores recorded
+    assert scaling["cores"] and scaling["processes"] == 2
+    wall, speed = scaling["extract_wall_s"], scaling["train_tokens_per_s"]
+    assert math.isclose(report["figures"]["extract_2proc_vs_1proc"], wall["1"] / wall["2"])
+    assert math.isclose(report["figures"]["train_2proc_vs_1proc"], speed["2"] / speed["1"])
+    assert 0 <= scaling["ddp_communication_share"] < 1 and scaling["ddp_step_s"] > 0
     assert "train_efficiency" in result.stderr  # the table is printed
 
 
