@@ -21,7 +21,8 @@
 8b. topk selection share   the top-k selection alone (ReLU, topk, scatter over [batch, d_sae]) / a topk step
 9. analyze vs evaluate     `pipeline analyze`'s computation for config C's width / `pipeline evaluate`'s (reconstruction
                            metrics and splice scores) for the same SAE on the same documents (the extraction figures')
-10-12. scaling             several processes against one (`pipeline/bench_scaling.py`; skipped by --no-scaling)
+10-12. scaling             several processes against one (`pipeline/bench_scaling.py`; skipped by --no-scaling,
+                           and on CUDA with fewer GPUs than processes)
 
 FLOPs of a step (stated, not profiled): the encoder and decoder products each cost 2*B*d*s in the forward pass
 and twice that in the backward pass (gradient of the input and of the weight), so a step is 12*B*d*s FLOPs;

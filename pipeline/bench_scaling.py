@@ -37,7 +37,13 @@ PROCESSES = 2
 
 
 def run(params: Params, n_docs: int, store: Path, workdir: Path) -> dict:
-    """Figures 10-12: extraction of `n_docs` test documents; training config C for one epoch of `store`."""
+    """Figures 10-12: extraction of `n_docs` test documents; training config C for one epoch of `store`.
+
+    Empty where the model's or the training's device is CUDA with fewer than PROCESSES GPUs (one GPU a process).
+    """
+    devices = {resolve_device(params.model.device), resolve_device(params.train.device)}
+    if any(d.type == "cuda" for d in devices) and torch.cuda.device_count() < PROCESSES:
+        return {}
     key = "c" if "c" in params.sae else next(iter(params.sae))
     cfg = params.sae[key]
     extract_s = {}

@@ -24,6 +24,11 @@ def resolve_device(name: str) -> torch.device:
     if device.type == "cuda" and not torch.cuda.is_available():
         raise PipelineError(f"device {name!r} was asked for but CUDA is not available here")
     if device.type == "cuda" and device.index is None and distributed.launched():
+        if distributed.local_rank() >= torch.cuda.device_count():
+            raise PipelineError(
+                f"process {distributed.local_rank()} on this machine has no GPU of its own: "
+                f"{torch.cuda.device_count()} visible; start at most that many processes per machine"
+            )
         return torch.device("cuda", distributed.local_rank())
     return device
 

@@ -51,7 +51,7 @@ def process_group() -> Iterator[None]:
         yield
         return
     backend = "gloo"
-    if torch.cuda.is_available():
+    if torch.cuda.is_available() and local_rank() < torch.cuda.device_count():  # else a CPU run, or an error later
         torch.cuda.set_device(local_rank())
         backend = "cpu:gloo,cuda:nccl"  # CPU-resident tensors (e.g. a CPU run on a GPU machine) still work
     dist.init_process_group(backend)

@@ -241,3 +241,19 @@ def test_work_that_does_not_divide_over_the_ranks_is_one_clear_line(tmp_path, sm
     result = invoke("train", "--params", str(params))
     assert result.exit_code == 2
     assert "sae.a: a batch of 512 tokens does not split evenly over 3 processes" in result.stderr
+
+
+def test_more_processes_than_gpus_is_one_clear_line(monkeypatch, tmp_path):
+    from pipeline import bench_scaling
+    from pipeline.config import load_params
+    from pipeline.device import resolve_device
+    from pipeline.errors import PipelineError
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    params = load_params(write_params(tmp_path / "params.yaml", model={"device": "cuda"}))
+    assert bench_scaling.run(params, 1, tmp_path / "no-store", tmp_path) == {}  # skipped: one GPU for two processes
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    with pytest.raises(PipelineError, match="process 1 on this machine has no GPU of its own: 1 visible"):
+        resolve_device("cuda")
