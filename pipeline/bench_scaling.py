@@ -1,7 +1,8 @@
 """Scaling figures: several processes against one, launched as users launch them (README "Scaling out").
 
 10. extract 2 vs 1 procs   wall time of `pipeline extract` on one process / with extract.nproc=2, same documents
-                           (the whole command: process start, model load and the store's finalisation included)
+                           in shards of EXTRACT_SHARD_TOKENS, so that every process has several (the whole command:
+                           process start, model load and the store's finalisation included)
 11. train 2 vs 1 procs     tokens/s inside the training steps of data-parallel `pipeline train` with train.nproc=2 /
                            the same run on one process (loading and process start excluded)
 12. DDP communication      in a 2-process run of config C's step on its share of the batch, the share of the step
@@ -14,6 +15,7 @@ sharding costs or gains on the same hardware, not what another GPU adds; `cores`
 from __future__ import annotations
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -34,6 +36,7 @@ from pipeline.store import ActivationStore
 from pipeline.trainer import train_step
 
 PROCESSES = 2
+EXTRACT_SHARD_TOKENS = 4096  # a shard is the unit of work: small ones, so that a few documents still spread
 
 
 def run(params: Params, n_docs: int, store: Path, workdir: Path) -> dict:
@@ -49,7 +52,9 @@ def run(params: Params, n_docs: int, store: Path, workdir: Path) -> dict:
     extract_s = {}
     for nproc in (1, PROCESSES):
         data = replace(params.data, splits=["test"], max_docs=n_docs)
-        extract = replace(params.extract, store=str(workdir / f"scaling-store-{nproc}"), nproc=nproc)
+        chunk_tokens = min(1024, params.extract.chunk_tokens)
+        extract = replace(params.extract, store=str(workdir / f"scaling-store-{nproc}"), nproc=nproc,
+                          shard_tokens=EXTRACT_SHARD_TOKENS, chunk_tokens=chunk_tokens)  # fmt: skip
         started = time.perf_counter()
         _pipeline(workdir, replace(params, data=data, extract=extract), "extract")
         extract_s[nproc] = time.perf_counter() - started
@@ -72,12 +77,17 @@ def run(params: Params, n_docs: int, store: Path, workdir: Path) -> dict:
         "processes": PROCESSES,
         "extract_docs": n_docs,
         "extract_wall_s": extract_s,
+        "extract_shards": _shards(ActivationStore(workdir / "scaling-store-1")),
         "extract_2proc_vs_1proc": extract_s[1] / extract_s[PROCESSES],
         "train_config": key,
         "train_tokens_per_s": tokens_per_s,
         "train_2proc_vs_1proc": tokens_per_s[PROCESSES] / tokens_per_s[1],
         **communication,
     }
+
+
+def _shards(store: ActivationStore) -> int:
+    return sum(math.ceil(stats["n_tokens"] / store.shard_tokens) for stats in store.attrs["split_stats"].values())
 
 
 def _pipeline(workdir: Path, params: Params, *command: str) -> None:

@@ -271,6 +271,11 @@ def open_writer(
         writer = StoreWriter(path, attrs, resume, rank=rank)
     mine = pending[rank::world_size]
     log.debug("rank %d of %d: %d of the %d pending shards", rank, world_size, len(mine), len(pending))
+    if rank == 0 and 0 < len(pending) < world_size:
+        log.warning(
+            "%d shard(s) to write for %d processes: %d of them have nothing to do (a shard is the unit of "
+            "work; a smaller extract.shard_tokens makes more)", len(pending), world_size, world_size - len(pending)
+        )  # fmt: skip
     return writer, mine
 
 

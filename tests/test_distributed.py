@@ -257,3 +257,25 @@ def test_more_processes_than_gpus_is_one_clear_line(monkeypatch, tmp_path):
     monkeypatch.setenv("LOCAL_RANK", "1")
     with pytest.raises(PipelineError, match="process 1 on this machine has no GPU of its own: 1 visible"):
         resolve_device("cuda")
+
+
+def test_fewer_shards_than_processes_is_a_warning(tmp_path, monkeypatch, caplog):
+    import logging
+
+    import numpy as np
+
+    from pipeline import distributed, store
+
+    monkeypatch.setattr(distributed, "world_size", lambda: 3)
+    attrs = {
+        "hooks": ["h"], "d_model": 4, "dtype": "float32", "shard_tokens": 4096, "chunk_tokens": 1024,
+        "splits": ["train"], "model": "m", "dataset": "d", "n_ctx": 100, "bos_token_id": 0,
+    }  # fmt: skip
+
+    def prepare(writer: store.StoreWriter) -> None:
+        writer.add_split("train", np.zeros(5000, np.int32), np.array([0, 5000]))
+
+    with caplog.at_level(logging.WARNING):
+        _, mine = store.open_writer(tmp_path / "store", attrs, False, prepare)
+    assert len(mine) == 1  # rank 0 of 3 takes the first of the 2 shards
+    assert "2 shard(s) to write for 3 processes: 1 of them have nothing to do" in caplog.text
