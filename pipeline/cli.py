@@ -100,7 +100,8 @@ def _run(
     except (PipelineError, OSError) as exc:  # bad input, or the environment (disk full, permissions): not a bug
         if verbose:
             raise
-        print(f"error: {exc}", file=sys.stderr)
+        rank = int(os.environ.get("RANK", "0"))  # under torchrun every process says it, so say which one
+        print(f"error: {f'[process {rank}] ' if rank else ''}{exc}", file=sys.stderr)
         raise typer.Exit(2) from None
     except KeyboardInterrupt:
         print("interrupted: finished work is kept; rerun with --resume to continue", file=sys.stderr)

@@ -112,10 +112,34 @@ def relaunch(nproc: int, arguments: Sequence[str]) -> int:
     env = dict(os.environ, **{LAUNCHED_BY_US: str(nproc)})
     env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc)))
     command = [
-        sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
+        sys.executable, "-m", "pipeline.distributed", "--standalone", f"--nproc-per-node={nproc}",
         "-m", "pipeline.cli", *arguments,
     ]  # fmt: skip
     return subprocess.run(command, env=env, check=False).returncode
+
+
+def _launch(arguments: Sequence[str]) -> int:
+    """torchrun (`arguments` are its own), but when a process fails: its exit code, without the launcher's
+    traceback and failure report (the processes have printed what went wrong, one line each)."""
+    import logging
+
+    from torch.distributed.elastic.multiprocessing.api import SignalException
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.run import get_args_parser, run
+
+    logging.getLogger("torch.distributed.elastic").setLevel(logging.CRITICAL)
+    try:
+        run(get_args_parser().parse_args(list(arguments)))
+    except ChildFailedError as failure:
+        code = failure.get_first_failure()[1].exitcode
+        return code if code > 0 else 128 - code  # killed by signal N: 128 + N, as a shell reports it
+    except SignalException as signal:  # Ctrl-C or a kill of the launcher; the processes were stopped with it
+        return 128 + int(signal.sigval)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(_launch(sys.argv[1:]))
 
 
 def should_relaunch(nproc: int) -> bool:

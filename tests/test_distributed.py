@@ -229,6 +229,21 @@ def test_data_parallel_resumes_a_one_process_run(tmp_path, small_store, one_proc
         assert [row["step"] for row in curve] == [row["step"] for row in expected_curve]
 
 
+def test_an_error_in_the_processes_is_their_line_and_exit_code(tmp_path, small_store):
+    """No launcher traceback: each process's one line (saying which process), and the processes' exit code."""
+    params = _train_params(tmp_path, small_store)
+    env = {k: v for k, v in os.environ.items() if k not in ("WORLD_SIZE", "RANK", "LOCAL_RANK")}
+    result = subprocess.run(
+        [sys.executable, "-m", "pipeline.cli", "train", "--params", str(params), "-S", "train.nproc=2",
+         "-S", "train.seq_len=63", "-S", "sae.a.batch_size=1"],
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120, check=False,
+    )  # fmt: skip
+    assert result.returncode == 2
+    message = "sae.a: a batch of 63 tokens does not split evenly over 2 processes"
+    lines = sorted(line.split(";")[0] for line in result.stderr.strip().splitlines())
+    assert lines == [f"error: [process 1] {message}", f"error: {message}"], result.stderr
+
+
 def test_work_that_does_not_divide_over_the_ranks_is_one_clear_line(tmp_path, small_store, monkeypatch):
     from pipeline import distributed
 
