@@ -1,7 +1,7 @@
 """Scaling figures: several processes against one, launched as users launch them (README "Scaling out").
 
 10. extract 2 vs 1 procs   wall time of `pipeline extract` on one process / with extract.nproc=2, same documents
-                           in shards of EXTRACT_SHARD_TOKENS, so that every process has several (the whole command:
+                           in SHARDS_PER_PROCESS shards a process (a shard is the unit of work; the whole command:
                            process start, model load and the store's finalisation included)
 11. train 2 vs 1 procs     tokens/s inside the training steps of data-parallel `pipeline train` with train.nproc=2 /
                            the same run on one process (loading and process start excluded)
@@ -36,11 +36,12 @@ from pipeline.store import ActivationStore
 from pipeline.trainer import train_step
 
 PROCESSES = 2
-EXTRACT_SHARD_TOKENS = 4096  # a shard is the unit of work: small ones, so that a few documents still spread
+SHARDS_PER_PROCESS = 4
 
 
-def run(params: Params, n_docs: int, store: Path, workdir: Path) -> dict:
-    """Figures 10-12: extraction of `n_docs` test documents; training config C for one epoch of `store`.
+def run(params: Params, n_docs: int, n_tokens: int, store: Path, workdir: Path) -> dict:
+    """Figures 10-12: extraction of the first `n_docs` documents of the last split (`n_tokens` tokens, as figure
+    1 counted them); training config C for one epoch of `store`.
 
     Empty where the model's or the training's device is CUDA with fewer than PROCESSES GPUs (one GPU a process).
     """
@@ -51,10 +52,10 @@ def run(params: Params, n_docs: int, store: Path, workdir: Path) -> dict:
     cfg = params.sae[key]
     extract_s = {}
     for nproc in (1, PROCESSES):
-        data = replace(params.data, splits=["test"], max_docs=n_docs)
-        chunk_tokens = min(1024, params.extract.chunk_tokens)
+        data = replace(params.data, splits=params.data.splits[-1:], max_docs=n_docs)  # the extraction figures' docs
+        shard_tokens, chunk_tokens = extraction_shards(n_tokens, params.extract.chunk_tokens)
         extract = replace(params.extract, store=str(workdir / f"scaling-store-{nproc}"), nproc=nproc,
-                          shard_tokens=EXTRACT_SHARD_TOKENS, chunk_tokens=chunk_tokens)  # fmt: skip
+                          shard_tokens=shard_tokens, chunk_tokens=chunk_tokens)  # fmt: skip
         started = time.perf_counter()
         _pipeline(workdir, replace(params, data=data, extract=extract), "extract")
         extract_s[nproc] = time.perf_counter() - started
@@ -84,6 +85,13 @@ def run(params: Params, n_docs: int, store: Path, workdir: Path) -> dict:
         "train_2proc_vs_1proc": tokens_per_s[PROCESSES] / tokens_per_s[1],
         **communication,
     }
+
+
+def extraction_shards(n_tokens: int, chunk_tokens: int) -> tuple[int, int]:
+    """(shard_tokens, chunk_tokens) that cut `n_tokens` into about SHARDS_PER_PROCESS shards a process."""
+    target = max(1, n_tokens // (SHARDS_PER_PROCESS * PROCESSES))
+    chunk = min(1024, chunk_tokens, target)
+    return chunk * math.ceil(target / chunk), chunk
 
 
 def _shards(store: ActivationStore) -> int:

@@ -31,7 +31,9 @@ def test_bench_reports_every_figure(tmp_path, tiny_model_dir, gsm_dir):
     assert result.exit_code == 0, result.output
     report = json.loads(out.read_text())
     assert set(report["figures"]) == FIGURES
-    assert all(math.isfinite(v) and v > 0 for v in report["figures"].values())
+    assert all(math.isfinite(v) and v >= 0 for v in report["figures"].values())
+    # Every figure is a ratio of two timings, but the communication share is clamped at 0 when it is within noise.
+    assert all(v > 0 for name, v in report["figures"].items() if name != "ddp_communication_share")
     assert set(GOALS) <= FIGURES
     details = report["details"]
     # Each figure is the ratio of the two measurements it names.
