@@ -141,16 +141,19 @@ class SparseAutoencoder(nn.Module):
         """
         if self.architecture.name not in TOPK_FAMILY:
             return
-        fired = (f > 0).any(dim=0)
-        smallest = torch.where(f > 0, f.float(), torch.inf).min()  # inf when nothing fired; no device sync
+        selected = self.architecture.name in BATCH_SELECTED
+        # [fired per latent, -smallest selected activation (batch-selected only; -inf when nothing fired)]
+        batch = (f > 0).any(dim=0).float()
+        if selected:  # without a device sync
+            batch = torch.cat([batch, -torch.where(f > 0, f.float(), torch.inf).min().reshape(1)])
         n_tokens = len(f)
         if over_ranks:
-            merged = torch.cat([fired.float(), -smallest.reshape(1)])
-            distributed.maximum_(merged)
-            fired, smallest, n_tokens = merged[:-1] > 0, -merged[-1], n_tokens * distributed.world_size()
+            distributed.maximum_(batch)
+            n_tokens *= distributed.world_size()
         self.tokens_since_fired += n_tokens
-        self.tokens_since_fired[fired] = 0
-        if self.architecture.name in BATCH_SELECTED:
+        self.tokens_since_fired[batch[: self.d_sae] > 0] = 0
+        if selected:
+            smallest = -batch[-1]
             seen = torch.isfinite(smallest)
             rate = torch.where(self.threshold_updates == 0, 1.0, self.architecture.threshold_rate)
             updated = self.threshold + rate * (smallest - self.threshold)
