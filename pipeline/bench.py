@@ -372,7 +372,7 @@ def run(params: Params, n_docs: int, n_tokens: int, width: int | None, workdir: 
     store = write_random_store(workdir / "random-store", n_tokens, width)
     runs = bench_training_runs(params, store, device, width)
     read = bench_store_read(store, device)
-    scaled = bench_scaling.run(params, n_docs, extract["n_tokens"], store.path, workdir) if scaling else {}
+    scaled = bench_scaling.run(params, n_docs, extract["n_tokens"], store, workdir) if scaling else {}
     figures = {
         "extract_efficiency": extract["extract_efficiency"],
         "bridge_overhead": extract["bridge_overhead"],

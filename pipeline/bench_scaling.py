@@ -39,7 +39,7 @@ PROCESSES = 2
 SHARDS_PER_PROCESS = 4
 
 
-def run(params: Params, n_docs: int, n_tokens: int, store: Path, workdir: Path) -> dict:
+def run(params: Params, n_docs: int, n_tokens: int, store: ActivationStore, workdir: Path) -> dict:
     """Figures 10-12: extraction of the first `n_docs` documents of the last split (`n_tokens` tokens, as figure
     1 counted them); training config C for one epoch of `store`.
 
@@ -65,13 +65,12 @@ def run(params: Params, n_docs: int, n_tokens: int, store: Path, workdir: Path) 
         train = replace(params.train, hook="bench", exclude_bos=False, nproc=nproc, distribute="data",
                         out_dir=str(out_dir), checkpoint_every=10**9)  # fmt: skip
         config = SAEConfig(expansion=cfg.expansion, batch_size=cfg.batch_size, lr=cfg.lr, epochs=1)
-        bench_params = replace(params, extract=replace(params.extract, store=str(store)), train=train,
+        bench_params = replace(params, extract=replace(params.extract, store=str(store.path)), train=train,
                                sae={key: config})  # fmt: skip
         _pipeline(workdir, bench_params, "train", "--config", key)
         details = json.loads(sae_outputs(out_dir, key, config)["train_details"].read_text())
         tokens_per_s[nproc] = details["tokens_per_s"]
-    d_in = ActivationStore(store).attrs["d_model"]
-    communication = communication_share(workdir, params.train.device, params.train.amp, d_in, cfg.expansion,
+    communication = communication_share(workdir, params.train.device, params.train.amp, store.d_model, cfg.expansion,
                                         cfg.batch_size * params.train.seq_len)  # fmt: skip
     return {
         "cores": os.cpu_count(),

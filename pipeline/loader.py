@@ -57,10 +57,10 @@ class ActivationLoader:
         self.n_tokens = self.n_rows - len(self.excluded)  # training tokens per epoch
         if self.n_tokens == 0:
             raise PipelineError(f"split {split!r} of {store.path} holds no training tokens")
-        stored_bytes = self.n_rows * self.d_model * array.dtype.itemsize
-        self.resident_on_device = stored_bytes <= memory_budget_gb * 2**30
+        self.dtype = array.dtype  # as stored
+        self.resident_on_device = array.nbytes <= memory_budget_gb * 2**30
         self.chunk_tokens = store.attrs["chunk_tokens"]
-        chunk_bytes = self.chunk_tokens * self.d_model * array.dtype.itemsize
+        chunk_bytes = self.chunk_tokens * self.d_model * self.dtype.itemsize
         self.window_chunks = max(1, int(memory_budget_gb * 2**30 // (WINDOW_BUFFERS * chunk_bytes)))
         if self.resident_on_device:
             self.positions = np.setdiff1d(np.arange(self.n_rows), self.excluded, assume_unique=True)
@@ -160,8 +160,7 @@ class ActivationLoader:
         return torch.from_numpy(buffer[:filled])
 
     def _new_window_buffer(self) -> np.ndarray:
-        dtype = self.store.activations(self.split, self.hook).dtype
-        return np.empty((self.window_chunks * self.chunk_tokens, self.d_model), dtype=dtype)
+        return np.empty((self.window_chunks * self.chunk_tokens, self.d_model), dtype=self.dtype)
 
 
 class _WindowReader:

@@ -85,6 +85,7 @@ class Trainer:
     ) -> None:
         self.data_parallel = data_parallel and distributed.world_size() > 1
         self.ranks = distributed.world_size() if self.data_parallel else 1  # processes sharing each batch
+        self.share_index = distributed.rank() if self.data_parallel else 0  # which 1/ranks of a batch is ours
         self.writes_checkpoints = not self.data_parallel or distributed.is_main()
         self.loader = loader
         self.train = train
@@ -165,7 +166,7 @@ class Trainer:
             if step != run.step or run.done:
                 continue  # already trained before a resume, or this run has finished its epochs
             share = run.batch_tokens // self.ranks
-            start = j * run.batch_tokens + distributed.rank() * share if self.data_parallel else j * run.batch_tokens
+            start = j * run.batch_tokens + self.share_index * share
             self._step(run, block[start : start + share])
             n_trained += 1
         if n_trained:

@@ -267,7 +267,7 @@ def test_more_processes_than_gpus_is_one_clear_line(monkeypatch, tmp_path):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
     params = load_params(write_params(tmp_path / "params.yaml", model={"device": "cuda"}))
-    assert bench_scaling.run(params, 1, 1, tmp_path / "no-store", tmp_path) == {}  # skipped: one GPU for two processes
+    assert bench_scaling.run(params, 1, 1, None, tmp_path) == {}  # skipped (one GPU, two processes) before any I/O
     monkeypatch.setenv("WORLD_SIZE", "2")
     monkeypatch.setenv("LOCAL_RANK", "1")
     with pytest.raises(PipelineError, match="process 1 on this machine has no GPU of its own: 1 visible"):
