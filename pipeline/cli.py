@@ -101,11 +101,23 @@ def _run(
         if verbose:
             raise
         rank = int(os.environ.get("RANK", "0"))  # under torchrun every process says it, so say which one
-        print(f"error: {f'[process {rank}] ' if rank else ''}{exc}", file=sys.stderr)
+        _say(f"error: {f'[process {rank}] ' if rank else ''}{exc}")
         raise typer.Exit(2) from None
     except KeyboardInterrupt:
-        print("interrupted: finished work is kept; rerun with --resume to continue", file=sys.stderr)
+        _say("interrupted: finished work is kept; rerun with --resume to continue")
         raise typer.Exit(130) from None
+
+
+def _say(line: str) -> None:
+    """One line on stderr in one write: under torchrun several processes share it, and print's separate write
+    of the newline lets their lines run together."""
+    try:
+        descriptor = sys.stderr.fileno()
+    except (OSError, ValueError):  # a captured stream (the tests' CLI runner): no descriptor, no other writer
+        sys.stderr.write(line + "\n")
+        return
+    sys.stderr.flush()
+    os.write(descriptor, (line + "\n").encode())  # one system call: atomic on a pipe (< PIPE_BUF)
 
 
 def _options(params_file: str, overrides: list[str] | None) -> list[str]:
