@@ -97,15 +97,25 @@ def _run(
             if not distributed.is_main() and not verbose:  # one process speaks for all: rank 0
                 logging.getLogger().setLevel(logging.WARNING)
             return stage(params)
-    except (PipelineError, OSError) as exc:  # bad input, or the environment (disk full, permissions): not a bug
+    except _environment_errors() as exc:  # bad input, or the environment (disk full, credentials): not a bug
         if verbose:
             raise
         rank = int(os.environ.get("RANK", "0"))  # under torchrun every process says it, so say which one
-        _say(f"error: {f'[process {rank}] ' if rank else ''}{exc}")
+        source = "" if isinstance(exc, PipelineError | OSError) else "object storage: "
+        _say(f"error: {f'[process {rank}] ' if rank else ''}{source}{exc}")
         raise typer.Exit(2) from None
     except KeyboardInterrupt:
         _say("interrupted: finished work is kept; rerun with --resume to continue")
         raise typer.Exit(130) from None
+
+
+def _environment_errors() -> tuple[type[BaseException], ...]:
+    """Bad input, and faults of the machine or the object store (disk full, permissions, missing credentials)."""
+    errors: list[type[BaseException]] = [PipelineError, OSError]
+    boto = sys.modules.get("botocore.exceptions")  # loaded only when a store is on S3
+    if boto is not None:
+        errors.append(boto.BotoCoreError)
+    return tuple(errors)
 
 
 def _say(line: str) -> None:
@@ -127,7 +137,17 @@ def _options(params_file: str, overrides: list[str] | None) -> list[str]:
 
 
 def _quiet_libraries(verbose: bool) -> None:
-    for noisy in ("httpx", "urllib3", "filelock", "huggingface_hub", "transformers", "datasets"):
+    for noisy in (
+        "httpx",
+        "urllib3",
+        "filelock",
+        "huggingface_hub",
+        "transformers",
+        "datasets",
+        "botocore",
+        "aiobotocore",
+        "s3fs",
+    ):
         logging.getLogger(noisy).setLevel(logging.WARNING if verbose else logging.ERROR)
     if not verbose:  # our own progress bars are the ones that matter
         import transformers

@@ -15,10 +15,12 @@ import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import yaml
 
 from pipeline.errors import PipelineError
+from pipeline.location import LOCAL_SCHEME, is_url
 
 DEFAULT_PARAMS_FILE = "params.yaml"
 
@@ -347,6 +349,8 @@ def _validate(params: Params) -> None:
         (bool(x.hooks), "extract.hooks", x.hooks, "at least one hook name"),
         (not _is_cwd_or_above(x.store), "extract.store", x.store,
          "a directory of its own, not the working directory or one above it"),
+        (not is_url(x.store) or urlsplit(x.store).path.strip("/"), "extract.store", x.store,
+         "a URL with a prefix below the bucket, such as s3://bucket/activations"),
         (bool(d.splits), "data.splits", d.splits, "at least one split"),
         (d.max_docs is None or d.max_docs > 0, "data.max_docs", d.max_docs, "null or a positive integer"),
         (x.batch_tokens is None or x.batch_tokens > 0, "extract.batch_tokens", x.batch_tokens,
@@ -430,5 +434,7 @@ def _setting_checks(where: str, values: Any) -> list[tuple]:
 
 
 def _is_cwd_or_above(path: str) -> bool:
-    resolved, cwd = Path(path).expanduser().resolve(), Path.cwd().resolve()
+    if is_url(path):
+        return False
+    resolved, cwd = Path(path.removeprefix(LOCAL_SCHEME)).expanduser().resolve(), Path.cwd().resolve()
     return resolved == cwd or resolved in cwd.parents

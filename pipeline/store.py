@@ -15,6 +15,11 @@ world size) merges them. The group attribute `manifest`
 (size and sha256 of every file but the group's own zarr.json) is written last, in one atomic write of zarr.json:
 a store is complete exactly when it has one, and only then is it renamed to its final name. A run that finds a
 complete `.partial` (a crash between the manifest and the rename) finishes the rename instead of recomputing.
+
+A store may also live on object storage (`s3://bucket/prefix`, `gs://…`; pipeline/location.py). There is no
+rename there, so it is built in place: readers refuse it until the manifest is in zarr.json (replaced in one PUT),
+and --resume reads the same progress records, kept as objects beside it. Nothing can lock an object store: run
+one extraction per prefix at a time.
 """
 
 from __future__ import annotations
@@ -23,7 +28,6 @@ import hashlib
 import json
 import logging
 import queue
-import shutil
 import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -34,8 +38,9 @@ import numpy as np
 import zarr
 
 from pipeline import distributed
-from pipeline.atomic import check_replaceable, remove_litter, replace_dir, write_json
+from pipeline.atomic import check_replaceable, remove_litter, replace_dir
 from pipeline.errors import PipelineError
+from pipeline.location import Location
 from pipeline.locks import exclusive_lock
 
 log = logging.getLogger(__name__)
@@ -57,29 +62,54 @@ def progress_file(rank: int) -> str:
     return PROGRESS_FILE if rank == 0 else f"progress-{rank}.json"
 
 
-def _progress_files(partial: Path) -> list[Path]:
-    return sorted(partial.glob("progress*.json"))
+def _progress_files(location: Location) -> list[str]:
+    return location.top_level("progress*.json")
+
+
+def _drop_progress(location: Location) -> None:
+    for record in _progress_files(location):
+        location.remove(record)
 
 
 def partial_path(path: Path) -> Path:
     return path.with_name(path.name + ".partial")
 
 
-def is_store(path: Path) -> bool:
+def is_store(path: str | Path | Location) -> bool:
     """Whether `path` holds a store this pipeline wrote (its zarr.json carries our `format_version`)."""
-    return "format_version" in _attributes(path)
+    return "format_version" in _attributes(_location(path))
 
 
-def _is_complete(path: Path) -> bool:
-    return MANIFEST in _attributes(path)
+def exists(path: str | Path) -> bool:
+    """Whether anything at all is at `path` (a directory, a file, or objects under a prefix)."""
+    return Location(path).exists()
 
 
-def _attributes(path: Path) -> dict:
+def _location(path: str | Path | Location) -> Location:
+    return path if isinstance(path, Location) else Location(path)
+
+
+def _is_complete(location: Location) -> bool:
+    return MANIFEST in _attributes(location)
+
+
+def _attributes(location: Location) -> dict:
     try:
-        attributes = json.loads((path / "zarr.json").read_text()).get("attributes")
+        attributes = json.loads(location.read_text("zarr.json")).get("attributes")
     except (OSError, ValueError, AttributeError):
         return {}
     return attributes if isinstance(attributes, dict) else {}
+
+
+def _check_replaceable(location: Location) -> None:
+    """Refuse (before any work) to write over a directory or prefix that holds anything but a store of ours."""
+    if not location.is_remote:
+        check_replaceable(location.path, is_store)
+    elif location.exists() and not is_store(location):
+        raise PipelineError(
+            f"{location} holds objects that this pipeline did not write; refusing to replace them "
+            "(choose another prefix, or remove them)"
+        )
 
 
 def token_digest(tokens: np.ndarray, doc_offsets: np.ndarray) -> str:
@@ -90,28 +120,36 @@ def token_digest(tokens: np.ndarray, doc_offsets: np.ndarray) -> str:
 
 
 @contextmanager
-def writing(path: str | Path) -> Iterator[Path]:
+def writing(path: str | Path) -> Iterator[None]:
     """Exclusive right to write the store at `path`, after finishing whatever an interrupted run left halfway.
 
-    Refuses (before any work) when `path` or its `.partial` is a directory this pipeline did not write.
+    Refuses (before any work) when `path` or its `.partial` is a directory this pipeline did not write. On object
+    storage the refusal is the same, but there is no lock: one run per prefix at a time is the user's to keep.
     """
-    path = Path(path)
+    location = Location(path)
+    if location.is_remote:
+        _check_replaceable(location)
+        if _is_complete(location):
+            _drop_progress(location)  # left by a run stopped between its manifest and this cleanup
+        yield
+        return
+    path = location.path
     if path.exists() and not path.is_dir():
         raise PipelineError(f"output path {path} exists and is a file, not a store directory")
     for candidate in (path, partial_path(path)):
         check_replaceable(candidate, is_store)
     with exclusive_lock(path):
         _finish_interrupted_swap(path)
-        yield path
+        yield
 
 
 def status(path: str | Path, attrs: dict[str, Any]) -> tuple[bool, str]:
     """(True, _) when a complete, undamaged store with these identity attributes is at `path`; else why not."""
-    path = Path(path)
-    if not path.exists():
+    location = Location(path)
+    if not location.exists():
         return False, "no store there yet"
     try:
-        store = ActivationStore(path)
+        store = ActivationStore(location)
     except PipelineError as exc:
         return False, str(exc)
     differing = _differing(store.attrs, {"format_version": FORMAT_VERSION, **attrs})
@@ -121,37 +159,39 @@ def status(path: str | Path, attrs: dict[str, Any]) -> tuple[bool, str]:
 
 
 class StoreWriter:
-    """Builds a store under `<path>.partial`, one whole shard at a time, then renames it into place."""
+    """Builds a store one whole shard at a time: locally under `<path>.partial`, then renamed into place; on
+    object storage in place, complete once finalize writes its manifest."""
 
     def __init__(self, path: str | Path, attrs: dict[str, Any], resume: bool, rank: int = 0) -> None:
         """Rank 0 (or the only process) starts or resumes the store; rank r > 0 joins the one rank 0 prepared."""
-        self.path = Path(path)
-        self.partial = partial_path(self.path)
+        self.final = Location(path)
+        self.work = self.final if self.final.is_remote else Location(partial_path(self.final.path))
         self.attrs = {"format_version": FORMAT_VERSION, **attrs}
-        self.progress = self.partial / progress_file(rank)
+        self.progress = progress_file(rank)
         self.done: dict[str, set[int]] = {}
         self.files: dict[str, dict] = {}
         if rank > 0:
-            self.group = zarr.open_group(self.partial, mode="r+", zarr_format=3)
+            self.group = zarr.open_group(self.work.zarr_store, mode="r+", zarr_format=3)
             return
         # A partial store killed before its first progress record holds nothing worth keeping: start over.
-        if resume and (self.partial / PROGRESS_FILE).is_file() and (self.partial / "zarr.json").is_file():
-            self.group = zarr.open_group(self.partial, mode="r+", zarr_format=3)
+        if resume and self.work.exists(PROGRESS_FILE) and self.work.exists("zarr.json"):
+            self.group = zarr.open_group(self.work.zarr_store, mode="r+", zarr_format=3)
             differing = _differing(dict(self.group.attrs), self.attrs)
             if differing:
                 details = "; ".join(
                     f"{k}: store has {self.group.attrs.get(k)!r}, params say {self.attrs.get(k)!r}" for k in differing
                 )
-                raise PipelineError(f"cannot --resume {self.partial}: it was written with different parameters "
+                raise PipelineError(f"cannot --resume {self.work}: it was written with different parameters "
                                     f"({details}); run without --resume to start over")  # fmt: skip
             self._merge_progress()
         else:
             if resume:
-                log.warning("nothing to resume at %s: extracting from the start", self.partial)
-            check_replaceable(self.partial, is_store)
-            shutil.rmtree(self.partial, ignore_errors=True)
-            self.partial.parent.mkdir(parents=True, exist_ok=True)
-            self.group = zarr.open_group(self.partial, mode="w", zarr_format=3, attributes=self.attrs)
+                log.warning("nothing to resume at %s: extracting from the start", self.work)
+            _check_replaceable(self.work)
+            self.work.remove_all()
+            if not self.work.is_remote:
+                self.work.path.parent.mkdir(parents=True, exist_ok=True)
+            self.group = zarr.open_group(self.work.zarr_store, mode="w", zarr_format=3, attributes=self.attrs)
             self._save_progress()
 
     def add_split(self, split: str, tokens: np.ndarray, doc_offsets: np.ndarray) -> None:
@@ -202,7 +242,7 @@ class StoreWriter:
             array = self.group[split][hook]
             array[start : start + len(values)] = values
             name = _shard_file(array, split, hook, index)
-            self.files[name] = _file_record(self.partial / name)
+            self.files[name] = self.work.checksum(name)
         self.done.setdefault(split, set()).add(index)
         self._save_progress()
 
@@ -210,49 +250,49 @@ class StoreWriter:
         """Record the summary attributes with the manifest (the completion mark), then move the store into place.
 
         Rank 0 only, once every rank has written its shards: their progress records are merged first, and a
-        shard that no record lists is an error (the store is left under .partial for --resume).
+        shard that no record lists is an error (the store is left incomplete for --resume).
         """
         self._merge_progress()
         missing = {split: len(self.pending_shards(split)) for split in self.attrs["splits"]}
         if any(missing.values()):
             raise PipelineError(
-                f"{self.partial}: shards were never written ({', '.join(f'{s}: {n}' for s, n in missing.items())}); "
+                f"{self.work}: shards were never written ({', '.join(f'{s}: {n}' for s, n in missing.items())}); "
                 "run `pipeline extract --resume` to compute them"
             )
         files = {}
-        for file in sorted(self.partial.rglob("*")):
-            name = file.relative_to(self.partial).as_posix()
-            if not file.is_file() or name == "zarr.json" or file in _progress_files(self.partial):
+        records = _progress_files(self.work)
+        for name, size in sorted(self.work.sizes().items()):
+            if name == "zarr.json" or name in records:
                 continue
             if name.endswith(ZARR_TEMPORARY):  # left by a write that was killed before a resume
-                file.unlink()
+                self.work.remove(name)
                 continue
             known = self.files.get(name)
-            files[name] = known if known and known["size"] == file.stat().st_size else _file_record(file)
+            files[name] = known if known and known["size"] == size else self.work.checksum(name)
         self.group.attrs.update({**extra_attrs, MANIFEST: {"algorithm": "sha256", "files": files}})
-        for record in _progress_files(self.partial):
-            record.unlink()
-        replace_dir(self.partial, self.path, is_store)
+        _drop_progress(self.work)
+        if not self.work.is_remote:
+            replace_dir(self.work.path, self.final.path, is_store)
 
     def _merge_progress(self) -> None:
         """Fold every rank's record (of this run or of an earlier one, of any world size) into progress.json."""
-        for record in _progress_files(self.partial):
-            progress = json.loads(record.read_text())
+        for record in _progress_files(self.work):
+            progress = json.loads(self.work.read_text(record))
             for split, indices in progress["shards"].items():
                 self.done.setdefault(split, set()).update(indices)
             self.files.update(progress["files"])
         self._save_progress()  # before removing the others: a record is never lost, only duplicated
-        for record in _progress_files(self.partial):
-            if record.name != PROGRESS_FILE:
-                record.unlink()
+        for record in _progress_files(self.work):
+            if record != PROGRESS_FILE:
+                self.work.remove(record)
 
     def _save_progress(self) -> None:
         shards = {split: sorted(indices) for split, indices in self.done.items()}
-        write_json(self.progress, {"shards": shards, "files": self.files})
+        self.work.write_json(self.progress, {"shards": shards, "files": self.files})
 
 
 def open_writer(
-    path: Path, attrs: dict[str, Any], resume: bool, prepare: Callable[[StoreWriter], None]
+    path: str | Path, attrs: dict[str, Any], resume: bool, prepare: Callable[[StoreWriter], None]
 ) -> tuple[StoreWriter, list[tuple[str, int, int, int]]]:
     """This rank's writer, and its share of the pending shards: (split, index, first token, end token).
 
@@ -323,12 +363,13 @@ class BackgroundWriter:
 class ActivationStore:
     """Read access to a finished store; opening it checks that every file is present with its recorded size."""
 
-    def __init__(self, path: str | Path) -> None:
-        self.path = Path(path)
-        if not (self.path / "zarr.json").is_file():
-            raise PipelineError(_missing_store_message(self.path))
+    def __init__(self, path: str | Path | Location) -> None:
+        self.location = _location(path)
+        self.path = str(self.location)  # as given: a local path or a URL
+        if not self.location.exists("zarr.json"):
+            raise PipelineError(_missing_store_message(self.location))
         try:
-            self.group = zarr.open_group(self.path, mode="r", zarr_format=3)
+            self.group = zarr.open_group(self.location.zarr_store, mode="r", zarr_format=3)
         except Exception as exc:  # an unreadable zarr.json
             raise PipelineError(f"{self.path} is damaged: its zarr.json cannot be read ({exc}); re-extract it") from exc
         self.attrs: dict[str, Any] = dict(self.group.attrs)
@@ -339,13 +380,14 @@ class ActivationStore:
                 "re-extract it with `pipeline extract --force`"
             )
         if MANIFEST not in self.attrs:
-            raise PipelineError(f"{self.path} is incomplete: it has no manifest (written last); re-extract it")
+            finish = "`pipeline extract --resume` finishes it" if _progress_files(self.location) else "re-extract it"
+            raise PipelineError(f"{self.path} is incomplete: it has no manifest (written last); {finish}")
         self.manifest: dict[str, dict] = self.attrs[MANIFEST]["files"]
         # The content's identity: every file's checksum (a re-extraction that changes any value changes it).
         self.fingerprint = hashlib.sha256(json.dumps(self.manifest, sort_keys=True).encode()).hexdigest()
+        sizes = self.location.sizes()
         for name, record in self.manifest.items():
-            file = self.path / name
-            size = file.stat().st_size if file.is_file() else None
+            size = sizes.get(name)
             if size != record["size"]:
                 found = "is missing" if size is None else f"has {size:,} bytes instead of {record['size']:,}"
                 raise PipelineError(
@@ -397,12 +439,11 @@ class ActivationStore:
 
     def verify(self, on_bytes: Callable[[int], None] = lambda n: None) -> list[str]:
         """Recompute every file's sha256 against the manifest; returns one line per damaged file."""
-        problems = []
+        problems, sizes = [], self.location.sizes()
         for name, record in self.manifest.items():
-            file = self.path / name
-            if not file.is_file():
+            if name not in sizes:
                 problems.append(f"{_describe(name)} is missing")
-            elif _file_record(file)["sha256"] != record["sha256"]:
+            elif self.location.checksum(name)["sha256"] != record["sha256"]:
                 problems.append(f"{_describe(name)} does not match its checksum")
             on_bytes(record["size"])
         return problems
@@ -429,19 +470,22 @@ class ActivationStore:
 
 def _finish_interrupted_swap(path: Path) -> None:
     """Move a complete `.partial` (it has its manifest) into place, and remove temporaries of killed runs."""
-    partial = partial_path(path)
+    partial = Location(partial_path(path))
     if _is_complete(partial):
-        for record in _progress_files(partial):
-            record.unlink()
-        replace_dir(partial, path, is_store)
+        _drop_progress(partial)
+        replace_dir(partial.path, path, is_store)
         log.info("%s: moved into place the store an interrupted run had finished", path)
     for litter in remove_litter(path):
         log.info("removed %s, left by a killed run", litter)
 
 
-def _missing_store_message(path: Path) -> str:
+def _missing_store_message(location: Location) -> str:
+    if location.is_remote:
+        hint = " (an interrupted extraction is there: run `pipeline extract --resume`)" if location.exists() else ""
+        return f"no activation store at {location}{hint}; run `pipeline extract` first"
+    path = location.path
     partial = partial_path(path)
-    if _is_complete(partial):
+    if _is_complete(Location(partial)):
         hint = " (an interrupted run finished it under .partial: `pipeline extract` moves it into place)"
     elif partial.exists():
         hint = " (an interrupted extraction is there: run `pipeline extract --resume`)"
@@ -460,14 +504,6 @@ def _describe(name: str) -> str:
     if len(parts) >= 3 and parts[2] == "c":
         return f"split {parts[0]}, array {parts[1]}, shard file {name}"
     return f"file {name}"
-
-
-def _file_record(file: Path) -> dict[str, Any]:
-    digest = hashlib.sha256()
-    with file.open("rb") as handle:
-        while block := handle.read(1 << 22):
-            digest.update(block)
-    return {"size": file.stat().st_size, "sha256": digest.hexdigest()}
 
 
 def _differing(found: dict[str, Any], wanted: dict[str, Any]) -> list[str]:

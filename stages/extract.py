@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import logging
 from contextlib import nullcontext
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -20,7 +19,7 @@ from pipeline.progress import progress_bars
 log = logging.getLogger(__name__)
 
 
-def run(params: Params, resume: bool = False, force: bool = False) -> Path:
+def run(params: Params, resume: bool = False, force: bool = False) -> str:
     """Tokenize every split, then compute and write each pending shard; returns the store's path.
 
     A complete store with the same parameters and data is left alone unless `force`. With extract.source =
@@ -31,9 +30,9 @@ def run(params: Params, resume: bool = False, force: bool = False) -> Path:
 
         return synth.run(params, resume=resume, force=force)
     main = distributed.is_main()
-    path = Path(params.extract.store)
+    path = params.extract.store  # a local path or an object-store URL
     # Rank 0 holds the lock and decides; the other ranks (under torchrun) follow its broadcasts.
-    with store.writing(path) if main else nullcontext(path):
+    with store.writing(path) if main else nullcontext():
         model = load_model(params.model)
         stop_at_layer = check_hooks(model, params.extract.hooks)
         tokenizer = model.tokenizer
@@ -51,7 +50,7 @@ def run(params: Params, resume: bool = False, force: bool = False) -> Path:
         if current and not force:
             log.info("%s is up to date (%s): nothing to do; --force recomputes it", path, why)
             return path
-        if path.exists() and main:
+        if main and store.exists(path):
             log.info("%s will be replaced: %s", path, "--force" if current else why)
 
         def add_splits(writer: store.StoreWriter) -> None:

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import logging
 from contextlib import nullcontext
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -25,7 +24,7 @@ HOOK = "synthetic"
 SPLIT_PURPOSE = {"train": 0, "test": 1}  # seeds the samples of each split differently (evaluation uses 2)
 
 
-def run(params: Params, resume: bool = False, force: bool = False) -> Path:
+def run(params: Params, resume: bool = False, force: bool = False) -> str:
     """Write the synthetic store at extract.store; a complete one with the same parameters is left alone."""
     cfg = params.synth
     device = resolve_device(cfg.device)
@@ -46,8 +45,8 @@ def run(params: Params, resume: bool = False, force: bool = False) -> Path:
         "package_version": __version__,
     }
     main = distributed.is_main()
-    path = Path(params.extract.store)
-    with store.writing(path) if main else nullcontext(path):  # under torchrun: rank 0 locks and decides
+    path = params.extract.store  # a local path or an object-store URL
+    with store.writing(path) if main else nullcontext():  # under torchrun: rank 0 locks and decides
         current, why = distributed.broadcast(store.status(path, attrs) if main else None)
         if current and not force:
             log.info("%s is up to date (%s): nothing to do; --force recomputes it", path, why)

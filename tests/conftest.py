@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -86,6 +89,39 @@ def frozen_decoder(monkeypatch) -> None:
         self.W_dec.requires_grad_(False)
 
     monkeypatch.setattr(SparseAutoencoder, "__init__", init_frozen)
+
+
+def pipeline_command(*args: str, cwd: Path, threads: int | None = None) -> subprocess.CompletedProcess:
+    """`pipeline <args>` in a fresh process, as a user runs it (the processes it starts are its children).
+
+    `threads`: CPU threads per process (OMP_NUM_THREADS); by default the processes share the cores.
+    """
+    env = {k: v for k, v in os.environ.items() if k not in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "OMP_NUM_THREADS")}
+    if threads is not None:
+        env["OMP_NUM_THREADS"] = str(threads)
+    result = subprocess.run(
+        [sys.executable, "-m", "pipeline.cli", *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=120
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    return result
+
+
+def interrupt_extraction_after(n_shards: int, monkeypatch) -> dict[str, int]:
+    """Ctrl-C as the extraction starts shard n_shards + 1; returns the count of shards started (lower it to let a
+    later run go on)."""
+    from pipeline.extraction import ShardExtractor
+
+    original = ShardExtractor.extract
+    calls = {"n": 0}
+
+    def interrupted(self, *args):
+        calls["n"] += 1
+        if calls["n"] > n_shards:
+            raise KeyboardInterrupt
+        return original(self, *args)
+
+    monkeypatch.setattr(ShardExtractor, "extract", interrupted)
+    return calls
 
 
 def invoke(*args: str):

@@ -12,26 +12,11 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from conftest import invoke, write_params, write_synthetic_store
+from conftest import interrupt_extraction_after, invoke, pipeline_command, write_params, write_synthetic_store
 from safetensors.torch import load_file
 
 from pipeline.config import SAEConfig, sae_outputs
 from pipeline.store import partial_path
-
-
-def pipeline_command(*args: str, cwd: Path, threads: int | None = None) -> subprocess.CompletedProcess:
-    """`pipeline <args>` in a fresh process, as a user runs it (the processes it starts are its children).
-
-    `threads`: CPU threads per process (OMP_NUM_THREADS); by default the processes share the cores.
-    """
-    env = {k: v for k, v in os.environ.items() if k not in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "OMP_NUM_THREADS")}
-    if threads is not None:
-        env["OMP_NUM_THREADS"] = str(threads)
-    result = subprocess.run(
-        [sys.executable, "-m", "pipeline.cli", *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=120
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
-    return result
 
 
 def shares(output: str) -> dict[int, tuple[int, int]]:
@@ -89,18 +74,8 @@ def test_two_processes_write_the_one_process_store(tmp_path, tiny_model_dir, gsm
 
 def test_resume_with_another_world_size(tmp_path, tiny_model_dir, gsm_dir, reference_store, monkeypatch):
     """One process is interrupted; its record is split as three killed ranks would leave it; two ranks finish."""
-    from pipeline.extraction import ShardExtractor
-
     params = _params(tmp_path / "params.yaml", tiny_model_dir, gsm_dir, tmp_path / "store")
-    original, calls = ShardExtractor.extract, {"n": 0}
-
-    def interrupted(self, *args):
-        calls["n"] += 1
-        if calls["n"] == 5:
-            raise KeyboardInterrupt
-        return original(self, *args)
-
-    monkeypatch.setattr(ShardExtractor, "extract", interrupted)
+    interrupt_extraction_after(4, monkeypatch)
     assert invoke("extract", "--params", str(params)).exit_code == 130
     partial = partial_path(tmp_path / "store")
     record = json.loads((partial / "progress.json").read_text())

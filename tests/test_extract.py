@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 import zarr
-from conftest import invoke, write_jsonl, write_params
+from conftest import interrupt_extraction_after, invoke, write_jsonl, write_params
 
 from pipeline.config import ModelConfig, load_params
 from pipeline.gsm8k import load_documents
@@ -115,18 +115,7 @@ def test_interrupted_extraction_resumes_to_an_identical_store(tmp_path, tiny_par
     reference_params = write_params(tmp_path / "ref.yaml", **_sections(tiny_params, store=tmp_path / "ref"))
     assert invoke("extract", "--params", str(reference_params)).exit_code == 0
 
-    from pipeline.extraction import ShardExtractor
-
-    original = ShardExtractor.extract
-    calls = {"n": 0}
-
-    def interrupted(self, *args):
-        calls["n"] += 1
-        if calls["n"] == 4:
-            raise KeyboardInterrupt
-        return original(self, *args)
-
-    monkeypatch.setattr(ShardExtractor, "extract", interrupted)
+    calls = interrupt_extraction_after(3, monkeypatch)
     result = invoke("extract", "--params", str(tiny_params))
     assert result.exit_code == 130
     store_path = tmp_path / "activations"
@@ -198,6 +187,7 @@ def test_disk_error_mid_write_leaves_no_store_under_the_final_name(tiny_params, 
         ("extract.nonsense=1", "unknown parameter 'extract.nonsense'"),
         ("extract.batch_tokens=many", "extract.batch_tokens must be int"),
         ("data.max_docs=0", "invalid data.max_docs"),
+        ("extract.store=s3://bucket", "a URL with a prefix below the bucket"),
     ],
 )
 def test_bad_input_is_one_clear_line(tiny_params, override, message):

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import torch
 import zarr
-from conftest import PROJECT_ROOT, invoke, write_params, write_synthetic_store
+from conftest import PROJECT_ROOT, interrupt_extraction_after, invoke, write_params, write_synthetic_store
 
 from pipeline.config import load_params
 from pipeline.store import ActivationStore, partial_path
@@ -159,21 +159,6 @@ def test_verify_finds_a_changed_byte_that_the_size_check_cannot(extracted):
 
 
 # 4. --resume notices that the data changed.
-
-
-def interrupt_extraction_after(n_shards: int, monkeypatch) -> None:
-    from pipeline.extraction import ShardExtractor
-
-    original = ShardExtractor.extract
-    calls = {"n": 0}
-
-    def interrupted(self, *args):
-        calls["n"] += 1
-        if calls["n"] > n_shards:
-            raise KeyboardInterrupt
-        return original(self, *args)
-
-    monkeypatch.setattr(ShardExtractor, "extract", interrupted)
 
 
 def test_resume_refuses_when_the_dataset_content_changed(tmp_path, tiny_params, gsm_dir, monkeypatch):

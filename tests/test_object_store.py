@@ -1,0 +1,189 @@
+"""Stores on object storage: extract to and train from an S3 server the test starts on 127.0.0.1 (moto)."""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+import uuid
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+import zarr
+from conftest import interrupt_extraction_after, invoke, pipeline_command
+from safetensors.torch import load_file
+
+from pipeline.config import SAEConfig, load_params, sae_outputs
+from pipeline.errors import PipelineError
+from pipeline.store import ActivationStore
+
+SAE = {"a": {"expansion": 2, "batch_size": 8, "lr": 2e-3, "epochs": 1}}
+
+
+@pytest.fixture(scope="session")
+def s3_endpoint() -> str:
+    moto_server = pytest.importorskip("moto.server")
+    pytest.importorskip("s3fs")
+    logging.getLogger("werkzeug").setLevel(logging.WARNING)  # one line per request otherwise
+    server = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    yield f"http://{host}:{port}"
+    server.stop()
+
+
+@pytest.fixture
+def bucket(s3_endpoint, monkeypatch) -> str:
+    """A fresh, empty bucket; the environment points S3 clients (this process's and its children's) at it."""
+    import s3fs
+
+    for name, value in {
+        "AWS_ENDPOINT_URL": s3_endpoint, "AWS_ACCESS_KEY_ID": "test", "AWS_SECRET_ACCESS_KEY": "test",
+        "AWS_DEFAULT_REGION": "us-east-1",
+    }.items():  # fmt: skip
+        monkeypatch.setenv(name, value)
+    name = f"bucket-{uuid.uuid4().hex[:12]}"
+    s3fs.S3FileSystem(endpoint_url=s3_endpoint).mkdir(name)
+    return f"s3://{name}"
+
+
+@pytest.fixture
+def local_store(tiny_params) -> Path:
+    """The same extraction on the local disk: the reference."""
+    assert invoke("extract", "--params", str(tiny_params)).exit_code == 0
+    return Path(load_params(tiny_params).extract.store)
+
+
+def arrays(where: str | Path) -> dict[str, np.ndarray]:
+    group = zarr.open_group(str(where), mode="r")
+    return {f"{s}/{n}": group[s][n][:] for s in group.group_keys() for n in group[s].array_keys()}
+
+
+def assert_same_arrays(expected: str | Path, found: str | Path) -> None:
+    reference, stored = arrays(expected), arrays(found)
+    assert reference.keys() == stored.keys()
+    for key, values in reference.items():
+        assert np.array_equal(values, stored[key]), key
+
+
+def objects(url: str) -> list[str]:
+    import s3fs
+
+    fs = s3fs.S3FileSystem()
+    fs.invalidate_cache()
+    root = url.removeprefix("s3://")
+    return sorted(path[len(root) + 1 :] for path in fs.find(root))
+
+
+def test_extract_to_s3_then_train_from_it(tmp_path, tiny_params, local_store, bucket):
+    url = f"{bucket}/runs/activations"
+    result = invoke("extract", "--params", str(tiny_params), "-S", f"extract.store={url}")
+    assert result.exit_code == 0, result.output
+    assert_same_arrays(local_store, url)
+    on_s3, local = ActivationStore(url), ActivationStore(local_store)
+    assert on_s3.fingerprint == local.fingerprint  # every file's bytes, by the manifest's checksums
+    assert not [name for name in objects(url) if name.startswith("progress")]
+    assert "up to date" in invoke("extract", "--params", str(tiny_params), "-S", f"extract.store={url}").stderr
+
+    for store, out in ((url, "from-s3"), (local_store, "from-disk")):
+        params = _train_params(tmp_path / f"{out}.yaml", tiny_params, store, tmp_path / out)
+        result = invoke("train", "--params", str(params))
+        assert result.exit_code == 0, result.output
+    paths = {out: sae_outputs(tmp_path / out, "a", SAEConfig(**SAE["a"])) for out in ("from-s3", "from-disk")}
+    weights = {out: load_file(p["saelens"] / "sae_weights.safetensors") for out, p in paths.items()}
+    for name, value in weights["from-disk"].items():
+        assert torch.equal(weights["from-s3"][name], value), name
+    assert torch.load(paths["from-s3"]["checkpoint"], weights_only=True)["meta"]["store"] == url
+
+
+def _train_params(path: Path, base: Path, store: str | Path, out_dir: Path) -> Path:
+    params = yaml.safe_load(base.read_text())
+    params["extract"]["store"] = str(store)
+    params["train"].update(seq_len=64, out_dir=str(out_dir))
+    path.write_text(yaml.safe_dump({**params, "sae": SAE}))
+    return path
+
+
+def test_verify_finds_a_changed_object(tiny_params, bucket):
+    import s3fs
+
+    url = f"{bucket}/activations"
+    store_override = ("-S", f"extract.store={url}")
+    assert invoke("extract", "--params", str(tiny_params), *store_override).exit_code == 0
+    assert invoke("verify", "--params", str(tiny_params), *store_override).exit_code == 0
+    shard = next(name for name in objects(url) if re.fullmatch(r"train/blocks\.1\.hook_resid_post/c/1/0", name))
+    fs = s3fs.S3FileSystem()
+    damaged = bytearray(fs.cat_file(f"{url}/{shard}"))
+    damaged[100] ^= 0xFF  # the same size: only the checksum can tell
+    fs.pipe_file(f"{url}/{shard}", bytes(damaged))
+    result = invoke("verify", "--params", str(tiny_params), *store_override)
+    assert result.exit_code == 2
+    assert f"shard file {shard} does not match its checksum" in result.stderr
+
+
+def test_an_interrupted_s3_store_is_refused_until_two_processes_resume_it(
+    tmp_path, tiny_params, local_store, bucket, monkeypatch
+):
+    url = f"{bucket}/activations"
+    interrupt_extraction_after(3, monkeypatch)
+    assert invoke("extract", "--params", str(tiny_params), "-S", f"extract.store={url}").exit_code == 130
+    # Written in place (no rename on S3), so readers must refuse it: no manifest yet.
+    with pytest.raises(PipelineError, match=r"incomplete: it has no manifest .*`pipeline extract --resume`"):
+        ActivationStore(url)
+    result = invoke("train", "--params", str(tiny_params), "-S", f"extract.store={url}")
+    assert result.exit_code == 2 and "is incomplete" in result.stderr
+    record = json.loads(objects_text(url, "progress.json"))
+    assert sum(len(indices) for indices in record["shards"].values()) == 3
+
+    args = ("extract", "--params", str(tiny_params), "-S", f"extract.store={url}", "--resume", "-S", "extract.nproc=2")
+    output = pipeline_command(*args, "-v", cwd=tmp_path).stderr
+    pending = re.findall(r"rank (\d) of 2: (\d+) of the (\d+) pending shards", output)
+    n_shards = sum(-(-len(tokens) // 2048) for tokens in _tokens(local_store))
+    assert sorted(rank for rank, _, _ in pending) == ["0", "1"]
+    assert all(int(total) == n_shards - 3 for _, _, total in pending)  # nothing written before is redone
+    assert_same_arrays(local_store, url)
+    assert ActivationStore(url).fingerprint == ActivationStore(local_store).fingerprint
+    assert not [name for name in objects(url) if name.startswith("progress")]
+
+
+def objects_text(url: str, name: str) -> str:
+    import s3fs
+
+    return s3fs.S3FileSystem().cat_file(f"{url}/{name}").decode()
+
+
+def _tokens(store: Path) -> list[np.ndarray]:
+    opened = ActivationStore(store)
+    return [opened.tokens(split) for split in opened.splits]
+
+
+def test_a_prefix_holding_other_objects_is_left_alone(tiny_params, bucket):
+    import s3fs
+
+    url = f"{bucket}/results"
+    s3fs.S3FileSystem().pipe_file(f"{url}/notes.txt", b"a user's file")
+    result = invoke("extract", "--params", str(tiny_params), "-S", f"extract.store={url}")
+    assert result.exit_code == 2
+    assert "holds objects that this pipeline did not write" in result.stderr
+    assert objects(url) == ["notes.txt"]
+
+
+def test_a_scheme_without_its_library_is_one_clear_line(tiny_params):
+    result = invoke("extract", "--params", str(tiny_params), "-S", "extract.store=nosuchscheme://bucket/x")
+    assert result.exit_code == 2
+    assert "cannot open nosuchscheme://bucket/x" in result.stderr
+
+
+def test_missing_credentials_are_one_clear_line(tiny_params, bucket, monkeypatch):
+    from botocore.exceptions import NoCredentialsError
+
+    def no_credentials(*args, **kwargs):
+        raise NoCredentialsError()
+
+    monkeypatch.setattr(ActivationStore, "__init__", no_credentials)  # as s3fs raises it on the first request
+    result = invoke("train", "--params", str(tiny_params), "-S", f"extract.store={bucket}/activations")
+    assert result.exit_code == 2
+    assert result.stderr.strip() == "error: object storage: Unable to locate credentials"
