@@ -88,21 +88,28 @@ def test_extract_to_s3_then_train_from_it(tmp_path, tiny_params, local_store, bu
     assert not [name for name in objects(url) if name.startswith("progress")]
     assert "up to date" in invoke("extract", "--params", str(tiny_params), "-S", f"extract.store={url}").stderr
 
-    for store, out in ((url, "from-s3"), (local_store, "from-disk")):
-        params = _train_params(tmp_path / f"{out}.yaml", tiny_params, store, tmp_path / out)
-        result = invoke("train", "--params", str(params))
-        assert result.exit_code == 0, result.output
-    paths = {out: sae_outputs(tmp_path / out, "a", SAEConfig(**SAE["a"])) for out in ("from-s3", "from-disk")}
-    weights = {out: load_file(p["saelens"] / "sae_weights.safetensors") for out, p in paths.items()}
-    for name, value in weights["from-disk"].items():
-        assert torch.equal(weights["from-s3"][name], value), name
-    assert torch.load(paths["from-s3"]["checkpoint"], weights_only=True)["meta"]["store"] == url
+    # In memory (the split fits the budget) and streamed out of core (a budget of a few chunks): the same SAE
+    # from either store.
+    weights, details = {}, {}
+    for loading, budget_gb in (("resident", 8.0), ("streamed", 1e-4)):
+        for source, store in (("s3", url), ("disk", local_store)):
+            out = tmp_path / f"{loading}-{source}"
+            params = _train_params(tmp_path / f"{out.name}.yaml", tiny_params, store, out, budget_gb)
+            result = invoke("train", "--params", str(params))
+            assert result.exit_code == 0, result.output
+            paths = sae_outputs(out, "a", SAEConfig(**SAE["a"]))
+            weights[loading, source] = load_file(paths["saelens"] / "sae_weights.safetensors")
+            details[loading, source] = torch.load(paths["checkpoint"], weights_only=True)["meta"]
+        for name, value in weights[loading, "disk"].items():
+            assert torch.equal(weights[loading, "s3"][name], value), (loading, name)
+        assert details[loading, "s3"]["store"] == url
+        assert details[loading, "s3"]["loader_order"].startswith(loading)
 
 
-def _train_params(path: Path, base: Path, store: str | Path, out_dir: Path) -> Path:
+def _train_params(path: Path, base: Path, store: str | Path, out_dir: Path, memory_budget_gb: float) -> Path:
     params = yaml.safe_load(base.read_text())
     params["extract"]["store"] = str(store)
-    params["train"].update(seq_len=64, out_dir=str(out_dir))
+    params["train"].update(seq_len=64, out_dir=str(out_dir), memory_budget_gb=memory_budget_gb)
     path.write_text(yaml.safe_dump({**params, "sae": SAE}))
     return path
 
