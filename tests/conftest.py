@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -91,19 +92,39 @@ def frozen_decoder(monkeypatch) -> None:
     monkeypatch.setattr(SparseAutoencoder, "__init__", init_frozen)
 
 
-def pipeline_command(*args: str, cwd: Path, threads: int | None = None) -> subprocess.CompletedProcess:
+def pipeline_command(*args: str, cwd: Path, threads: int | None = None, nodes: int = 1) -> subprocess.CompletedProcess:
     """`pipeline <args>` in a fresh process, as a user runs it (the processes it starts are its children).
 
     `threads`: CPU threads per process (OMP_NUM_THREADS); by default the processes share the cores.
+    `nodes` > 1: as that many machines of one process each start it: torchrun agents that meet at a c10d
+    rendezvous on 127.0.0.1 (the output returned is all of theirs).
     """
     env = {k: v for k, v in os.environ.items() if k not in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "OMP_NUM_THREADS")}
     if threads is not None:
         env["OMP_NUM_THREADS"] = str(threads)
-    result = subprocess.run(
-        [sys.executable, "-m", "pipeline.cli", *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=120
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
-    return result
+    command = [sys.executable, "-m", "pipeline.cli", *args]
+    if nodes > 1:
+        rendezvous = ["--rdzv-id", "test", "--rdzv-backend", "c10d", "--rdzv-endpoint", f"127.0.0.1:{_free_port()}"]
+        torchrun = [sys.executable, "-m", "torch.distributed.run", "--nnodes", str(nodes), "--nproc-per-node", "1"]
+        command = [*torchrun, *rendezvous, "-m", "pipeline.cli", *args]
+    agents = [
+        subprocess.Popen(command, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        for _ in range(nodes)
+    ]
+    try:
+        outputs = [agent.communicate(timeout=120) for agent in agents]
+    finally:
+        for agent in agents:
+            agent.kill()
+    for agent, (_, stderr) in zip(agents, outputs, strict=True):
+        assert agent.returncode == 0, stderr[-3000:]
+    return subprocess.CompletedProcess(command, 0, *("".join(streams) for streams in zip(*outputs, strict=True)))
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
 
 
 def interrupt_extraction_after(n_shards: int, monkeypatch) -> dict[str, int]:
