@@ -40,8 +40,9 @@ def load_sae(path: str | Path, device: str | torch.device = "cpu") -> tuple[Spar
 
 
 def open_store(path: str | Path) -> ActivationStore:
-    """A finished activation store: `tokens(split)`, `doc_offsets(split)`, `read_rows(split, hook, start, end)`,
-    `attrs` (how it was made), `truth()` on a synthetic store."""
+    """A finished activation store (a local path, or an object-store URL such as `s3://bucket/prefix`):
+    `tokens(split)`, `doc_offsets(split)`, `read_rows(split, hook, start, end)`, `attrs` (how it was made),
+    `truth()` on a synthetic store."""
     return ActivationStore(path)
 
 
