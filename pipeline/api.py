@@ -10,8 +10,8 @@
     model = load_model(store.attrs["model"])                # the model the store was extracted from
     logits = run_with_sae(model, sae, tokens, cfg["hook_name"])
 
-Everything here is a thin, stable name over the modules the stages use (`pipeline.sae`, `pipeline.store`,
-`pipeline.lm`, `pipeline.metrics`), so a notebook computes exactly what `pipeline evaluate` computes.
+Everything here is a thin, stable name over the modules the stages use (`pipeline.saes`, `pipeline.store`,
+`pipeline.model`, `pipeline.evaluate`), so a notebook computes exactly what `pipeline evaluate` computes.
 """
 
 from __future__ import annotations
@@ -21,10 +21,11 @@ from typing import Any
 
 import torch
 
-from pipeline.config import ModelConfig
-from pipeline.lm import load_model as _load_model
-from pipeline.metrics import splice_hook
-from pipeline.sae import SparseAutoencoder, load_saelens
+from pipeline.evaluate.splice import splice_hook
+from pipeline.model import load_model as _load_model
+from pipeline.params import ModelConfig
+from pipeline.saes.base import SparseAutoencoder
+from pipeline.saes.saelens import load_saelens
 from pipeline.store import ActivationStore
 
 __all__ = ["load_model", "load_sae", "open_store", "run_with_sae"]

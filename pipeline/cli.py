@@ -16,8 +16,9 @@ from typing import Annotated, TypeVar
 
 import typer
 
-from pipeline.config import DEFAULT_PARAMS_FILE, Params, configured_sae_keys, load_params
-from pipeline.errors import PipelineError
+from pipeline.core import distributed
+from pipeline.core.errors import PipelineError
+from pipeline.params import DEFAULT_PARAMS_FILE, Params, configured_sae_keys, load_params
 
 app = typer.Typer(
     add_completion=False,
@@ -69,7 +70,7 @@ def _run(
     """
     from rich.logging import RichHandler
 
-    from pipeline.progress import console
+    from pipeline.core.progress import console
 
     logging.basicConfig(
         level=logging.DEBUG if verbose else logging.INFO,
@@ -83,11 +84,9 @@ def _run(
         params.command = shlex.join(["pipeline", *command, *options])
         _quiet_libraries(verbose)
         if nproc is None:
-            if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+            if distributed.launched():
                 raise PipelineError(f"pipeline {command[0]} runs as one process: start it without torchrun")
             return stage(params)
-        from pipeline import distributed
-
         if distributed.should_relaunch(nproc(params)):
             exit_code = distributed.relaunch(nproc(params), [*command, *options, *(["-v"] * verbose)])
             if exit_code:
@@ -100,7 +99,7 @@ def _run(
     except _environment_errors() as exc:  # bad input, or the environment (disk full, credentials): not a bug
         if verbose:
             raise
-        rank = int(os.environ.get("RANK", "0"))  # under torchrun every process says it, so say which one
+        rank = distributed.launch_rank()  # under torchrun every process says it, so say which one
         source = "" if isinstance(exc, PipelineError | OSError) else "object storage: "
         _say(f"error: {f'[process {rank}] ' if rank else ''}{source}{exc}")
         raise typer.Exit(2) from None
@@ -196,6 +195,16 @@ def train(
     _run(command, verbose, params, set_, lambda p: _stage("train").run(p, which=config, resume=resume), _train_nproc)
 
 
+def _checkout_module(name: str):
+    """A module of this repository's checkout that is not part of the installed package (benchmarks)."""
+    checkout = Path(__file__).resolve().parents[1]
+    if not (checkout / name.split(".")[0]).is_dir():
+        raise PipelineError(f"{name.split('.')[0]}/ is not installed with the package: run this from a checkout")
+    if str(checkout) not in sys.path:
+        sys.path.insert(0, str(checkout))
+    return importlib.import_module(name)
+
+
 def _extract_nproc(params: Params) -> int:
     return params.extract.nproc
 
@@ -227,8 +236,16 @@ def analyze(
 
 
 @app.command()
+def stability(
+    params: ParamsOption = DEFAULT_PARAMS_FILE, set_: SetOption = None, verbose: VerboseOption = False
+) -> None:
+    """Feature stability: how many latents of each trained config have a counterpart in each other config."""
+    _run(["stability"], verbose, params, set_, lambda p: _stage("stability").run(p))
+
+
+@app.command()
 def report(params: ParamsOption = DEFAULT_PARAMS_FILE, set_: SetOption = None, verbose: VerboseOption = False) -> None:
-    """Write artifacts/report.md and its figures from the train and eval metrics."""
+    """Write artifacts/report.md and its figures from the train, eval and stability outputs."""
     _run(["report"], verbose, params, set_, lambda p: _stage("report").run(p))
 
 
@@ -239,11 +256,10 @@ def run_all(
     set_: SetOption = None,
     verbose: VerboseOption = False,
 ) -> None:
-    """Every stage in order without DVC: extract, train (all configs, one read), evaluate, analyze, report."""
+    """Every stage in order without DVC: extract, train (all configs, one read), evaluate, analyze, stability,
+    report."""
 
     def in_processes(nproc: int, arguments: list[str], stage: Callable[[], object]) -> None:
-        from pipeline import distributed
-
         if not distributed.should_relaunch(nproc):
             stage()
         elif exit_code := distributed.relaunch(nproc, [*arguments, *_options(params, set_), *(["-v"] * verbose)]):
@@ -255,6 +271,7 @@ def run_all(
         in_processes(p.train.nproc, ["train", *again], lambda: _stage("train").run(p, which="all", resume=resume))
         _stage("evaluate").run(p, which="all")
         _stage("analyze").run(p, which="all")
+        _stage("stability").run(p)
         _stage("report").run(p)
 
     _run(["run", *(["--resume"] if resume else [])], verbose, params, set_, all_stages)
@@ -269,7 +286,7 @@ def verify(
     """Check every file of the activation store (extract.store) against the checksums recorded when it was written."""
 
     def check(p: Params) -> None:
-        from pipeline.progress import progress_bars
+        from pipeline.core.progress import progress_bars
         from pipeline.store import ActivationStore
 
         store = ActivationStore(p.extract.store)
@@ -297,16 +314,17 @@ def bench(
     set_: SetOption = None,
     verbose: VerboseOption = False,
 ) -> None:
-    """Speed as ratios measured in one run (see pipeline/bench.py): prints a table and writes JSON."""
+    """Speed as ratios measured in one run (bench/figures.py; from a checkout): prints a table and writes JSON."""
 
     def measure(p: Params) -> None:
         import tempfile
 
         from rich.table import Table
 
-        from pipeline import bench as benchmarks
-        from pipeline.atomic import write_json
-        from pipeline.progress import console
+        from pipeline.core.atomic import write_json
+        from pipeline.core.progress import console
+
+        benchmarks = _checkout_module("bench.figures")
 
         with tempfile.TemporaryDirectory() as workdir:
             result = benchmarks.run(p, docs, tokens, width, Path(workdir), scaling)
@@ -336,8 +354,8 @@ def tiny_assets(
     ] = None,
 ) -> None:
     """Write a tiny GPT-2 and GSM8K-format rows (what params-tiny.yaml runs on; offline, CPU)."""
-    from pipeline.config import DataConfig
-    from pipeline.gsm8k import load_rows
+    from pipeline.corpus import load_rows
+    from pipeline.params import DataConfig
     from pipeline.tiny import SHAPES, write_tiny_assets
 
     if shape not in SHAPES:

@@ -16,8 +16,8 @@ from pathlib import Path
 
 import torch
 
-from pipeline.config import DataConfig
-from pipeline.progress import progress_bars
+from pipeline.core.progress import progress_bars
+from pipeline.params import DataConfig
 
 NAMES = ["Ann", "Bob", "Cy", "Dee", "Eve", "Fay"]
 THINGS = ["apples", "pens", "cards", "marbles", "books"]

@@ -6,15 +6,17 @@ import logging
 
 import torch
 
-from pipeline.analysis import analyze, vocabulary_of
-from pipeline.atomic import check_replaceable
-from pipeline.browser import is_browser_folder, write_browser
-from pipeline.config import Params, sae_name, sae_outputs
-from pipeline.device import resolve_device
-from pipeline.loader import ActivationLoader
-from pipeline.progress import progress_bars
+from pipeline.analyze.browser import is_browser_folder, write_browser
+from pipeline.analyze.features import analyze
+from pipeline.analyze.logits import vocabulary_of
+from pipeline.artifacts import sae_name, sae_outputs, trained_sae
+from pipeline.core.atomic import check_replaceable
+from pipeline.core.device import resolve_device
+from pipeline.core.progress import progress_bars
+from pipeline.model import model_of_store
+from pipeline.params import Params
 from pipeline.store import ActivationStore
-from stages.inputs import model_of_store, trained_sae
+from pipeline.train.loader import ActivationLoader
 
 log = logging.getLogger(__name__)
 
@@ -31,7 +33,7 @@ def run(params: Params, which: str = "all") -> dict[str, str]:
                               train.memory_budget_gb)  # fmt: skip
     positions = torch.from_numpy(loader.positions)
     tokens, offsets = store.tokens(settings.split), store.doc_offsets(settings.split)
-    vocabulary = None if store.is_synthetic else vocabulary_of(model_of_store(params, store), device)
+    vocabulary = None if store.is_synthetic else vocabulary_of(model_of_store(params.model, store), device)
     pages = {}
     with progress_bars({key: 2 * len(positions) for key in saes}) as bars:  # passes 1 and 2; 3 is short
         for key, sae in saes.items():

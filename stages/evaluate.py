@@ -4,17 +4,19 @@ from __future__ import annotations
 
 import logging
 
-from pipeline.atomic import write_json
-from pipeline.config import Params, params_to_dict, resolved, sae_outputs
-from pipeline.device import resolve_device
-from pipeline.ground_truth import ground_truth_metrics
-from pipeline.loader import ActivationLoader
-from pipeline.metrics import reconstruction_metrics, splice_scores
-from pipeline.progress import progress_bars
-from pipeline.sae import SparseAutoencoder
+from pipeline.artifacts import sae_outputs, trained_sae
+from pipeline.core.atomic import write_json
+from pipeline.core.device import resolve_device
+from pipeline.core.progress import progress_bars
+from pipeline.evaluate.ground_truth import ground_truth_metrics
+from pipeline.evaluate.reconstruction import reconstruction_metrics
+from pipeline.evaluate.splice import splice_scores
+from pipeline.model import model_of_store
+from pipeline.params import Params, params_to_dict, resolved
+from pipeline.saes.base import SparseAutoencoder
 from pipeline.store import ActivationStore
-from pipeline.synthetic import SyntheticModel
-from stages.inputs import model_of_store, trained_sae
+from pipeline.synth.generator import SyntheticModel
+from pipeline.train.loader import ActivationLoader
 
 log = logging.getLogger(__name__)
 
@@ -31,7 +33,7 @@ def run(params: Params, which: str = "all") -> dict[str, dict]:
     totals = {"reconstruction": loader.n_tokens * len(saes)}
     if not store.is_synthetic:  # synthetic data has no model to splice into; it has true features instead
         totals["splice"] = int(offsets[n_docs] - offsets[0])
-        model = model_of_store(params, store)
+        model = model_of_store(params.model, store)
         log.info("splicing %s into the model on %d %s documents", ", ".join(saes), n_docs, ev.split)
     with progress_bars(totals) as bars:
         splices = {key: None for key in saes}

@@ -8,13 +8,18 @@ from contextlib import nullcontext
 import numpy as np
 import torch
 
-from pipeline import __version__, distributed, store
-from pipeline.config import Params
-from pipeline.device import extraction_batch_tokens
-from pipeline.extraction import ShardExtractor, extract_pending
-from pipeline.gsm8k import TokenizedSplit, load_documents, tokenize
-from pipeline.lm import check_hooks, hub_revision, load_model
-from pipeline.progress import progress_bars
+from pipeline import __version__
+from pipeline.core import distributed
+from pipeline.core.device import extraction_batch_tokens
+from pipeline.core.location import open_location
+from pipeline.core.progress import progress_bars
+from pipeline.corpus import TokenizedSplit, load_documents, tokenize
+from pipeline.extract.shards import ShardExtractor, extract_pending
+from pipeline.model import check_hooks, hub_revision, load_model
+from pipeline.params import Params
+from pipeline.store.format import token_digest
+from pipeline.store.ranks import finish, open_writer
+from pipeline.store.writer import StoreWriter, status, writing
 
 log = logging.getLogger(__name__)
 
@@ -32,7 +37,7 @@ def run(params: Params, resume: bool = False, force: bool = False) -> str:
     main = distributed.is_main()
     path = params.extract.store  # a local path or an object-store URL
     # Rank 0 holds the lock and decides; the other ranks (under torchrun) follow its broadcasts.
-    with store.writing(path) if main else nullcontext():
+    with writing(path) if main else nullcontext():
         model = load_model(params.model)
         stop_at_layer = check_hooks(model, params.extract.hooks)
         tokenizer = model.tokenizer
@@ -46,18 +51,18 @@ def run(params: Params, resume: bool = False, force: bool = False) -> str:
                     "%s: %d documents longer than %d tokens were truncated", split, data.n_truncated, model.cfg.n_ctx
                 )
         attrs = _store_attrs(params, model, splits)
-        current, why = distributed.broadcast(store.status(path, attrs) if main else None)
+        current, why = distributed.broadcast(status(path, attrs) if main else None)
         if current and not force:
             log.info("%s is up to date (%s): nothing to do; --force recomputes it", path, why)
             return path
-        if main and store.exists(path):
+        if main and open_location(path).exists():
             log.info("%s will be replaced: %s", path, "--force" if current else why)
 
-        def add_splits(writer: store.StoreWriter) -> None:
+        def add_splits(writer: StoreWriter) -> None:
             for split, data in splits.items():
                 writer.add_split(split, data.tokens, data.doc_offsets)
 
-        writer, shards = store.open_writer(path, attrs, resume, add_splits)
+        writer, shards = open_writer(path, attrs, resume, add_splits)
         device = next(model.parameters()).device
         extractor = ShardExtractor(
             model,
@@ -68,7 +73,7 @@ def run(params: Params, resume: bool = False, force: bool = False) -> str:
         )
         with progress_bars({"extract": sum(end - start for _, _, start, end in shards)}) as bars:
             extract_pending(writer, extractor, splits, shards, on_shard=bars["extract"].advance)
-        store.finish(writer, {
+        finish(writer, {
             "split_stats": {split: _stats(data) for split, data in splits.items()},
             "command": params.command,
         })  # fmt: skip
@@ -97,7 +102,7 @@ def _store_attrs(params: Params, model, splits: dict[str, TokenizedSplit]) -> di
         "max_docs": params.data.max_docs,
         "shard_tokens": params.extract.shard_tokens,
         "chunk_tokens": params.extract.chunk_tokens,
-        "token_sha256": {split: store.token_digest(data.tokens, data.doc_offsets) for split, data in splits.items()},
+        "token_sha256": {split: token_digest(data.tokens, data.doc_offsets) for split, data in splits.items()},
         "package_version": __version__,
     }
 

@@ -11,17 +11,19 @@ import logging
 from contextlib import nullcontext
 
 import numpy as np
-import torch
 
-from pipeline import __version__, distributed, store, synthetic
-from pipeline.config import Params, params_to_dict
-from pipeline.device import resolve_device
-from pipeline.progress import progress_bars
+from pipeline import __version__
+from pipeline.core import distributed
+from pipeline.core.device import resolve_device
+from pipeline.core.progress import progress_bars
+from pipeline.params import Params, params_to_dict
+from pipeline.store.ranks import finish, open_writer
+from pipeline.store.writer import StoreWriter, status, writing
+from pipeline.synth import generator
 
 log = logging.getLogger(__name__)
 
 HOOK = "synthetic"
-SPLIT_PURPOSE = {"train": 0, "test": 1}  # seeds the samples of each split differently (evaluation uses 2)
 
 
 def run(params: Params, resume: bool = False, force: bool = False) -> str:
@@ -46,43 +48,35 @@ def run(params: Params, resume: bool = False, force: bool = False) -> str:
     }
     main = distributed.is_main()
     path = params.extract.store  # a local path or an object-store URL
-    with store.writing(path) if main else nullcontext():  # under torchrun: rank 0 locks and decides
-        current, why = distributed.broadcast(store.status(path, attrs) if main else None)
+    with writing(path) if main else nullcontext():  # under torchrun: rank 0 locks and decides
+        current, why = distributed.broadcast(status(path, attrs) if main else None)
         if current and not force:
             log.info("%s is up to date (%s): nothing to do; --force recomputes it", path, why)
             return path
-        model = synthetic.build(cfg, device)
+        model = generator.build(cfg, device)
         if main:
             log.info(
                 "synthetic model: %d features in %d dimensions, %.1f active per sample on average",
-                cfg.n_features, cfg.d_model, synthetic.mean_true_l0(model),
+                cfg.n_features, cfg.d_model, generator.mean_true_l0(model),
             )  # fmt: skip
 
-        def add_splits(writer: store.StoreWriter) -> None:
+        def add_splits(writer: StoreWriter) -> None:
             writer.add_truth(model.arrays())
             for split, n in sizes.items():
                 writer.add_split(split, np.zeros(n, np.int32), np.array([0, n], dtype=np.int64))
 
-        writer, shards = store.open_writer(path, attrs, resume, add_splits)
+        writer, shards = open_writer(path, attrs, resume, add_splits)
         dtype = np.dtype(params.extract.dtype)
         with progress_bars({"synthesize": sum(end - start for _, _, start, end in shards)}) as bars:
             for split, index, start, end in shards:  # each shard from its own seed: any rank may compute it
-                generator = synthetic.sample_generator(cfg.seed, SPLIT_PURPOSE[split], index, device)
-                x = _samples(model, end - start, generator)
+                chunks_from = generator.sample_generator(cfg.seed, split, index, device)
+                x = generator.samples(model, end - start, chunks_from)
                 writer.write_shard(split, index, start, {HOOK: x.astype(dtype)})
                 bars["synthesize"].advance(end - start)
-        store.finish(writer, {
+        finish(writer, {
             "split_stats": {split: {"n_docs": 1, "n_tokens": n} for split, n in sizes.items()},
-            "true_l0": synthetic.mean_true_l0(model),
+            "true_l0": generator.mean_true_l0(model),
             "command": params.command,
         })  # fmt: skip
     log.info("synthetic store written to %s", path)
     return path
-
-
-def _samples(model: synthetic.SyntheticModel, n: int, generator: torch.Generator) -> np.ndarray:
-    chunks = []
-    for start in range(0, n, synthetic.SAMPLE_CHUNK):
-        x, _ = model.sample(min(synthetic.SAMPLE_CHUNK, n - start), generator)
-        chunks.append(x.float().cpu().numpy())
-    return np.concatenate(chunks)

@@ -15,16 +15,17 @@ import time
 from contextlib import ExitStack
 from pathlib import Path
 
-from pipeline import distributed
-from pipeline.atomic import check_replaceable, save_torch, write_json, write_text
-from pipeline.config import Params, SAEConfig, params_to_dict, sae_name, sae_outputs
-from pipeline.device import amp_dtype, describe, peak_memory_bytes, reset_peak_memory, resolve_device
-from pipeline.errors import PipelineError
-from pipeline.loader import ActivationLoader
-from pipeline.locks import exclusive_lock
-from pipeline.sae import is_saelens_folder, save_saelens
+from pipeline.artifacts import checkpoint_dir, sae_name, sae_outputs
+from pipeline.core import distributed
+from pipeline.core.atomic import check_replaceable, save_torch, write_json, write_text
+from pipeline.core.device import amp_dtype, describe, peak_memory_bytes, reset_peak_memory, resolve_device
+from pipeline.core.errors import PipelineError
+from pipeline.core.locks import exclusive_lock
+from pipeline.params import Params, SAEConfig, params_to_dict
+from pipeline.saes.saelens import is_saelens_folder, save_saelens
 from pipeline.store import ActivationStore
-from pipeline.trainer import CURVE_COLUMNS, SAERun, Trainer
+from pipeline.train.loader import ActivationLoader
+from pipeline.train.trainer import CURVE_COLUMNS, SAERun, Trainer
 
 log = logging.getLogger(__name__)
 
@@ -34,13 +35,13 @@ def run(params: Params, which: str = "all", resume: bool = False) -> dict[str, d
     cfg = params.train
     configs = _this_ranks_configs(params.sae_configs(which), cfg.distribute)
     writes = cfg.distribute == "configs" or distributed.is_main()
-    checkpoint_dir = Path(cfg.out_dir) / "checkpoints"
+    checkpoints = checkpoint_dir(cfg.out_dir)
     with ExitStack() as locks:
         for key, sae_cfg in configs.items() if writes else ():
             # before any work: never replace a folder that is not ours, nor let two runs write one checkpoint
             check_replaceable(sae_outputs(cfg.out_dir, key, sae_cfg)["saelens"], is_saelens_folder)
-            locks.enter_context(exclusive_lock(checkpoint_dir / sae_name(key, sae_cfg)))
-        details = _train(params, configs, checkpoint_dir, resume, writes)
+            locks.enter_context(exclusive_lock(checkpoints / sae_name(key, sae_cfg)))
+        details = _train(params, configs, checkpoints, resume, writes)
         distributed.barrier()  # every output written before any rank reports success
     return {key: value for each in distributed.all_gather(details) for key, value in each.items()}
 
@@ -59,7 +60,7 @@ def _this_ranks_configs(configs: dict[str, SAEConfig], distribute: str) -> dict[
 
 
 def _train(
-    params: Params, configs: dict[str, SAEConfig], checkpoint_dir: Path, resume: bool, writes: bool
+    params: Params, configs: dict[str, SAEConfig], checkpoints: Path, resume: bool, writes: bool
 ) -> dict[str, dict]:
     cfg = params.train
     store = ActivationStore(params.extract.store)
@@ -78,13 +79,11 @@ def _train(
         "n_ctx": store.attrs["n_ctx"],
         "loader_order": loader.order_kind,
     }
-    trainer = Trainer(configs, loader, cfg, checkpoint_dir, meta, data_parallel=cfg.distribute == "data")
+    trainer = Trainer(configs, loader, cfg, checkpoints, meta, data_parallel=cfg.distribute == "data")
     resumed = trainer.resume() if resume else []
     fresh = [r.name for r in trainer.runs if r.name not in resumed]
     if resume and fresh and writes:
-        log.warning(
-            "--resume: no checkpoint of %s in %s, so it trains from the start", ", ".join(fresh), checkpoint_dir
-        )
+        log.warning("--resume: no checkpoint of %s in %s, so it trains from the start", ", ".join(fresh), checkpoints)
     stale = [r.name for r in trainer.runs if not resume and writes and trainer.checkpoint_path(r).is_file()]
     if stale:
         log.warning("starting over: checkpoints of an interrupted run of %s exist (--resume continues it)", stale)

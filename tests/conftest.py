@@ -81,7 +81,7 @@ def tiny_params(tmp_path, tiny_model_dir, gsm_dir) -> Path:
 @pytest.fixture
 def frozen_decoder(monkeypatch) -> None:
     """Every SAE built during the test keeps its random initial decoder (for checks that must then fail)."""
-    from pipeline.sae import SparseAutoencoder
+    from pipeline.saes.base import SparseAutoencoder
 
     original_init = SparseAutoencoder.__init__
 
@@ -130,7 +130,7 @@ def _free_port() -> int:
 def interrupt_extraction_after(n_shards: int, monkeypatch) -> dict[str, int]:
     """Ctrl-C as the extraction starts shard n_shards + 1; returns the count of shards started (lower it to let a
     later run go on)."""
-    from pipeline.extraction import ShardExtractor
+    from pipeline.extract.shards import ShardExtractor
 
     original = ShardExtractor.extract
     calls = {"n": 0}
@@ -166,7 +166,7 @@ def write_synthetic_store(
     Each of `n_dirs` random unit directions is active with probability `p_active` (about 4 at a time), with a
     magnitude uniform in [1, 2], plus Gaussian noise of std `noise` per dimension.
     """
-    from pipeline.store import StoreWriter
+    from pipeline.store.writer import StoreWriter
 
     rng = np.random.default_rng(seed)
     dictionary = rng.standard_normal((n_dirs, d))

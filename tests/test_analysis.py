@@ -7,16 +7,11 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline.analysis import (
-    ACTIVATION_SCALE,
-    analyze,
-    histograms_and_quantile_samples,
-    latent_statistics,
-    logit_effects,
-    vocabulary_of,
-)
-from pipeline.config import AnalyzeConfig
-from pipeline.sae import SparseAutoencoder
+from pipeline.analyze.features import ACTIVATION_SCALE, analyze
+from pipeline.analyze.logits import logit_effects, vocabulary_of
+from pipeline.analyze.statistics import histograms_and_quantile_samples, latent_statistics
+from pipeline.params import AnalyzeConfig
+from pipeline.saes.relu import ReLUSAE
 
 D_IN, D_SAE, N = 16, 48, 600
 SETTINGS = AnalyzeConfig(top_n=5, quantiles=4, per_quantile=3, window=3, histogram_bins=8, batch_tokens=37)
@@ -31,7 +26,7 @@ def make_case():
     """A random SAE whose encoder biases range from 0 to very negative (busy, rare and dead latents), data, and
     documents of 10..30 tokens."""
     generator = torch.Generator().manual_seed(0)
-    sae = SparseAutoencoder(D_IN, D_SAE, generator=generator)
+    sae = ReLUSAE(D_IN, D_SAE, generator=generator)
     with torch.no_grad():
         sae.b_enc.copy_(torch.linspace(0, -4, D_SAE))
     data = torch.randn(N, D_IN, generator=generator)
@@ -109,13 +104,13 @@ def test_context_windows_hold_the_latents_own_activations(case):
 def test_logit_effects_equal_the_checkpoints_own_weights(tiny_model_dir):
     from transformers import GPT2LMHeadModel
 
-    from pipeline.config import ModelConfig
-    from pipeline.lm import load_model
+    from pipeline.model import load_model
+    from pipeline.params import ModelConfig
 
     vocabulary = vocabulary_of(load_model(ModelConfig(name=str(tiny_model_dir), device="cpu")), torch.device("cpu"))
     reference = GPT2LMHeadModel.from_pretrained(tiny_model_dir)
     d_model = reference.config.n_embd
-    sae = SparseAutoencoder(d_model, 32, generator=torch.Generator().manual_seed(0))
+    sae = ReLUSAE(d_model, 32, generator=torch.Generator().manual_seed(0))
     direction = sae.W_dec.detach() - sae.W_dec.detach().mean(dim=1, keepdim=True)
     with torch.no_grad():
         expected = (direction * reference.transformer.ln_f.weight) @ reference.lm_head.weight.T

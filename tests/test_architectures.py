@@ -11,9 +11,11 @@ import torch
 from conftest import invoke, write_params, write_synthetic_store
 from test_train import SYNTHETIC_TRAIN, recovery_and_explained_variance
 
-from pipeline.config import SAEConfig, TrainConfig, load_params, resolved
-from pipeline.sae import Architecture, LossCoefficients, SparseAutoencoder, load_saelens, save_saelens, training_loss
-from pipeline.trainer import architecture_of
+from pipeline.params import PER_CONFIG_SETTINGS, SAEConfig, TrainConfig, load_params, resolved
+from pipeline.saes import ARCHITECTURES, build_sae, sae_class
+from pipeline.saes.base import SparseAutoencoder
+from pipeline.saes.saelens import load_saelens, save_saelens
+from pipeline.saes.topk import TopKSAE
 
 # Settings found for this small dictionary (64 directions in 32 dimensions, ~2.6 active per vector).
 PLANTED = {
@@ -67,24 +69,32 @@ def test_the_same_check_fails_with_a_frozen_decoder(tmp_path, planted, architect
     assert recovered < 0.1
 
 
-def positive_sae(architecture: Architecture, d_in: int = 16, d_sae: int = 64) -> SparseAutoencoder:
+def make_sae(name: str, seed: int | None = None, **settings) -> tuple[SparseAutoencoder, SAEConfig]:
+    """A 16 -> 64 SAE of architecture `name` as the trainer builds it: the train section's defaults but for
+    `settings`; and its resolved config."""
+    cfg = resolved(SAEConfig(expansion=4, batch_size=1, lr=1e-2, architecture=name, **settings), TrainConfig())
+    return build_sae(cfg, 16, None if seed is None else torch.Generator().manual_seed(seed)), cfg
+
+
+def positive_sae(name: str, **settings) -> tuple[SparseAutoencoder, SAEConfig]:
     """An SAE whose pre-activations are all positive, so that only the selection rule limits how many fire."""
-    sae = SparseAutoencoder(d_in, d_sae, architecture, generator=torch.Generator().manual_seed(0))
+    sae, cfg = make_sae(name, seed=0, **settings)
     with torch.no_grad():
         sae.b_enc.fill_(100.0)
-    return sae
+    return sae, cfg
 
 
 def test_topk_has_exactly_k_active_latents_per_token():
-    sae = positive_sae(Architecture("topk", k=5))
+    sae, _ = positive_sae("topk", k=5)
     _, f = sae(torch.randn(300, 16))
     assert ((f > 0).sum(dim=1) == 5).all()
 
 
 def test_batchtopk_has_k_active_on_average_per_batch_and_a_threshold_at_inference():
-    sae = positive_sae(Architecture("batchtopk", k=5)).train()
+    sae, cfg = positive_sae("batchtopk", k=5)
+    sae.train()
     x = torch.randn(300, 16) * torch.linspace(0.1, 3, 300)[:, None]  # tokens of unequal norm get unequal counts
-    training_loss(sae, x, LossCoefficients())
+    sae.training_loss(x, cfg)
     f = sae.activate(sae.pre_activations(x))
     per_token = (f > 0).sum(dim=1)
     assert per_token.sum() == 5 * 300 and per_token.min() < per_token.max()
@@ -96,11 +106,12 @@ def test_batchtopk_has_k_active_on_average_per_batch_and_a_threshold_at_inferenc
 
 
 def test_jumprelu_thresholds_move_and_the_l0_penalty_raises_them():
-    sae = SparseAutoencoder(16, 64, Architecture("jumprelu", bandwidth=0.5, initial_threshold=0.2))
+    sae, cfg = make_sae("jumprelu", jumprelu_bandwidth=0.5, jumprelu_initial_threshold=0.2, l0_coeff=1.0,
+                        decorrelation_coeff=0.0)  # fmt: skip
     optimizer = torch.optim.Adam(sae.parameters(), lr=1e-2)
     x = torch.randn(512, 16)
     for _ in range(20):
-        loss, _ = training_loss(sae, x, LossCoefficients(l0=1.0, decorrelation=0.0))
+        loss, _ = sae.training_loss(x, cfg)
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
@@ -110,13 +121,11 @@ def test_jumprelu_thresholds_move_and_the_l0_penalty_raises_them():
 
 @pytest.mark.parametrize("name", list(PLANTED))
 def test_save_then_load_round_trips_exactly(tmp_path, name):
-    sae = SparseAutoencoder(
-        16, 64, Architecture(name, k=6, prefixes=(0.25,)), generator=torch.Generator().manual_seed(1)
-    )
+    sae, cfg = make_sae(name, seed=1, k=6, matryoshka_prefixes=[0.25], dead_tokens=1)
     optimizer = torch.optim.Adam(sae.parameters(), lr=1e-2)
     x = torch.randn(256, 16)
     for _ in range(5):  # so that biases, thresholds and the batch threshold are not at their initial values
-        loss, _ = training_loss(sae, x, LossCoefficients(dead_tokens=1))
+        loss, _ = sae.training_loss(x, cfg)
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
@@ -124,7 +133,7 @@ def test_save_then_load_round_trips_exactly(tmp_path, name):
     raw = sae.folded(2.0)
     save_saelens(raw, tmp_path / "sae", {"hook_name": "h"})
     loaded, config = load_saelens(tmp_path / "sae")
-    assert loaded.architecture == raw.architecture
+    assert type(loaded) is type(raw) and loaded.option_values() == raw.option_values()
     saved = {k: v for k, v in raw.state_dict().items() if k not in ("tokens_since_fired", "threshold_updates")}
     for key, value in saved.items():
         assert torch.equal(loaded.state_dict()[key], value), key
@@ -138,9 +147,17 @@ def test_per_config_settings_fall_back_to_the_train_section(tmp_path):
     train = TrainConfig(l1_coeff=1e-2, k=12)
     cfg = resolved(SAEConfig(expansion=2, batch_size=4, lr=1e-3, architecture="topk", k=7), train)
     assert (cfg.k, cfg.l1_coeff, cfg.warmup_frac) == (7, 1e-2, train.warmup_frac)
-    assert architecture_of(cfg) == Architecture("topk", k=7, bandwidth=train.jumprelu_bandwidth,
-                                                initial_threshold=train.jumprelu_initial_threshold,
-                                                prefixes=tuple(train.matryoshka_prefixes))  # fmt: skip
+    sae = build_sae(cfg, 16)
+    assert type(sae) is TopKSAE and sae.option_values() == {"k": 7}
+
+
+@pytest.mark.parametrize("name", ARCHITECTURES)
+def test_each_architecture_declares_the_settings_it_uses(name):
+    """The report lists `settings`, and an SAE is rebuilt from its `options`: both must be real params keys."""
+    cls = sae_class(name)
+    assert cls.name == name
+    assert set(cls.options) <= set(cls.settings) <= set(PER_CONFIG_SETTINGS)
+    assert cls.penalty[1] in cls.settings
 
 
 @pytest.mark.parametrize(
@@ -153,7 +170,7 @@ def test_per_config_settings_fall_back_to_the_train_section(tmp_path):
     ],
 )
 def test_bad_per_config_settings_name_the_key(override, message):
-    from pipeline.errors import PipelineError
+    from pipeline.core.errors import PipelineError
 
     with pytest.raises(PipelineError, match=message.replace("(", r"\(").replace(")", r"\)").replace("[", r"\[")):
         load_params(Path(__file__).resolve().parents[1] / "params.yaml", [override])
@@ -163,10 +180,10 @@ def test_matryoshka_without_prefixes_trains_as_batchtopk():
     x = torch.randn(256, 16)
     weights = {}
     for name in ("batchtopk", "matryoshka"):
-        sae = SparseAutoencoder(16, 64, Architecture(name, k=4), generator=torch.Generator().manual_seed(0))
+        sae, cfg = make_sae(name, seed=0, k=4, matryoshka_prefixes=[])
         optimizer = torch.optim.Adam(sae.parameters(), lr=1e-2)
         for _ in range(5):
-            loss, _ = training_loss(sae, x, LossCoefficients())
+            loss, _ = sae.training_loss(x, cfg)
             optimizer.zero_grad()
             loss.backward()
             optimizer.step()
@@ -180,21 +197,17 @@ def test_matryoshka_without_prefixes_trains_as_batchtopk():
 @pytest.mark.parametrize("amp", ["bf16", "fp16"])
 def test_every_architecture_trains_under_autocast(name, amp):
     """The mixed-precision path of each architecture's loss (custom autograd included), on the CPU."""
-    from pipeline.device import amp_dtype, grad_scaler
-    from pipeline.trainer import train_step
+    from pipeline.core.device import amp_dtype, grad_scaler
+    from pipeline.train.trainer import train_step
 
     device = torch.device("cpu")
     dtype = amp_dtype(amp, device)
-    sae = SparseAutoencoder(
-        16, 64, Architecture(name, k=4, prefixes=(0.25,)), generator=torch.Generator().manual_seed(0)
-    )
+    sae, cfg = make_sae(name, seed=0, k=4, matryoshka_prefixes=[0.25], dead_tokens=1)
     before = {k: v.clone() for k, v in sae.state_dict().items()}
     optimizer = torch.optim.Adam(sae.parameters(), lr=1e-2)
     x = torch.randn(128, 16)
     for _ in range(3):
-        loss, terms, _ = train_step(
-            sae, optimizer, grad_scaler(device, dtype), x, dtype, LossCoefficients(dead_tokens=1), True
-        )
+        loss, terms, _ = train_step(sae, optimizer, grad_scaler(device, dtype), x, dtype, cfg, True)
         assert torch.isfinite(loss) and all(torch.isfinite(v) for v in terms.values())
     changed = [k for k, v in sae.state_dict().items() if v.dtype.is_floating_point and not torch.equal(v, before[k])]
     assert {"W_enc", "W_dec", "b_enc", "b_dec"} <= set(changed)

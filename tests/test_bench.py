@@ -8,7 +8,7 @@ import math
 import pytest
 from conftest import invoke, write_params
 
-from pipeline.bench import GOALS
+from bench.figures import GOALS
 
 FIGURES = {
     "extract_efficiency", "bridge_overhead", "extract_speedup_over_naive", "train_efficiency", "loader_stall",
@@ -68,10 +68,10 @@ def test_bench_reports_every_figure(tmp_path, tiny_model_dir, gsm_dir):
 
 def test_the_saelens_comparison_runs_where_saelens_is_installed(monkeypatch, capsys):
     pytest.importorskip("sae_lens", reason="SAELens pins transformer-lens<4: it lives in an environment of its own")
-    from pipeline import bench_saelens
+    from bench import saelens_step
 
-    monkeypatch.setattr("sys.argv", ["bench_saelens", "--d-in", "16", "--expansion", "2", "--batch", "64"])
-    bench_saelens.main()
+    monkeypatch.setattr("sys.argv", ["saelens_step", "--d-in", "16", "--expansion", "2", "--batch", "64"])
+    saelens_step.main()
     report = json.loads(capsys.readouterr().out)
     assert set(report["seconds_per_step"]) == {"ours", "saelens", "minimal"}
     assert math.isclose(

@@ -15,11 +15,11 @@ from test_architectures import PLANTED, train_planted
 from test_extract import reference_activations
 from test_train import recovery_and_explained_variance
 
-from pipeline.analysis import analyze
-from pipeline.config import ModelConfig, load_params
-from pipeline.lm import load_model
-from pipeline.loader import ActivationLoader
+from pipeline.analyze.features import analyze
+from pipeline.model import load_model
+from pipeline.params import ModelConfig, load_params
 from pipeline.store import ActivationStore
+from pipeline.train.loader import ActivationLoader
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 CUDA = torch.device("cuda")

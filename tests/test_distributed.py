@@ -15,8 +15,9 @@ import yaml
 from conftest import interrupt_extraction_after, invoke, pipeline_command, write_params, write_synthetic_store
 from safetensors.torch import load_file
 
-from pipeline.config import SAEConfig, sae_outputs
-from pipeline.store import partial_path
+from pipeline.artifacts import sae_outputs
+from pipeline.core.location import partial_path
+from pipeline.params import SAEConfig
 
 
 def shares(output: str) -> dict[int, tuple[int, int]]:
@@ -177,7 +178,7 @@ def test_configs_across_ranks_match_one_process(tmp_path, small_store, one_proce
 
 
 def test_data_parallel_resumes_a_one_process_run(tmp_path, small_store, one_process_saes, monkeypatch):
-    from pipeline.trainer import Trainer
+    from pipeline.train.trainer import Trainer
 
     original, blocks = Trainer._train_on_block, {"a": 0}
 
@@ -220,7 +221,7 @@ def test_an_error_in_the_processes_is_their_line_and_exit_code(tmp_path, small_s
 
 
 def test_work_that_does_not_divide_over_the_ranks_is_one_clear_line(tmp_path, small_store, monkeypatch):
-    from pipeline import distributed
+    from pipeline.core import distributed
 
     monkeypatch.setattr(distributed, "world_size", lambda: 3)
     monkeypatch.setattr(distributed, "rank", lambda: 1)
@@ -234,10 +235,10 @@ def test_work_that_does_not_divide_over_the_ranks_is_one_clear_line(tmp_path, sm
 
 
 def test_more_processes_than_gpus_is_one_clear_line(monkeypatch, tmp_path):
-    from pipeline import bench_scaling
-    from pipeline.config import load_params
-    from pipeline.device import resolve_device
-    from pipeline.errors import PipelineError
+    from bench import scaling as bench_scaling
+    from pipeline.core.device import resolve_device
+    from pipeline.core.errors import PipelineError
+    from pipeline.params import load_params
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
@@ -254,7 +255,9 @@ def test_fewer_shards_than_processes_is_a_warning(tmp_path, monkeypatch, caplog)
 
     import numpy as np
 
-    from pipeline import distributed, store
+    from pipeline.core import distributed
+    from pipeline.store.ranks import open_writer
+    from pipeline.store.writer import StoreWriter
 
     monkeypatch.setattr(distributed, "world_size", lambda: 3)
     attrs = {
@@ -262,10 +265,10 @@ def test_fewer_shards_than_processes_is_a_warning(tmp_path, monkeypatch, caplog)
         "splits": ["train"], "model": "m", "dataset": "d", "n_ctx": 100, "bos_token_id": 0,
     }  # fmt: skip
 
-    def prepare(writer: store.StoreWriter) -> None:
+    def prepare(writer: StoreWriter) -> None:
         writer.add_split("train", np.zeros(5000, np.int32), np.array([0, 5000]))
 
     with caplog.at_level(logging.WARNING):
-        _, mine = store.open_writer(tmp_path / "store", attrs, False, prepare)
+        _, mine = open_writer(tmp_path / "store", attrs, False, prepare)
     assert len(mine) == 1  # rank 0 of 3 takes the first of the 2 shards
     assert "2 shard(s) to write for 3 processes: 1 of them have nothing to do" in caplog.text

@@ -11,10 +11,11 @@ import torch
 import zarr
 from conftest import interrupt_extraction_after, invoke, write_jsonl, write_params
 
-from pipeline.config import ModelConfig, load_params
-from pipeline.gsm8k import load_documents
-from pipeline.lm import capture, check_hooks, load_model
-from pipeline.store import ActivationStore, partial_path
+from pipeline.core.location import partial_path
+from pipeline.corpus import load_documents
+from pipeline.model import capture, check_hooks, load_model
+from pipeline.params import ModelConfig, load_params
+from pipeline.store import ActivationStore
 
 HOOKS = ["blocks.1.hook_resid_pre", "blocks.1.hook_resid_post"]
 
@@ -145,7 +146,7 @@ def _sections(params_path, store) -> dict:
 
 
 def test_resume_refuses_different_parameters(tiny_params, monkeypatch):
-    from pipeline.extraction import ShardExtractor
+    from pipeline.extract.shards import ShardExtractor
 
     monkeypatch.setattr(ShardExtractor, "extract", lambda *a: (_ for _ in ()).throw(KeyboardInterrupt))
     assert invoke("extract", "--params", str(tiny_params)).exit_code == 130
@@ -158,7 +159,7 @@ def test_resume_refuses_different_parameters(tiny_params, monkeypatch):
 
 
 def test_disk_error_mid_write_leaves_no_store_under_the_final_name(tiny_params, monkeypatch):
-    from pipeline.store import StoreWriter
+    from pipeline.store.writer import StoreWriter
 
     writes = {"n": 0}
     original = StoreWriter.write_shard

@@ -16,8 +16,9 @@ import torch
 import zarr
 from conftest import PROJECT_ROOT, interrupt_extraction_after, invoke, write_params, write_synthetic_store
 
-from pipeline.config import load_params
-from pipeline.store import ActivationStore, partial_path
+from pipeline.core.location import partial_path
+from pipeline.params import load_params
+from pipeline.store import ActivationStore
 
 TRAIN_ON_SYNTHETIC = {
     "hook": "synthetic", "seq_len": 64, "device": "cpu", "exclude_bos": False, "checkpoint_every": 2,
@@ -94,7 +95,7 @@ def test_train_refuses_to_replace_a_folder_that_is_not_an_sae(tmp_path):
 def test_a_store_being_written_is_locked_and_a_dead_holder_releases_it(tmp_path, tiny_params):
     store = store_of(tiny_params)
     holder = subprocess.Popen(
-        [sys.executable, "-c", "import sys, time\nfrom pipeline.locks import exclusive_lock\n"
+        [sys.executable, "-c", "import sys, time\nfrom pipeline.core.locks import exclusive_lock\n"
          "with exclusive_lock(sys.argv[1]):\n    print('locked', flush=True)\n    time.sleep(120)", str(store)],
         stdout=subprocess.PIPE, text=True,
     )  # fmt: skip
@@ -181,7 +182,7 @@ def test_resume_refuses_when_the_dataset_content_changed(tmp_path, tiny_params, 
 
 def interrupted_training(tmp_path: Path, monkeypatch) -> Path:
     """A training run on a new synthetic store, killed after its first checkpoint; returns its params file."""
-    from pipeline.trainer import Trainer
+    from pipeline.train.trainer import Trainer
 
     params = synthetic_params(tmp_path)
     original = Trainer.save_checkpoints
@@ -233,7 +234,7 @@ def test_a_crash_between_the_renames_is_finished_without_recomputing(extracted, 
     before = {p.relative_to(store): p.read_bytes() for p in store.rglob("*") if p.is_file()}
     crash = run_python(f"""
         import os
-        import pipeline.atomic
+        import pipeline.core.atomic
         real_replace = os.replace
         calls = []
 
@@ -243,7 +244,7 @@ def test_a_crash_between_the_renames_is_finished_without_recomputing(extracted, 
             if str(src) == {str(store)!r}:
                 os._exit(9)
 
-        pipeline.atomic.os.replace = replace
+        pipeline.core.atomic.os.replace = replace
         from pipeline.cli import app
         app(["extract", "--force", "--params", {str(params)!r}])
     """)
@@ -251,7 +252,7 @@ def test_a_crash_between_the_renames_is_finished_without_recomputing(extracted, 
     assert not store.exists() and partial_path(store).is_dir()  # the window: no store under the final name
     assert [p.name for p in store.parent.glob(f".{store.name}.old-*")]  # the previous store, set aside
 
-    from pipeline.extraction import ShardExtractor
+    from pipeline.extract.shards import ShardExtractor
 
     monkeypatch.setattr(ShardExtractor, "extract", lambda *a: pytest.fail("a finished shard was recomputed"))
     result = invoke("extract", "--params", str(params))  # no --resume needed
@@ -268,7 +269,7 @@ def test_a_crash_between_the_renames_is_finished_without_recomputing(extracted, 
 
 
 def test_temporaries_of_killed_runs_are_removed_by_the_next_write(tmp_path):
-    from pipeline.atomic import remove_litter, write_json
+    from pipeline.core.atomic import remove_litter, write_json
 
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
     dead.wait()
@@ -345,7 +346,7 @@ def test_an_empty_split_file_is_one_line(tmp_path, tiny_params, gsm_dir):
 def test_an_up_to_date_store_is_left_alone_unless_forced(extracted, monkeypatch):
     params, store = extracted
     stamps = {p: p.stat().st_mtime_ns for p in store.rglob("*")}
-    from pipeline.extraction import ShardExtractor
+    from pipeline.extract.shards import ShardExtractor
 
     calls = {"n": 0}
     original = ShardExtractor.extract
@@ -404,7 +405,7 @@ def test_evaluate_shows_progress(tmp_path, extracted):
 def test_progress_rate_over_busy_time_matches_the_metrics_definition():
     from rich.progress import Progress
 
-    from pipeline.progress import ProgressBar, Throughput
+    from pipeline.core.progress import ProgressBar, Throughput
 
     progress = Progress()
     bar = ProgressBar(progress, "a", total=10_000, unit="tok")

@@ -12,8 +12,9 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline.loader import ActivationLoader
-from pipeline.store import ActivationStore, StoreWriter
+from pipeline.store import ActivationStore
+from pipeline.store.writer import StoreWriter
+from pipeline.train.loader import ActivationLoader
 
 CPU = torch.device("cpu")
 DOC_LEN = 50
@@ -80,7 +81,7 @@ def test_a_streamed_epoch_is_seeded_and_resumes_at_any_block(indexed):
 MEMORY_PROBE = """
 import json, resource, sys
 import torch
-from pipeline.loader import ActivationLoader
+from pipeline.train.loader import ActivationLoader
 from pipeline.store import ActivationStore
 
 def peak_kib():

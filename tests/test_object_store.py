@@ -16,8 +16,9 @@ import zarr
 from conftest import interrupt_extraction_after, invoke, pipeline_command
 from safetensors.torch import load_file
 
-from pipeline.config import SAEConfig, load_params, sae_outputs
-from pipeline.errors import PipelineError
+from pipeline.artifacts import sae_outputs
+from pipeline.core.errors import PipelineError
+from pipeline.params import SAEConfig, load_params
 from pipeline.store import ActivationStore
 
 SAE = {"a": {"expansion": 2, "batch_size": 8, "lr": 2e-3, "epochs": 1}}

@@ -14,12 +14,14 @@ import torch
 import yaml
 from conftest import PROJECT_ROOT, invoke
 
-from pipeline.config import ModelConfig, load_params, sae_outputs
-from pipeline.lm import load_model
-from pipeline.metrics import splice_scores
+from pipeline.artifacts import sae_outputs
+from pipeline.evaluate.splice import splice_scores
+from pipeline.model import load_model
+from pipeline.params import ModelConfig, load_params
+from pipeline.report.render import fmt, fmt_gb, fmt_rate, fmt_seconds
+from pipeline.report.rules import recommend
 from pipeline.store import ActivationStore
 from pipeline.tiny import write_tiny_assets
-from stages.report import fmt, fmt_gb, fmt_rate, fmt_seconds, recommend
 
 TINY_RUN_TRAIN_STEPS = 150
 
@@ -125,7 +127,7 @@ def test_recommendation_follows_the_stated_rule():
 
 
 def test_a_score_is_undefined_when_the_ablation_effect_is_within_noise():
-    from pipeline.metrics import _Totals
+    from pipeline.evaluate.splice import _Totals
 
     def scores(ce_gap: float, gap_sd: float, n: int = 1000) -> dict:
         # n tokens whose ablation raises the CE by ce_gap on average, with standard deviation gap_sd
@@ -230,7 +232,7 @@ def copy_of(tiny_run: Path, destination: Path, with_artifacts: bool) -> Path:
 
 
 def test_the_tiny_profile_checkpoints_so_an_interrupted_run_resumes(tiny_run, tmp_path, monkeypatch):
-    from pipeline.trainer import Trainer
+    from pipeline.train.trainer import Trainer
 
     monkeypatch.chdir(copy_of(tiny_run, tmp_path / "copy", with_artifacts=False))
     original = Trainer._train_on_block
@@ -278,6 +280,11 @@ def test_evaluate_errors_name_what_is_missing(tiny_run):
         assert result.exit_code == 2 and "split 'validation' is not in store" in result.stderr
         result = invoke("report", "--params", params, "-S", "train.out_dir=elsewhere")
         assert result.exit_code == 2 and "is missing; run `pipeline train --config a` first" in result.stderr
+        fewer = yaml.safe_load((tiny_run / "params.yaml").read_text())
+        fewer["sae"] = {key: fewer["sae"][key] for key in ("a", "b")}
+        (tiny_run / "fewer.yaml").write_text(yaml.safe_dump(fewer))
+        result = invoke("report", "--params", str(tiny_run / "fewer.yaml"))
+        assert result.exit_code == 2 and "compares configs a, b, c, c2, not this params file's (a, b)" in result.stderr
 
 
 def dvc(repo: Path, *args: str) -> str:
@@ -320,7 +327,7 @@ def test_dvc_repro_on_the_tiny_profile(tmp_path):
 
     first = stages_run(dvc(repo, "repro"))
     per_config = {f"{stage}@{key}" for stage in ("train", "evaluate", "analyze") for key in "ac"}
-    assert first == {"extract", *per_config, "report"}
+    assert first == {"extract", *per_config, "stability", "report"}
     assert (repo / "artifacts/report.md").is_file()
     assert (repo / "artifacts/browser/config_c_8x/index.html").is_file()
     assert stages_run(dvc(repo, "repro")) == set()
@@ -329,7 +336,7 @@ def test_dvc_repro_on_the_tiny_profile(tmp_path):
 
     # An experiment reruns only what its change touches, and keeps its own metrics beside the baseline's.
     changed = stages_run(dvc(repo, "exp", "run", "-S", "sae.c.lr=2e-4"))
-    assert changed == {"train@c", "evaluate@c", "analyze@c", "report"}
+    assert changed == {"train@c", "evaluate@c", "analyze@c", "stability", "report"}
     assert json.loads((repo / "artifacts/details/train_c.json").read_text())["config"]["lr"] == 2e-4
     shown = dvc_json(repo, "exp", "show")
     (baseline,) = [commit for commit in shown if commit.get("experiments")]
@@ -352,19 +359,19 @@ def test_dvc_repro_on_the_tiny_profile(tmp_path):
     assert stages_run(dvc(repo, "repro", "--force", "--single-item", "train@a")) == {"train@a"}
 
 
-def readme_python_block(heading: str) -> str:
-    """The first ```python block after `heading` in the README."""
-    text = (PROJECT_ROOT / "README.md").read_text()
+def docs_python_block(page: str, heading: str) -> str:
+    """The first ```python block after `heading` in docs/`page`."""
+    text = (PROJECT_ROOT / "docs" / page).read_text()
     section = text[text.index(heading) :]
     return section[
         section.index("```python") + len("```python") : section.index("```\n", section.index("```python") + 9)
     ]
 
 
-def test_the_readme_python_api_snippet_runs(tiny_run, monkeypatch, capsys):
+def test_the_documented_python_api_example_runs(tiny_run, monkeypatch, capsys):
     monkeypatch.chdir(tiny_run)
     namespace: dict = {}
-    exec(readme_python_block("## Python API"), namespace)
+    exec(docs_python_block("api.md", "# Python API"), namespace)
     assert namespace["logits"].shape[:2] == namespace["tokens"].shape
     assert namespace["f"].shape == (256, namespace["sae"].d_sae)
     assert "relative error" in capsys.readouterr().out
@@ -375,7 +382,7 @@ def test_run_with_sae_splices_the_reconstruction_at_the_hook(tiny_run):
     import torch
 
     from pipeline.api import load_model, open_store, run_with_sae
-    from pipeline.sae import SparseAutoencoder
+    from pipeline.saes.relu import ReLUSAE
 
     store = open_store(tiny_run / "data/activations")
     model = load_model(str(tiny_run / "data/tiny/model"), device="cpu")
@@ -383,8 +390,8 @@ def test_run_with_sae_splices_the_reconstruction_at_the_hook(tiny_run):
     start, end = store.doc_offsets("test")[:2]
     tokens = torch.from_numpy(store.tokens("test")[start:end]).long()[None]
     d = store.d_model
-    identity = SparseAutoencoder(d, 2 * d).eval()  # relu(x) - relu(-x) = x
-    zero = SparseAutoencoder(d, 2 * d).eval()
+    identity = ReLUSAE(d, 2 * d).eval()  # relu(x) - relu(-x) = x
+    zero = ReLUSAE(d, 2 * d).eval()
     with torch.no_grad():
         identity.W_enc.copy_(torch.cat([torch.eye(d), -torch.eye(d)], dim=1))
         identity.W_dec.copy_(torch.cat([torch.eye(d), -torch.eye(d)], dim=0))
@@ -404,9 +411,9 @@ def test_run_with_sae_splices_the_reconstruction_at_the_hook(tiny_run):
 
 
 def test_report_feature_stability_is_recomputed_from_the_saved_decoders(tiny_run):
-    from pipeline.sae import load_saelens
-    from pipeline.stability import stability
-    from stages.report import fmt
+    from pipeline.report.render import fmt
+    from pipeline.report.stability import stability
+    from pipeline.saes.saelens import load_saelens
 
     report = (tiny_run / "artifacts/report.md").read_text()
     section = report[report.index("## Feature stability") :]
@@ -420,7 +427,7 @@ def test_report_feature_stability_is_recomputed_from_the_saved_decoders(tiny_run
 
 
 def test_each_config_has_a_feature_browser_listing_every_latent(tiny_run):
-    from pipeline.browser import read_browser_data
+    from pipeline.analyze.browser import read_browser_data
 
     params = load_params(tiny_run / "params.yaml")
     report = (tiny_run / "artifacts/report.md").read_text()
@@ -442,7 +449,7 @@ def chromium() -> str:
 
 
 def test_the_feature_browser_opens_in_headless_chromium(tiny_run, tmp_path):
-    from pipeline.browser import read_browser_data
+    from pipeline.analyze.browser import read_browser_data
 
     browser = chromium()
     folder = tiny_run / "artifacts/browser/config_c_8x"
@@ -480,7 +487,7 @@ TOKEN_CLASSES = {
 
 def test_config_c_has_a_latent_for_one_nameable_token_class(tiny_run):
     """On the trained tiny model, some latent's top contexts all centre on one class of token."""
-    from pipeline.browser import read_browser_data
+    from pipeline.analyze.browser import read_browser_data
 
     data = read_browser_data(tiny_run / "artifacts/browser/config_c_8x")
     found = {}

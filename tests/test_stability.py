@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from pipeline.sae import SparseAutoencoder
-from pipeline.stability import stability
+from pipeline.report.stability import stability
+from pipeline.saes.relu import ReLUSAE
 
 W = torch.nn.functional.normalize(torch.randn(300, 32, generator=torch.Generator().manual_seed(0)), dim=1)
 
@@ -44,10 +44,10 @@ def test_unrelated_directions_are_unstable_and_rotation_shows_the_thresholds():
 def test_configs_of_different_widths_do_not_share_initial_directions():
     """Else a narrower SAE would start as the first rows of a wider one, and stability across widths would be
     inflated by the shared start (the first 256 rows of 384 matched exactly before the width was mixed in)."""
-    from pipeline.trainer import init_generator
+    from pipeline.train.trainer import init_generator
 
-    narrow = SparseAutoencoder(64, 256, generator=init_generator(0, 256)).W_dec.detach()
-    wide = SparseAutoencoder(64, 384, generator=init_generator(0, 384)).W_dec.detach()
+    narrow = ReLUSAE(64, 256, generator=init_generator(0, 256)).W_dec.detach()
+    wide = ReLUSAE(64, 384, generator=init_generator(0, 384)).W_dec.detach()
     assert stability(narrow, wide)["x_in_y"]["max_cosine"]["0.7"] < 0.05
-    again = SparseAutoencoder(64, 256, generator=init_generator(0, 256)).W_dec.detach()
+    again = ReLUSAE(64, 256, generator=init_generator(0, 256)).W_dec.detach()
     assert torch.equal(narrow, again)

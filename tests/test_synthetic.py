@@ -11,9 +11,9 @@ import pytest
 import torch
 from conftest import invoke, write_params
 
-from pipeline import synthetic
-from pipeline.config import SynthConfig
-from pipeline.ground_truth import abs_cosines, mcc
+from pipeline.evaluate.ground_truth import abs_cosines, mcc
+from pipeline.params import SynthConfig
+from pipeline.synth import generator as synthetic
 
 CPU = torch.device("cpu")
 SMALL = SynthConfig(
@@ -24,7 +24,7 @@ N_SAMPLES = 40_000
 
 
 def draw(model: synthetic.SyntheticModel, n: int) -> torch.Tensor:
-    chunks = [model.sample(4096, synthetic.sample_generator(0, 0, i, CPU))[1] for i in range(math.ceil(n / 4096))]
+    chunks = [model.sample(4096, synthetic.sample_generator(0, "train", i, CPU))[1] for i in range(math.ceil(n / 4096))]
     return torch.cat(chunks)[:n]
 
 
@@ -81,7 +81,7 @@ def test_synth_train_evaluate_report_on_a_small_store(tmp_path):
         sae={"t": {"expansion": 2, "batch_size": 1, "lr": 1e-3, "epochs": 1, "architecture": "topk", "k": 8}},
         train={"hook": "synthetic", "seq_len": 256, "device": "cpu", "out_dir": str(tmp_path / "artifacts")},
     )  # fmt: skip
-    for stage in (["synth"], ["train"], ["evaluate"], ["report"]):
+    for stage in (["synth"], ["train"], ["evaluate"], ["stability"], ["report"]):
         result = invoke(*stage, "--params", str(params))
         assert result.exit_code == 0, result.output
     details = json.loads((tmp_path / "artifacts/details/eval_t.json").read_text())

@@ -13,8 +13,11 @@ import torch
 from conftest import invoke, write_params, write_synthetic_store
 from safetensors.torch import load_file
 
-from pipeline.config import SAEConfig, sae_outputs
-from pipeline.sae import SparseAutoencoder, decorrelation, load_saelens
+from pipeline.artifacts import sae_outputs
+from pipeline.params import SAEConfig
+from pipeline.saes.base import decorrelation
+from pipeline.saes.relu import ReLUSAE
+from pipeline.saes.saelens import load_saelens
 from pipeline.store import ActivationStore
 
 # Chosen for the synthetic data: strong enough L1 to find the ~4 active directions, lr decayed to settle.
@@ -109,7 +112,7 @@ def test_killed_run_resumes_to_the_same_weights(tmp_path, synthetic, monkeypatch
     )
     assert invoke("train", "--params", str(reference)).exit_code == 0
 
-    from pipeline.trainer import Trainer
+    from pipeline.train.trainer import Trainer
 
     original = Trainer._train_on_block
     seen = {"blocks": 0}
@@ -206,7 +209,7 @@ def test_saelens_folder_reconstructs_like_our_forward_pass(tmp_path, synthetic):
     # SAELens's StandardSAE: encode relu((x - b_dec) @ W_enc + b_enc), decode f @ W_dec + b_dec, on raw inputs.
     saelens_out = torch.relu((x - w["b_dec"]) @ w["W_enc"] + w["b_enc"]) @ w["W_dec"] + w["b_dec"]
     checkpoint = torch.load(tmp_path / "artifacts/sae/config_a_2x_final.pt", weights_only=True)
-    trained = SparseAutoencoder(128, 256)
+    trained = ReLUSAE(128, 256)
     trained.load_state_dict(checkpoint["sae"])
     with torch.no_grad():
         ours = trained(x * checkpoint["scale"])[0] / checkpoint["scale"]  # the model as trained, on scaled input
@@ -214,7 +217,7 @@ def test_saelens_folder_reconstructs_like_our_forward_pass(tmp_path, synthetic):
 
 
 def test_sae_accepts_any_leading_dimensions():
-    sae = SparseAutoencoder(8, 32, generator=torch.Generator().manual_seed(0))
+    sae = ReLUSAE(8, 32, generator=torch.Generator().manual_seed(0))
     x = torch.randn(2, 5, 8)
     x_hat, f = sae(x)
     assert x_hat.shape == (2, 5, 8) and f.shape == (2, 5, 32)
@@ -240,10 +243,10 @@ def test_mixed_precision_paths_run_on_cpu(tmp_path, small_synthetic, amp):
 
 
 def test_fp16_overflow_steps_are_skipped_and_counted(tmp_path, small_synthetic, monkeypatch):
-    import pipeline.trainer
+    import pipeline.train.trainer
 
     huge_scale = lambda device, dtype: torch.amp.GradScaler(device.type, init_scale=2.0**60)  # noqa: E731
-    monkeypatch.setattr(pipeline.trainer, "grad_scaler", huge_scale)
+    monkeypatch.setattr(pipeline.train.trainer, "grad_scaler", huge_scale)
     params = synthetic_params(tmp_path, store=small_synthetic, sae={"a": SMALL["a"]}, amp="fp16")
     assert invoke("train", "--params", str(params)).exit_code == 0
     metrics = json.loads((tmp_path / "artifacts/details/train_a.json").read_text())
@@ -255,8 +258,8 @@ def test_fp16_overflow_steps_are_skipped_and_counted(tmp_path, small_synthetic, 
 
 
 def test_an_epoch_is_every_non_bos_token_once(tmp_path, tiny_params):
-    from pipeline.config import load_params
-    from pipeline.loader import ActivationLoader
+    from pipeline.params import load_params
+    from pipeline.train.loader import ActivationLoader
 
     assert invoke("extract", "--params", str(tiny_params)).exit_code == 0
     store = ActivationStore(load_params(tiny_params).extract.store)

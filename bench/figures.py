@@ -1,0 +1,416 @@
+"""Benchmarks measured as ratios within one run (absolute times on shared machines are not comparable).
+
+1. extract efficiency      extraction tokens/s / the same weights as a plain `transformers` model (its default
+                           attention), run on the same batches up to the hooked layer: a reference outside our
+                           code and outside TransformerLens, whose output equals the deepest hook's activation
+1b. bridge overhead        TransformerBridge forward to the hooked layer (no hooks, no storage) time / that plain
+                           `transformers` forward's time: what TransformerLens itself costs
+2. extract speed-up        extraction tokens/s / per-document run_with_cache over the whole model
+3. train efficiency        FLOP/s of a config-C training step / FLOP/s of its six matrix products alone
+4. loader stall            share of training wall time spent waiting for data (streamed out of core from the
+                           store through a budget of a quarter of its size)
+5. one read for all        wall time of --config all / sum of the single-config runs
+5b. trainer vs minimal     time of a plain PyTorch training loop (same SAE, loss, Adam and decoder renormalisation,
+                           shuffled batches gathered from the same device-resident data; `minimal_sae_training`)
+                           / time of `Trainer.fit` training config C alone on the same data and steps
+6. store read speed        zarr store -> host array bytes/s / in-memory numpy copy bytes/s
+6b. streamed read speed    bytes/s of an epoch streamed through the loader (shuffled windows, float32 blocks on the
+                           device; no training) / zarr store -> host array bytes/s
+7. decorrelation cost      decorrelation forward+backward time / config-C step time
+8. <arch> step cost        a training step of that architecture / a ReLU step, same shape (config C) and batch
+8b. topk selection share   the top-k selection alone (ReLU, topk, scatter over [batch, d_sae]) / a topk step
+9. analyze vs evaluate     `pipeline analyze`'s computation for config C's width / `pipeline evaluate`'s (reconstruction
+                           metrics and splice scores) for the same SAE on the same documents (the extraction figures')
+10-12. scaling             several processes against one (`bench/scaling.py`; skipped by --no-scaling,
+                           and on CUDA with fewer GPUs than processes)
+
+FLOPs of a step (stated, not profiled): the encoder and decoder products each cost 2*B*d*s in the forward pass
+and twice that in the backward pass (gradient of the input and of the weight), so a step is 12*B*d*s FLOPs;
+the decorrelation Gram matrix (2*s*d^2 forward) and the elementwise work are not counted as useful FLOPs.
+"""
+
+from __future__ import annotations
+
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from bench import scaling as scaling_figures
+from bench.reference import bench_config, minimal_sae_training, reference_config, timed, timed_interleaved
+from pipeline.core.device import (
+    amp_dtype,
+    autocast,
+    extraction_batch_tokens,
+    grad_scaler,
+    resolve_device,
+    synchronize,
+)
+from pipeline.core.errors import PipelineError
+from pipeline.corpus import load_documents, padded, plan_batches, tokenize
+from pipeline.extract.shards import ShardExtractor, extract_pending
+from pipeline.model import capture, check_hooks, load_model
+from pipeline.params import Params, SAEConfig
+from pipeline.saes import ARCHITECTURES, build_sae
+from pipeline.saes.base import decorrelation, keep_top
+from pipeline.store import ActivationStore
+from pipeline.store.writer import StoreWriter
+from pipeline.train.loader import ActivationLoader
+from pipeline.train.trainer import Trainer, train_step
+
+NAIVE_DOCS = 50  # the naive per-document baseline is slow: measured on the first documents only
+GOALS = {
+    "extract_efficiency": 0.85, "train_efficiency": 0.6, "trainer_vs_minimal": 0.95, "loader_stall": 0.05,
+    "decorrelation_cost": 0.15, "analyze_vs_evaluate": 1.0,
+}  # fmt: skip
+L0_OF_BENCH_SAE = 64
+SCALING_FIGURES = ("extract_2proc_vs_1proc", "train_2proc_vs_1proc", "ddp_communication_share")
+LOWER_IS_BETTER = {"ddp_communication_share", "loader_stall", "decorrelation_cost", "analyze_vs_evaluate"}
+
+
+def plain_transformers_forward(params: Params, n_blocks: int, dtype: torch.dtype, device: torch.device) -> Callable:
+    """The model as plain `transformers` loads it, stopped after `n_blocks` blocks (GPT-2-architecture models)."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(params.model.name, revision=params.model.revision, dtype=dtype)
+    body = getattr(model, "transformer", None)
+    if body is None or not hasattr(body, "h"):
+        raise PipelineError(f"the bench's plain-transformers reference supports GPT-2-architecture models only, "
+                            f"not {type(model).__name__}")  # fmt: skip
+    body.h = body.h[:n_blocks]
+    body.ln_f = torch.nn.Identity()  # the output is then the residual stream after block n_blocks - 1
+    body.to(device).eval()
+
+    def forward(ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        with torch.inference_mode():
+            return body(input_ids=ids, attention_mask=mask).last_hidden_state
+
+    return forward
+
+
+def bench_extract(params: Params, model, n_docs: int, workdir: Path) -> dict:
+    """Figures 1, 1b and 2 on the first `n_docs` documents of the test split, with `model` (params.model loaded)."""
+    hooks = params.extract.hooks
+    stop = check_hooks(model, hooks)
+    device = next(model.parameters()).device
+    docs = load_documents(replace(params.data, max_docs=n_docs), params.data.splits[-1])
+    data = tokenize(docs, model.tokenizer, model.tokenizer.bos_token_id, model.cfg.n_ctx)
+    n_tokens = int(data.doc_offsets[-1])
+    lengths = np.diff(data.doc_offsets)
+    batch_tokens = extraction_batch_tokens(params.extract.batch_tokens, device)
+    batches = plan_batches(lengths, np.arange(data.n_docs), batch_tokens)
+    inputs = [padded(batch, data.tokens, data.doc_offsets, device) for batch in batches]
+
+    def bare() -> None:
+        with torch.inference_mode():
+            for ids, mask in inputs:
+                model(
+                    ids,
+                    attention_mask=mask,
+                    stop_at_layer=stop if stop < model.cfg.n_layers else None,
+                    return_type=None,
+                )
+
+    attrs = {"hooks": hooks, "d_model": model.cfg.d_model, "dtype": params.extract.dtype, "splits": ["bench"],
+             "shard_tokens": params.extract.shard_tokens, "chunk_tokens": params.extract.chunk_tokens}  # fmt: skip
+    extractor = ShardExtractor(model, hooks, stop, batch_tokens, getattr(torch, params.extract.dtype))
+
+    def extract() -> None:
+        writer = StoreWriter(workdir / "bench-store", attrs, resume=False)
+        writer.add_split("bench", data.tokens, data.doc_offsets)
+        extract_pending(writer, extractor, {"bench": data}, writer.all_pending_shards())
+        writer.finalize({"bos_token_id": model.tokenizer.bos_token_id})  # as the stage does: checksums, rename
+
+    naive_docs = min(data.n_docs, NAIVE_DOCS)
+
+    def naive() -> None:
+        with torch.inference_mode():
+            for doc in range(naive_docs):
+                ids = torch.from_numpy(data.tokens[data.doc_offsets[doc] : data.doc_offsets[doc + 1]]).long()
+                model.run_with_cache(ids[None].to(device), names_filter=lambda name: name in hooks)
+
+    hf_forward = plain_transformers_forward(params, stop, next(model.parameters()).dtype, device)
+
+    def plain() -> None:
+        for ids, mask in inputs:
+            hf_forward(ids, mask)
+
+    times = timed_interleaved({"plain": plain, "bare": bare, "extract": extract}, device, repeats=3)
+    t_plain, t_bare, t_extract = times["plain"], times["bare"], times["extract"]
+    t_naive = timed(naive, device, repeats=1, warmup=False)  # slow, and the model is warm by now
+    naive_tokens = int(data.doc_offsets[naive_docs])
+    return {
+        "n_docs": data.n_docs,
+        "n_tokens": n_tokens,
+        "batch_tokens": batch_tokens,
+        "plain_transformers_tokens_per_s": n_tokens / t_plain,
+        "bridge_forward_tokens_per_s": n_tokens / t_bare,
+        "extract_tokens_per_s": n_tokens / t_extract,
+        "naive_tokens_per_s": naive_tokens / t_naive,
+        "extract_efficiency": t_plain / t_extract,
+        "bridge_overhead": t_bare / t_plain,
+        "extract_speedup_over_naive": (n_tokens / t_extract) / (naive_tokens / t_naive),
+        "plain_transformers_vs_hook": _reference_agreement(model, hf_forward, inputs[0], hooks, stop),
+        "d_model": int(model.cfg.d_model),
+    }
+
+
+def _reference_agreement(model, hf_forward: Callable, batch: tuple, hooks: list[str], stop: int) -> dict:
+    """Largest difference between the plain forward's output and the hook it should equal, on one batch."""
+    hook = f"blocks.{stop - 1}.hook_resid_post"
+    if hook not in hooks:
+        return {"hook": hook, "compared": False, "why": "that hook is not extracted"}
+    ids, mask = batch
+    real = mask.bool()
+    ours = capture(model, ids, mask, [hook], stop)[hook][real].float()
+    diff = (hf_forward(ids, mask)[real].float() - ours).abs().max().item()
+    return {"hook": hook, "compared": True, "max_abs_diff": diff, "max_abs_activation": ours.abs().max().item()}
+
+
+def bench_train_step(device: torch.device, amp: str, d_in: int, expansion: int, batch_tokens: int) -> dict:
+    """Figures 3 and 7: one SAE step against its six matrix products, and the decorrelation term's share."""
+    dtype = amp_dtype(amp, device)
+    d_sae = d_in * expansion
+    cfg = bench_config(expansion, l1_coeff=1e-3)
+    torch.manual_seed(0)
+    sae = build_sae(cfg, d_in).to(device)
+    optimizer = torch.optim.Adam(sae.parameters(), lr=1e-4)
+    scaler = grad_scaler(device, dtype)
+    x = torch.randn(batch_tokens, d_in, device=device)
+
+    def step() -> None:  # the trainer's own step, on a non-logging step (no L0 pass)
+        train_step(sae, optimizer, scaler, x, dtype, cfg, logged=False)
+
+    mm_dtype = dtype or torch.float32
+    a = torch.randn(batch_tokens, d_in, device=device, dtype=mm_dtype)
+    w_enc = torch.randn(d_in, d_sae, device=device, dtype=mm_dtype)
+    w_dec = torch.randn(d_sae, d_in, device=device, dtype=mm_dtype)
+    f = torch.randn(batch_tokens, d_sae, device=device, dtype=mm_dtype)
+
+    def matmuls() -> None:  # the six products of a step: forward, then input and weight gradients
+        a @ w_enc, f @ w_dec, a @ w_dec.T, f.T @ a, f @ w_enc.T, a.T @ f
+
+    def decorrelation_only() -> None:
+        w = sae.W_dec.detach().clone().requires_grad_(True)
+        with autocast(device, dtype):
+            decorrelation(w.float()).backward()
+
+    flops = 12 * batch_tokens * d_in * d_sae
+    t_step, t_mm, t_decor = timed(step, device), timed(matmuls, device), timed(decorrelation_only, device)
+    return {
+        "shape": {"batch_tokens": batch_tokens, "d_in": d_in, "d_sae": d_sae, "dtype": str(mm_dtype)},
+        "flops_per_step": flops,
+        "step_s": t_step,
+        "step_flops_per_s": flops / t_step,
+        "matmul_flops_per_s": flops / t_mm,
+        "train_efficiency": t_mm / t_step,
+        "decorrelation_s": t_decor,
+        "decorrelation_cost": t_decor / t_step,
+    }
+
+
+def bench_architectures(device: torch.device, amp: str, d_in: int, expansion: int, batch_tokens: int, k: int) -> dict:
+    """Figure 8: each architecture's training step against the ReLU step, and what TopK's selection costs."""
+    dtype = amp_dtype(amp, device)
+    d_sae = d_in * expansion
+    x = torch.randn(batch_tokens, d_in, device=device)
+
+    def step_of(name: str) -> Callable[[], object]:
+        cfg = bench_config(expansion, name, k=k, dead_tokens=1)  # every latent is dead: AuxK always runs (worst case)
+        sae = build_sae(cfg, d_in).to(device)
+        optimizer = torch.optim.Adam(sae.parameters(), lr=1e-4)
+        scaler = grad_scaler(device, dtype)
+        return lambda: train_step(sae, optimizer, scaler, x, dtype, cfg, logged=False)
+
+    pre = torch.randn(batch_tokens, d_sae, device=device, dtype=dtype or torch.float32)
+    fns = {name: step_of(name) for name in ARCHITECTURES}
+    fns["topk_selection"] = lambda: keep_top(torch.relu(pre), k, dim=-1)
+    seconds = timed_interleaved(fns, device)
+    return {
+        "shape": {"batch_tokens": batch_tokens, "d_in": d_in, "d_sae": d_sae, "k": k},
+        "step_s": seconds,
+        "step_cost": {name: seconds[name] / seconds["relu"] for name in ARCHITECTURES if name != "relu"},
+        "topk_selection_share": seconds["topk_selection"] / seconds["topk"],
+    }
+
+
+def bench_analyze_vs_evaluate(params: Params, model, store: ActivationStore, split: str, expansion: int) -> dict:
+    """Figure 9 on the extraction figures' store: a random SAE of config C's width whose encoder biases make each
+    latent fire on its share of `L0_OF_BENCH_SAE` per token (about what a trained SAE fires; a random one with zero
+    biases fires half its latents), analysed and evaluated on the same tokens."""
+    from pipeline.analyze.features import analyze
+    from pipeline.analyze.logits import vocabulary_of
+    from pipeline.evaluate.reconstruction import reconstruction_metrics
+    from pipeline.evaluate.splice import splice_scores
+
+    device = next(model.parameters()).device
+    hooks = store.attrs["hooks"]
+    hook = params.train.hook if params.train.hook in hooks else hooks[-1]
+    sae = build_sae(bench_config(expansion), store.d_model, generator=torch.Generator().manual_seed(0))
+    sample = torch.from_numpy(store.read_rows(split, hook, 0, min(4096, store.activations(split, hook).shape[0])))
+    with torch.no_grad():
+        pre = (sample.float() - sae.b_dec) @ sae.W_enc
+        sae.b_enc.copy_(-pre.quantile(1 - L0_OF_BENCH_SAE / sae.d_sae, dim=0))
+    sae = sae.to(device).eval()
+    loader = ActivationLoader(store, split, hook, device, params.train.seed, params.train.exclude_bos)
+    tokens, offsets = store.tokens(split), store.doc_offsets(split)
+    vocabulary = vocabulary_of(model, device)
+    positions = torch.from_numpy(loader.positions)
+
+    def analysis() -> None:
+        analyze(sae, loader.data, positions, tokens, offsets, params.analyze, params.train.seed, vocabulary)
+
+    def evaluation() -> None:
+        reconstruction_metrics(sae, loader.epoch(0, params.evaluate.batch_tokens), params.evaluate.dense_threshold)
+        splice_scores(model, tokens, offsets, hook, {"c": lambda x: sae(x)[0]}, params.evaluate.batch_tokens)
+
+    times = timed_interleaved({"analyze": analysis, "evaluate": evaluation}, device, repeats=1)
+    with torch.no_grad():
+        fired = sae.encode(loader.data[positions[:4096].to(loader.data.device)].float().to(device)) > 0
+    return {
+        "tokens": len(positions), "d_sae": sae.d_sae, "l0": fired.sum(1).float().mean().item(),
+        "analyze_s": times["analyze"], "evaluate_s": times["evaluate"],
+        "analyze_vs_evaluate": times["analyze"] / times["evaluate"],
+    }  # fmt: skip
+
+
+def write_random_store(path: Path, n_tokens: int, d: int) -> ActivationStore:
+    """A store of random float16 activations (content does not matter for speed)."""
+    shard = 65536
+    attrs = {"hooks": ["bench"], "d_model": d, "dtype": "float16", "splits": ["train"], "shard_tokens": shard,
+             "chunk_tokens": 4096, "model": "random", "dataset": "random", "n_ctx": 512}  # fmt: skip
+    writer = StoreWriter(path, attrs, resume=False)
+    writer.add_split("train", np.zeros(n_tokens, np.int32), np.arange(0, n_tokens + 1, 512, dtype=np.int64))
+    rng = np.random.default_rng(0)
+    for index, start, end in writer.pending_shards("train"):
+        writer.write_shard(
+            "train", index, start, {"bench": rng.standard_normal((end - start, d), np.float32).astype(np.float16)}
+        )
+    writer.finalize({})
+    return ActivationStore(path)
+
+
+def bench_training_runs(params: Params, store: ActivationStore, device: torch.device, width: int) -> dict:
+    """Figures 4 and 5: loader stall when streaming, and one shared read against three separate runs."""
+    train = replace(params.train, hook="bench", device=str(device), exclude_bos=False, checkpoint_every=10**9)
+    configs = {
+        k: SAEConfig(expansion=c.expansion, batch_size=c.batch_size, lr=c.lr, epochs=1) for k, c in params.sae.items()
+    }
+
+    def fit(which: list[str], budget_gb: float) -> tuple[float, float]:
+        loader = ActivationLoader(store, "train", "bench", device, train.seed, False, budget_gb)
+        trainer = Trainer({k: configs[k] for k in which}, loader, replace(train, memory_budget_gb=budget_gb),
+                          Path(tempfile.mkdtemp()), {"hook": "bench"})  # fmt: skip
+        synchronize(device)
+        start = time.perf_counter()
+        trainer.fit()
+        synchronize(device)
+        return time.perf_counter() - start, loader.stall_seconds
+
+    wall_all, _ = fit(list(configs), 1e9)
+    singles = {k: fit([k], 1e9)[0] for k in configs}
+    wall_streamed, stall = fit(list(configs), streaming_budget_gb(store))
+    widest, _ = reference_config(params)
+    cfg = configs[widest]
+    loader = ActivationLoader(store, "train", "bench", device, train.seed, False, 1e9)
+    batch = cfg.batch_size * train.seq_len
+    minimal_s = minimal_sae_training(
+        loader.data, width * cfg.expansion, batch, loader.n_tokens // batch, cfg.lr, train.l1_coeff,
+        train.decorrelation_coeff, amp_dtype(train.amp, device),
+    )  # fmt: skip
+    return {
+        "tokens": store.activations("train", "bench").shape[0],
+        "d_in": width,
+        "all_configs_wall_s": wall_all,
+        "single_configs_wall_s": singles,
+        "single_configs_wall_s_sum": sum(singles.values()),
+        "one_read_ratio": wall_all / sum(singles.values()),
+        "minimal_loop_config": widest,
+        "minimal_loop_wall_s": minimal_s,
+        "trainer_vs_minimal": minimal_s / singles[widest],
+        "streamed_wall_s": wall_streamed,
+        "streamed_stall_s": stall,
+        "loader_stall": stall / wall_streamed,
+    }
+
+
+def streaming_budget_gb(store: ActivationStore) -> float:
+    """A loader budget of a quarter of the store's training split: it streams."""
+    array = store.activations("train", "bench")
+    return array.nbytes / 4 / 2**30
+
+
+def bench_store_read(store: ActivationStore, device: torch.device) -> dict:
+    """Figures 6 and 6b: zarr store -> host memory against copying the same bytes within memory, and an epoch
+    streamed through the loader against that store read."""
+    array = store.activations("train", "bench")
+    in_memory = array[:]
+    target = np.empty_like(in_memory)
+    loader = ActivationLoader(store, "train", "bench", device, 0, False, streaming_budget_gb(store))
+    times = timed_interleaved({
+        "store": lambda: array[:],
+        "copy": lambda: np.copyto(target, in_memory),
+        "streamed": lambda: sum(len(block) for block in loader.epoch(0, 16384)),
+    }, device)  # fmt: skip
+    return {
+        "bytes": in_memory.nbytes,
+        "store_bytes_per_s": in_memory.nbytes / times["store"],
+        "numpy_bytes_per_s": in_memory.nbytes / times["copy"],
+        "store_read_ratio": times["copy"] / times["store"],
+        "streamed_bytes_per_s": in_memory.nbytes / times["streamed"],
+        "streamed_loader_order": loader.order_kind,
+        "streamed_read_ratio": times["store"] / times["streamed"],
+    }
+
+
+def run(params: Params, n_docs: int, n_tokens: int, width: int | None, workdir: Path, scaling: bool = True) -> dict:
+    """Every figure; sizes: `n_docs` documents for extraction, `n_tokens` x `width` for the training runs."""
+    device = resolve_device(params.train.device)
+    model = load_model(params.model)
+    extract = bench_extract(params, model, n_docs, workdir)
+    _, c = reference_config(params)
+    analysis = bench_analyze_vs_evaluate(params, model, ActivationStore(workdir / "bench-store"), "bench", c.expansion)
+    del model  # the model's memory is not the training figures' to share
+    d_model = extract["d_model"]
+    step = bench_train_step(device, params.train.amp, d_model, c.expansion, c.batch_size * params.train.seq_len)
+    arch = bench_architectures(device, params.train.amp, d_model, c.expansion, c.batch_size * params.train.seq_len,
+                               min(params.train.k, d_model * c.expansion))  # fmt: skip
+    width = width or d_model
+    store = write_random_store(workdir / "random-store", n_tokens, width)
+    runs = bench_training_runs(params, store, device, width)
+    read = bench_store_read(store, device)
+    scaled = scaling_figures.run(params, n_docs, extract["n_tokens"], store, workdir) if scaling else {}
+    figures = {
+        "extract_efficiency": extract["extract_efficiency"],
+        "bridge_overhead": extract["bridge_overhead"],
+        "extract_speedup_over_naive": extract["extract_speedup_over_naive"],
+        "train_efficiency": step["train_efficiency"],
+        "loader_stall": runs["loader_stall"],
+        "one_read_ratio": runs["one_read_ratio"],
+        "trainer_vs_minimal": runs["trainer_vs_minimal"],
+        "store_read_ratio": read["store_read_ratio"],
+        "streamed_read_ratio": read["streamed_read_ratio"],
+        "decorrelation_cost": step["decorrelation_cost"],
+        **{f"{name}_step_cost": cost for name, cost in arch["step_cost"].items()},
+        "topk_selection_share": arch["topk_selection_share"],
+        "analyze_vs_evaluate": analysis["analyze_vs_evaluate"],
+        **{name: scaled[name] for name in SCALING_FIGURES if scaled},
+    }
+    return {
+        "device": str(device),
+        "figures": figures,
+        "goals": GOALS,
+        "details": {
+            "extract": extract,
+            "train_step": step,
+            "training_runs": runs,
+            "store_read": read,
+            "architectures": arch,
+            "analysis": analysis,
+            "scaling": scaled,
+        },
+    }

@@ -1,0 +1,1 @@
+"""What every step shares: errors, atomic writes, locks, locations, device and dtype, ranks, progress, seeds."""

@@ -1,0 +1,102 @@
+"""Device, dtype and mixed-precision choices: the one place they are made."""
+
+from __future__ import annotations
+
+import contextlib
+import resource
+import sys
+
+import torch
+
+from pipeline.core import distributed
+from pipeline.core.errors import PipelineError
+
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+AMP_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+def resolve_device(name: str) -> torch.device:
+    """`auto` is CUDA when present, else CPU; an explicit CUDA request without CUDA is an error.
+
+    Under torchrun, a CUDA device without an index is this process's own GPU (cuda:LOCAL_RANK).
+    """
+    device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if name == "auto" else name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise PipelineError(f"device {name!r} was asked for but CUDA is not available here")
+    if device.type == "cuda" and device.index is None and distributed.launched():
+        if distributed.local_rank() >= torch.cuda.device_count():
+            raise PipelineError(
+                f"process {distributed.local_rank()} on this machine has no GPU of its own: "
+                f"{torch.cuda.device_count()} visible; start at most that many processes per machine"
+            )
+        return torch.device("cuda", distributed.local_rank())
+    return device
+
+
+def compute_dtype(name: str, device: torch.device) -> torch.dtype:
+    """Model compute dtype: `auto` is float16 on CUDA and float32 on CPU."""
+    if name == "auto":
+        return torch.float16 if device.type == "cuda" else torch.float32
+    return DTYPES[name]
+
+
+def extraction_batch_tokens(configured: int | None, device: torch.device) -> int:
+    """Padded tokens per extraction forward pass; None picks by device.
+
+    GPUs want large batches; on CPU small ones are faster (fewer padded tokens, better cache use: the figures are
+    in docs/performance.md).
+    """
+    if configured is not None:
+        return configured
+    return 16384 if device.type == "cuda" else 2048
+
+
+def amp_dtype(name: str, device: torch.device) -> torch.dtype | None:
+    """Autocast dtype for SAE training, or None for plain fp32. `auto` is fp16 on CUDA, none on CPU."""
+    if name == "auto":
+        name = "fp16" if device.type == "cuda" else "none"
+    return AMP_DTYPES.get(name)
+
+
+def autocast(device: torch.device, dtype: torch.dtype | None) -> contextlib.AbstractContextManager:
+    """Autocast context for `dtype` on `device`, or a no-op when dtype is None."""
+    if dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+def grad_scaler(device: torch.device, dtype: torch.dtype | None) -> torch.amp.GradScaler:
+    """A GradScaler that is active only for fp16, the one dtype whose gradients underflow."""
+    return torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
+
+
+def uses_pinned_memory(device: torch.device) -> bool:
+    """Pinned host buffers only help (and only exist) when copying to CUDA."""
+    return device.type == "cuda"
+
+
+def reset_peak_memory(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+def peak_memory_bytes(device: torch.device) -> tuple[int, str]:
+    """Peak memory and what it measures: CUDA allocator peak, or the process's peak RSS on CPU."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device), "cuda_max_memory_allocated"
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return rss * (1 if sys.platform == "darwin" else 1024), "process_peak_rss"
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def describe(device: torch.device) -> str:
+    """Human-readable name of the hardware behind `device`."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    import platform
+
+    return f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"

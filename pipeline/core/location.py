@@ -1,0 +1,217 @@
+"""Where outputs live: a local directory, or an object-store prefix (`s3://`, `gs://`, `az://`… through fsspec).
+
+The store's writer has one code path; what differs between the two kinds of place is here:
+
+| | local directory | object-store prefix |
+| --- | --- | --- |
+| staging | built under `<name>.partial`, beside the final name | built in place (there is no rename) |
+| commit | an atomic rename onto the final name | nothing to move: complete once its manifest is written |
+| lock | an OS file lock on `<name>.lock` | none (one run per prefix at a time is the user's to keep) |
+| replacing | only an empty directory or one of ours | only an empty prefix or one of ours |
+| litter | `.tmp-`/`.old-` siblings of killed runs removed | none |
+
+An object store replaces an object in one PUT, never partly, which is what makes "complete once the manifest is
+in zarr.json" safe (pipeline/store). `file://` URLs are local directories. Credentials and endpoints come from
+the filesystem library's usual sources (for S3: `AWS_*` environment variables, `~/.aws`, instance roles;
+`AWS_ENDPOINT_URL` for an S3-compatible server such as MinIO).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fnmatch
+import hashlib
+import json
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import fsspec
+
+from pipeline.core.atomic import check_replaceable, remove_litter, replace_dir, write_json
+from pipeline.core.errors import PipelineError
+from pipeline.core.locks import exclusive_lock
+
+LOCAL_SCHEME = "file://"
+STAGING_SUFFIX = ".partial"
+
+Owned = Callable[["Location"], bool]  # "what is here is ours, and may be replaced"
+
+
+def is_url(where: str | Path) -> bool:
+    """Whether `where` names an object store (a URL other than file://)."""
+    return "://" in str(where) and not str(where).startswith(LOCAL_SCHEME)
+
+
+def looks_local(name: str) -> bool:
+    """Whether a model or dataset name is meant as a local path rather than a hub id (`owner/name`)."""
+    return name.startswith(("/", ".", "~")) or name.count("/") > 1 or Path(name).expanduser().exists()
+
+
+def partial_path(path: str | Path) -> Path:
+    """Where a local output is staged before it is renamed into place."""
+    path = Path(path)
+    return path.with_name(path.name + STAGING_SUFFIX)
+
+
+def open_location(where: str | Path) -> Location:
+    """A local directory or an object-store prefix, by the form of `where`."""
+    return ObjectPrefix(where) if is_url(str(where)) else LocalDirectory(where)
+
+
+class Location:
+    """A directory, local or remote, with the file operations the store needs (names are relative to it)."""
+
+    is_remote: bool
+
+    def __init__(self, where: str | Path) -> None:
+        self.name = str(where).removeprefix(LOCAL_SCHEME)  # as the user wrote it, for messages
+        try:
+            self.fs, self.root = fsspec.core.url_to_fs(self.name)
+        except (ImportError, ValueError) as exc:  # no library for the scheme (fsspec names the one to install)
+            raise PipelineError(f"cannot open {self.name}: {exc}") from None
+        self.root = self.root.rstrip("/")
+
+    def __str__(self) -> str:
+        return self.name
+
+    @property
+    def zarr_store(self) -> str | Path:
+        """What zarr.open_group takes: the URL (zarr's fsspec store) or the local path (its local store)."""
+        raise NotImplementedError
+
+    def exists(self, name: str = "") -> bool:
+        """Whether file `name` exists (or, with no name, anything at all is at this location)."""
+        self.fs.invalidate_cache()  # other processes write here: a cached listing may be stale
+        return self.fs.exists(self._full(name) if name else self.root)
+
+    def read_text(self, name: str) -> str:
+        return self.fs.cat_file(self._full(name)).decode()
+
+    def write_json(self, name: str, data: Any) -> None:
+        """Write a JSON file whole: a reader sees the old version or the new one, never a part."""
+        raise NotImplementedError
+
+    def remove(self, name: str) -> None:
+        self.fs.rm_file(self._full(name))
+
+    def remove_all(self) -> None:
+        if self.exists():
+            self.fs.rm(self.root, recursive=True)
+
+    def top_level(self, pattern: str) -> list[str]:
+        """Names of the files directly here that match the shell pattern, sorted."""
+        if not self.exists():
+            return []
+        names = (entry.rstrip("/").rsplit("/", 1)[-1] for entry in self.fs.ls(self.root, detail=False))
+        return sorted(name for name in names if fnmatch.fnmatchcase(name, pattern))
+
+    def sizes(self) -> dict[str, int]:
+        """Every file below this location (relative name -> bytes), from one listing."""
+        self.fs.invalidate_cache()
+        if not self.fs.exists(self.root):
+            return {}
+        found = self.fs.find(self.root, detail=True)
+        return {full[len(self.root) + 1 :]: int(info["size"]) for full, info in found.items()}
+
+    def checksum(self, name: str) -> dict[str, Any]:
+        """{size, sha256} of file `name`, read in blocks."""
+        digest, size = hashlib.sha256(), 0
+        with self.fs.open(self._full(name), "rb", block_size=1 << 22) as handle:
+            while block := handle.read(1 << 22):
+                digest.update(block)
+                size += len(block)
+        return {"size": size, "sha256": digest.hexdigest()}
+
+    # What differs between a local directory and an object store (see the module's table).
+
+    def staging(self) -> Location:
+        """Where a new version of this location's content is built before it becomes this location's."""
+        raise NotImplementedError
+
+    def commit(self, staged: Location, owned: Owned) -> bool:
+        """Make the content built at `staged` this location's; True when something was moved."""
+        raise NotImplementedError
+
+    def lock(self) -> contextlib.AbstractContextManager:
+        """Exclusive right to write here, for the block."""
+        raise NotImplementedError
+
+    def check_replaceable(self, owned: Owned) -> None:
+        """Refuse, naming this location, to replace anything here but what `owned` recognises (or nothing)."""
+        raise NotImplementedError
+
+    def remove_litter(self) -> list[str]:
+        """Remove temporaries that killed runs left beside this location; returns what was removed."""
+        raise NotImplementedError
+
+    def _full(self, name: str) -> str:
+        return f"{self.root}/{name}"
+
+
+class LocalDirectory(Location):
+    """A directory on this machine's filesystem: staged under `.partial`, renamed into place, locked."""
+
+    is_remote = False
+
+    @property
+    def zarr_store(self) -> Path:
+        return self.path
+
+    @property
+    def path(self) -> Path:
+        return Path(self.name)
+
+    def write_json(self, name: str, data: Any) -> None:
+        write_json(self.path / name, data)
+
+    def staging(self) -> LocalDirectory:
+        return LocalDirectory(partial_path(self.path))
+
+    def commit(self, staged: Location, owned: Owned) -> bool:
+        assert isinstance(staged, LocalDirectory), f"{staged} is not on this filesystem"
+        replace_dir(staged.path, self.path, lambda path: owned(LocalDirectory(path)))
+        return True
+
+    def lock(self) -> contextlib.AbstractContextManager:
+        return exclusive_lock(self.path)
+
+    def check_replaceable(self, owned: Owned) -> None:
+        if self.path.exists() and not self.path.is_dir():
+            raise PipelineError(f"output path {self.path} exists and is a file, not a directory")
+        check_replaceable(self.path, lambda path: owned(LocalDirectory(path)))
+
+    def remove_litter(self) -> list[str]:
+        return [str(path) for path in remove_litter(self.path)]
+
+
+class ObjectPrefix(Location):
+    """A prefix in an object store: written in place, complete when its manifest is, never locked."""
+
+    is_remote = True
+
+    @property
+    def zarr_store(self) -> str:
+        return self.name
+
+    def write_json(self, name: str, data: Any) -> None:
+        self.fs.pipe_file(self._full(name), (json.dumps(data, indent=2) + "\n").encode())  # one PUT: whole or not
+
+    def staging(self) -> ObjectPrefix:
+        return self
+
+    def commit(self, staged: Location, owned: Owned) -> bool:
+        return False  # built in place: nothing to move
+
+    def lock(self) -> contextlib.AbstractContextManager:
+        return contextlib.nullcontext()  # nothing can lock an object store
+
+    def check_replaceable(self, owned: Owned) -> None:
+        if self.exists() and not owned(self):
+            raise PipelineError(
+                f"{self} holds objects that this pipeline did not write; refusing to replace them "
+                "(choose another prefix, or remove them)"
+            )
+
+    def remove_litter(self) -> list[str]:
+        return []

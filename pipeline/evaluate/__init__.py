@@ -1,0 +1,1 @@
+"""Held-out evaluation: reconstruction and sparsity, the cost of splicing into the model, ground truth."""

@@ -1,0 +1,389 @@
+"""The report's Markdown text: every number in it comes from the metrics files (details), the store's attributes
+and the stability file; nothing is computed here but formatting."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pipeline.artifacts import report_paths, sae_outputs
+from pipeline.params import Params, params_to_dict
+from pipeline.report.rules import recommend
+from pipeline.report.stability import THRESHOLDS
+from pipeline.saes import sae_class
+
+
+def fmt(value) -> str:
+    """The one way a dimensionless number is written in the report (the tests check the report through these)."""
+    if value is None:
+        return "n/a"
+    if isinstance(value, int):  # bool included
+        return f"{value:,}"
+    if abs(value) >= 1e4 or (value != 0 and abs(value) < 1e-3):
+        return f"{value:.3e}"
+    return f"{value:.4f}"
+
+
+def fmt_seconds(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:,.1f}"
+
+
+def fmt_gb(n_bytes: int | None) -> str:
+    return "n/a" if n_bytes is None else f"{n_bytes / 1e9:,.2f}"
+
+
+def fmt_rate(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:,.0f}"
+
+
+SAELENS_SPLICE_ROWS = (
+    ("CE clean (SAELens)", "ce_clean"), ("CE with SAE (SAELens)", "ce_sae"),
+    ("CE zero-ablated (SAELens)", "ce_zero"), ("CE loss score (SAELens)", "ce_loss_score"),
+    ("KL with SAE (SAELens)", "kl_sae"), ("KL zero-ablated (SAELens)", "kl_zero"), ("KL score (SAELens)", "kl_score"),
+)  # fmt: skip
+
+
+def render(
+    params: Params, metrics: dict[str, dict], store_attrs: dict, labels: dict[str, str], shares: dict | None = None
+) -> str:
+    """The Markdown text of the report."""
+    any_train, any_eval = next(iter(metrics.values()))["train"], next(iter(metrics.values()))["eval"]
+    stats = store_attrs.get("split_stats", {})
+    lines = [
+        "# SAE training report",
+        "",
+        f"Model `{store_attrs['model']}`, hook `{params.train.hook}` (d_in = {fmt(any_train['d_in'])}), "
+        f"trained on split `{params.train.split}`, evaluated on held-out split `{params.evaluate.split}`. "
+        f"Dataset `{store_attrs['dataset']}`"
+        + (
+            f" (template `{store_attrs['template']!r}`, one BOS token per document)."
+            if "template" in store_attrs
+            else ": synthetic samples with known features (every sample its own token, no BOS)."
+        ),
+        "",
+        "| split | documents | tokens (incl. BOS) | truncated documents |",
+        "| --- | --- | --- | --- |",
+        *[
+            f"| {s} | {fmt(v['n_docs'])} | {fmt(v['n_tokens'])} | {fmt(v.get('n_truncated_docs', 0))} |"
+            for s, v in stats.items()
+        ],
+        "",
+        f"Hardware: {any_train['hardware']} (device `{any_train['device']}`), mixed precision: {any_train['amp']}.",
+        "",
+    ]
+    for key, m in metrics.items():
+        lines += _config_section(params, key, labels[key], m)
+    lines += _comparison(params, metrics, labels)
+    lines += _stability_section(params, labels, shares or {})
+    lines += _warnings(metrics, labels)
+    choice, rule = recommend(metrics)
+    lines += ["## Recommendation", "", rule if choice is None else f"Rule: {rule}", ""]
+    if choice is not None:
+        chosen = metrics[choice]["eval"]
+        splice, truth = chosen["splice"] or {}, chosen.get("ground_truth") or {}
+        scores = (f"CE loss score {fmt(splice.get('ce_loss_score'))}, KL score {fmt(splice.get('kl_score'))}"
+                  if splice else f"ground-truth F1 {fmt(truth.get('f1'))}, MCC {fmt(truth.get('mcc'))}")  # fmt: skip
+        lines += [
+            f"**{labels[choice]}**: {scores}, held-out L0 {fmt(chosen['reconstruction']['l0'])}, explained "
+            f"variance {fmt(chosen['reconstruction']['explained_variance'])}.",
+            "",
+        ]
+    lines += [
+        *_caveats(params),
+        "## Reproduce",
+        "",
+        "The commands that produced these numbers (with the params file as it was then):",
+        "",
+        "```",
+        *reproduce_commands(metrics, store_attrs, params.command),
+        "```",
+        "",
+        "## Definitions",
+        "",
+        "- Training loss = MSE + decorrelation_coeff·decorrelation + the architecture's sparsity term "
+        "(relu: l1_coeff·L1; jumprelu: l0_coeff·L0 through a straight-through estimator; topk, batchtopk, "
+        "matryoshka: aux_coeff·AuxK, with matryoshka's MSE the mean over its nested prefixes), on inputs scaled so "
+        "that E‖x‖² = d_in; MSE is per element, L1 is the sum of latent activations per token (decoder rows have "
+        "unit norm), decorrelation is the mean squared cosine between distinct decoder directions.",
+        "- Loss per epoch: mean training loss over that epoch's steps. Final step: the values at the last step.",
+        "- tokens/s = tokens seen / time inside this config's own training steps (what its progress bar shows); "
+        "time/step = that time / steps. Train time counts only those steps; configs trained in one run share "
+        "the run's wall time.",
+        "- Peak memory: CUDA allocator peak, or the process's peak RSS on CPU, over the whole train run "
+        "(configs trained in one run share it).",
+        "- Held-out metrics (BOS positions excluded): MSE per element; normalized MSE = mean ‖x−x̂‖²/‖x‖²; "
+        "explained variance = 1 − Σ‖x−x̂‖²/Σ‖x−x̄‖²; cosine(x, x̂); shrinkage = mean ‖x̂‖/‖x‖; L0 = mean active "
+        "latents per token; dead = never active on the split; dense = active on more than "
+        f"{fmt(params.evaluate.dense_threshold)} of tokens.",
+        *(_splice_definitions(any_eval["splice"]) if any_eval["splice"] else _ground_truth_definitions()),
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def _splice_definitions(splice: dict) -> list[str]:
+    return [
+        "- Splice: the hook's activations (all but BOS) replaced by the reconstruction, by zeros, or untouched; "
+        "CE loss score = (CE_zero − CE_sae)/(CE_zero − CE_clean); KL score = (KL_zero − KL_sae)/KL_zero, KL to "
+        "the clean next-token distribution. A score is n/a when zero-ablation's effect (its denominator) is within "
+        f"noise: not above {splice['min_ablation_effect_nats']} nats and {splice['standard_errors']:g} standard "
+        "errors of its mean over tokens (e.g. a model with random weights). A score outside [0, 1] is listed under "
+        "warnings.",
+        "- SAELens convention (rows marked SAELens; SAELens's run_evals with BOS, EOS and padding ignored, as "
+        "SAEBench's core evaluation calls it): the SAE replaces all but BOS, zero-ablation zeroes every position, "
+        "CE is over the predictions made at positions 1..L−2 of each document and KL over positions 1..L−1; MSE "
+        "per token = mean ‖x−x̂‖² (summed over d_in). Ours: CE and KL over the predictions at positions 0..L−2, and "
+        "zero-ablation keeps BOS. The same noise rule applies to both.",
+    ]
+
+
+def _ground_truth_definitions() -> list[str]:
+    return [
+        "- Ground truth (synthetic data): MCC = mean |cos| of the optimal one-to-one matching (Hungarian) of "
+        "decoder rows to true feature directions; each latent is a detector of its best-matching true feature, "
+        "precision = P(feature active | latent fires), recall = P(latent fires | feature active), F1 their "
+        "harmonic mean, averaged over latents that fired; uniqueness = distinct best-matching features / latents "
+        "that fired. Measured on fresh samples from the store's generator. L0 was matched by k for topk, batchtopk "
+        "and matryoshka, and by the sparsity coefficient set in the params for relu and jumprelu: compare rows at "
+        "their measured L0.",
+    ]
+
+
+def curves_table(tsv_files: list[Path]) -> str:
+    """Every config's curve in one table (each row names its config): what `dvc plots show` draws."""
+    texts = [path.read_text().splitlines() for path in tsv_files]
+    return "\n".join([texts[0][0], *(line for text in texts for line in text[1:])]) + "\n"
+
+
+def _warnings(metrics: dict[str, dict], labels: dict[str, str]) -> list[str]:
+    flagged = [(key, flag) for key, m in metrics.items() for flag in m["eval"]["flags"]]
+    if not flagged:
+        return []
+    return ["## Warnings", "", *[f"- {labels[key]}: {flag}" for key, flag in flagged], ""]
+
+
+def reproduce_commands(metrics: dict[str, dict], store_attrs: dict, report_command: str) -> list[str]:
+    """The recorded command lines of every stage behind the report, in order, each once."""
+    recorded = [store_attrs.get("command")]
+    recorded += [m["train"].get("command") for m in metrics.values()]
+    recorded += [m["eval"].get("command") for m in metrics.values()]
+    recorded.append(report_command)
+    return list(dict.fromkeys(c for c in recorded if c))
+
+
+def _config_section(params: Params, key: str, label: str, m: dict) -> list[str]:
+    train, rec, splice = m["train"], m["eval"]["reconstruction"], m["eval"]["splice"] or {}
+    cfg = train["config"]  # as trained: per-config settings resolved against the train section
+    hyper = [
+        ("architecture", cfg["architecture"]),
+        *[(name, _setting(cfg[name])) for name in sae_class(cfg["architecture"]).settings],
+        ("expansion", f"{cfg['expansion']}x"), ("d_sae", fmt(train["d_sae"])), ("parameters", fmt(train["n_params"])),
+        ("batch size", f"{cfg['batch_size']} × {params.train.seq_len} = {fmt(train['batch_tokens'])} tokens"),
+        ("learning rate", fmt(cfg["lr"])), ("epochs", fmt(cfg["epochs"])), ("warmup", fmt(cfg["warmup_frac"])),
+        ("decay", fmt(cfg["decay_frac"])), ("decorrelation_coeff", fmt(cfg["decorrelation_coeff"])),
+    ]  # fmt: skip
+    results = [
+        ("steps", fmt(train["steps"])), ("tokens seen", fmt(train["tokens_seen"])),
+        ("final-step loss", fmt(train["final_step"]["loss"])), ("final-step MSE", fmt(train["final_step"]["mse"])),
+        ("final-step L1", fmt(train["final_step"]["l1"])),
+        ("final-step decorrelation", fmt(train["final_step"]["decorrelation"])),
+        ("train time (s)", fmt_seconds(train["train_time_s"])), ("tokens/s", fmt_rate(train["tokens_per_s"])),
+        ("skipped fp16 steps", fmt(train["skipped_fp16_steps"])),
+        ("held-out explained variance", fmt(rec["explained_variance"])), ("held-out L0", fmt(rec["l0"])),
+        ("dead latents", fmt(rec["dead_latents"])), ("CE loss score", fmt(splice.get("ce_loss_score"))),
+    ]  # fmt: skip
+    return [
+        f"## Config {key.upper()}: {label}",
+        "",
+        "| hyperparameter | value |",
+        "| --- | --- |",
+        *[f"| {name} | {value} |" for name, value in hyper],
+        "",
+        "| result | value |",
+        "| --- | --- |",
+        *[f"| {name} | {value} |" for name, value in results],
+        "",
+        _browser_link(params, key),
+        "",
+    ]
+
+
+def _browser_link(params: Params, key: str) -> str:
+    """A link to the config's feature browser, relative to the report (which sits in `train.out_dir`)."""
+    page = sae_outputs(params.train.out_dir, key, params.sae[key])["browser"] / "index.html"
+    if not page.is_file():
+        return f"Feature browser: not built yet (`pipeline analyze --config {key}`)."
+    link = page.relative_to(params.train.out_dir).as_posix()
+    return f"Feature browser: [{link}]({link}) (top contexts, histograms and logit effects of every latent)."
+
+
+def _setting(value) -> str:
+    return ", ".join(fmt(v) for v in value) if isinstance(value, list) else fmt(value)
+
+
+GROUND_TRUTH_ROWS = (
+    ("MCC", "mcc"), ("F1", "f1"), ("precision", "precision"), ("recall", "recall"), ("uniqueness", "uniqueness"),
+    ("latents that fired", "n_alive_latents"), ("true L0", "true_l0"), ("samples", "n_samples"),
+)  # fmt: skip
+
+
+def _comparison(params: Params, metrics: dict[str, dict], labels: dict[str, str]) -> list[str]:
+    keys = list(metrics)
+    header = "| | " + " | ".join(labels[k] for k in keys) + " |"
+    rule = "| --- |" + " --- |" * len(keys)
+
+    def row(name: str, values: list) -> str:
+        return f"| {name} | " + " | ".join(fmt(v) for v in values) + " |"
+
+    n_epochs = max(len(metrics[k]["train"]["loss_per_epoch"]) for k in keys)
+    epoch_rows = [
+        row(f"epoch {e + 1}", [(metrics[k]["train"]["loss_per_epoch"] + [None] * n_epochs)[e] for k in keys])
+        for e in range(n_epochs)
+    ]
+    eval_fields = [
+        ("explained variance", "reconstruction", "explained_variance"), ("MSE", "reconstruction", "mse"),
+        ("normalized MSE", "reconstruction", "normalized_mse"), ("cosine", "reconstruction", "cosine"),
+        ("shrinkage", "reconstruction", "shrinkage"), ("L0", "reconstruction", "l0"), ("L1", "reconstruction", "l1"),
+        ("dead latents", "reconstruction", "dead_latents"), ("dense latents", "reconstruction", "dense_latents"),
+        ("CE clean", "splice", "ce_clean"), ("CE with SAE", "splice", "ce_sae"),
+        ("CE zero-ablated", "splice", "ce_zero"),
+        ("CE loss score", "splice", "ce_loss_score"), ("KL with SAE", "splice", "kl_sae"),
+        ("KL score", "splice", "kl_score"),
+    ]  # fmt: skip
+    cost_fields = [
+        ("peak memory (GB)", "peak_memory_bytes", fmt_gb), ("train time (s)", "train_time_s", fmt_seconds),
+        ("time/step (s)", "time_per_step_s", lambda v: "n/a" if v is None else f"{v:.3g}"),
+        ("tokens/s", "tokens_per_s", fmt_rate),
+    ]  # fmt: skip
+    paths = report_paths(".")
+    spliced = all(metrics[k]["eval"]["splice"] for k in keys)
+    eval_fields = [f for f in eval_fields if f[1] == "reconstruction" or spliced]
+    truth = [metrics[k]["eval"].get("ground_truth") for k in keys]
+    return [
+        "## Comparative analysis",
+        "",
+        header,
+        rule,
+        "| architecture | " + " | ".join(metrics[k]["train"]["config"]["architecture"] for k in keys) + " |",
+        "",
+        "Mean training loss per epoch:",
+        "",
+        header,
+        rule,
+        *epoch_rows,
+        "",
+        f"Held-out evaluation (split `{params.evaluate.split}`):",
+        "",
+        header,
+        rule,
+        *[row(name, [metrics[k]["eval"][group][field] for k in keys]) for name, group, field in eval_fields],
+        "",
+        *(_saelens_rows(metrics, header, rule, row) if spliced else []),
+        *(_ground_truth_rows(truth, header, rule, row) if all(truth) else []),
+        "Cost:",
+        "",
+        header,
+        rule,
+        *[
+            f"| {name} | " + " | ".join(form(metrics[k]["train"][field]) for k in keys) + " |"
+            for name, field, form in cost_fields
+        ],
+        "",
+        f"![training curves]({paths['curves'].relative_to('.')})",
+        f"![L0 against explained variance]({paths['frontier'].relative_to('.')})",
+        f"![feature density]({paths['density'].relative_to('.')})",
+        "",
+    ]
+
+
+def _stability_section(params: Params, labels: dict[str, str], shares: dict) -> list[str]:
+    if not shares:
+        return []
+    keys = list(params.sae)
+    header = "| latents of ↓ found in → | " + " | ".join(labels[k] for k in keys) + " |"
+    rule = "| --- |" + " --- |" * len(keys)
+
+    def table(method: str) -> list[str]:
+        def cell(x: str, y: str) -> str:
+            if x == y:
+                return "—"
+            return " / ".join(fmt(shares[x][y][method][str(t)]) for t in THRESHOLDS)
+
+        return [header, rule, *[f"| {labels[x]} | " + " | ".join(cell(x, y) for y in keys) + " |" for x in keys]]
+
+    reseeded = [
+        f"{labels[x]} and {labels[y]}" for i, x in enumerate(keys) for y in keys[i + 1 :]
+        if _without_seed(params.sae[x]) == _without_seed(params.sae[y])
+    ]  # fmt: skip
+    seeds = (
+        f"Pairs that differ only in their initial weights' seed: {', '.join(reseeded)}."
+        if reseeded
+        else "No two configs differ only in their seed; add one (e.g. a copy of config C with `init_seed: 1`) to "
+        "measure seed stability."
+    )
+    return [
+        "## Feature stability",
+        "",
+        "Share of each row config's latents whose decoder direction has a counterpart in the column config with "
+        f"cosine ≥ {THRESHOLDS[0]} / ≥ {THRESHOLDS[1]}. {seeds}",
+        "",
+        "One-to-one (Hungarian matching of decoder directions, maximising total cosine):",
+        "",
+        *table("one_to_one"),
+        "",
+        "Max-cosine (each latent's most similar direction, shared matches allowed):",
+        "",
+        *table("max_cosine"),
+        "",
+        f"![feature stability]({report_paths('.')['stability'].relative_to('.')})",
+        "",
+    ]
+
+
+def _without_seed(cfg) -> dict:
+    return {k: v for k, v in params_to_dict(cfg).items() if k != "init_seed"}
+
+
+def _saelens_rows(metrics: dict[str, dict], header: str, rule: str, row) -> list[str]:
+    keys = list(metrics)
+    return [
+        "The same evaluation under SAELens's convention (what SAELens, SAEBench and Neuronpedia publish: "
+        "zero-ablation also zeroes BOS, CE leaves out the prediction made at BOS, KL includes each document's last "
+        "position, MSE is summed over d_in). Use these when comparing with published SAEs; the rows above are this "
+        "project's convention (BOS is never ablated).",
+        "",
+        header,
+        rule,
+        row("MSE per token (SAELens)", [metrics[k]["eval"]["reconstruction"]["mse_per_token"] for k in keys]),
+        *[
+            row(name, [metrics[k]["eval"]["splice"]["saelens_compatible"][field] for k in keys])
+            for name, field in SAELENS_SPLICE_ROWS
+        ],
+        "",
+    ]
+
+
+def _ground_truth_rows(truth: list[dict], header: str, rule: str, row) -> list[str]:
+    return [
+        f"Recovery of the {fmt(truth[0]['n_features'])} true features (synthetic data; definitions below). For "
+        f"scale: random directions have E|cos| = {fmt(truth[0]['random_direction_cosine'])} with a true feature.",
+        "",
+        header,
+        rule,
+        *[row(name, [t[field] for t in truth]) for name, field in GROUND_TRUTH_ROWS],
+        "",
+    ]
+
+
+def _caveats(params: Params) -> list[str]:
+    """Facts about the comparison that the numbers alone do not show, derived from the params."""
+    lrs = {cfg.lr for cfg in params.sae.values()}
+    batches = {cfg.batch_size for cfg in params.sae.values()}
+    if len(lrs) == 1 and len(batches) == 1:
+        return []
+    return [
+        "Note: the configs differ in learning rate and/or batch size as well as width "
+        f"(learning rates {', '.join(fmt(c.lr) for c in params.sae.values())}; batch sizes "
+        f"{', '.join(str(c.batch_size) for c in params.sae.values())}), so differences between them are not due "
+        "to width alone.",
+        "",
+    ]

@@ -1,0 +1,164 @@
+"""The interface every SAE architecture implements, and what they share.
+
+    pre = (x - b_dec) @ W_enc + b_enc        f = activate(pre)        x_hat = f @ W_dec + b_dec
+
+Architectures differ in `activate` and in the terms of their loss (`loss_terms`); everything else is here.
+Decoder rows are kept at unit norm (renormalised after every optimiser step), so a sparsity penalty on f is the
+penalty on each latent's contribution f_i * ||W_dec[i]||, and cannot be dodged by shrinking f while growing W_dec.
+Training happens on inputs multiplied by a constant `scale` with E||scale * x||^2 = d_in; `folded(scale)` returns
+the equivalent SAE on raw activations (the pre-activations, hence k and thresholds, are unchanged), which is what
+is saved for users.
+
+The loss is the architecture's reconstruction term + decorrelation_coeff * decorrelation + its penalty, where
+decorrelation is the mean squared cosine between distinct decoder rows. A config's settings (`SAEConfig`,
+resolved against the train section) reach an SAE in two ways: those its forward pass needs are constructor
+arguments named as the settings are (`options`, saved with the SAE); those only its loss needs are read from the
+config at each step.
+"""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+
+from pipeline.params import SAEConfig
+
+
+class SparseAutoencoder(nn.Module):
+    """An SAE with unit-norm decoder rows and an encoder initialised from the decoder."""
+
+    name: ClassVar[str]  # its name in params (`sae.<key>.architecture`) and in pipeline/saes's registry
+    settings: ClassVar[tuple[str, ...]]  # the per-config settings its forward pass and loss use (the report's rows)
+    options: ClassVar[tuple[str, ...]] = ()  # the settings its forward pass needs: constructor arguments, saved
+    saelens_architecture: ClassVar[str]  # the SAELens architecture whose formula its saved tensors follow
+    reconstruction_term: ClassVar[str] = "mse"  # the loss term that measures reconstruction
+    penalty: ClassVar[tuple[str, str]]  # (loss term, the setting that weights it)
+
+    def __init__(self, d_in: int, d_sae: int, generator: torch.Generator | None = None) -> None:
+        super().__init__()
+        self.d_in, self.d_sae = d_in, d_sae
+        w_dec = torch.randn(d_sae, d_in, generator=generator)
+        w_dec /= w_dec.norm(dim=1, keepdim=True)
+        self.W_dec = nn.Parameter(w_dec)
+        self.W_enc = nn.Parameter(w_dec.T * self.encoder_scale())
+        self.b_enc = nn.Parameter(torch.zeros(d_sae))
+        self.b_dec = nn.Parameter(torch.zeros(d_in))
+
+    @classmethod
+    def from_config(cls, d_in: int, cfg: SAEConfig, generator: torch.Generator | None = None) -> SparseAutoencoder:
+        """The SAE a resolved config describes, on inputs of width `d_in`."""
+        options = {name: getattr(cfg, name) for name in cls.options}
+        return cls(d_in, d_in * cfg.expansion, generator=generator, **options)
+
+    def option_values(self) -> dict[str, Any]:
+        """The constructor settings this SAE was built with (what a copy of it needs)."""
+        return {name: getattr(self, name) for name in self.options}
+
+    def encoder_scale(self) -> float:
+        """The encoder starts as the decoder's transpose times this: d_sae half-active random directions
+        reconstruct a random input to about its norm times d_sae / 2 d_in."""
+        return 2 * self.d_in / self.d_sae
+
+    # addmm fuses the bias into the matrix product: one pass fewer over [tokens, d_sae] than `@` then `+`.
+    # It takes 2-D inputs, so any leading dimensions ([batch, pos, d]) are flattened and restored.
+    def pre_activations(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.addmm(self.b_enc, (x - self.b_dec).reshape(-1, self.d_in), self.W_enc)
+
+    def activate(self, pre: torch.Tensor) -> torch.Tensor:
+        """Latent activations [n, d_sae] from pre-activations [n, d_sae]."""
+        raise NotImplementedError
+
+    def encode(self, x: torch.Tensor) -> torch.Tensor:
+        return self.activate(self.pre_activations(x)).reshape(*x.shape[:-1], self.d_sae)
+
+    def decode(self, f: torch.Tensor) -> torch.Tensor:
+        return torch.addmm(self.b_dec, f.reshape(-1, self.d_sae), self.W_dec).reshape(*f.shape[:-1], self.d_in)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Reconstruction and latent activations."""
+        f = self.encode(x)
+        return self.decode(f), f
+
+    def training_loss(
+        self, x: torch.Tensor, cfg: SAEConfig, logged: bool = True, over_ranks: bool = False
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """The loss to minimise and its terms (fp32): the architecture's own (`loss_terms`), decorrelation, and
+        on a `logged` step the diagnostics every architecture reports (mse per element, L1 per token, L0).
+
+        Updates the SAE's training statistics (`observe`). A term the loss does not use costs a pass over the
+        [batch, d_sae] latents or the decoder, so it is computed only for a step that is `logged`. `over_ranks`:
+        `x` is this rank's share of a batch split over ranks (see `observe`).
+        """
+        pre = self.pre_activations(x)
+        f = self.activate(pre)
+        x_hat = self.decode(f)
+        self.observe(f.detach(), over_ranks)
+        terms = self.loss_terms(x, pre, f, x_hat, cfg)
+        if logged:
+            terms.setdefault("mse", mse(x_hat, x))
+            terms.setdefault("l1", l1(f))
+        if cfg.decorrelation_coeff or logged:
+            terms["decorrelation"] = decorrelation(self.W_dec.float())
+        loss = terms[self.reconstruction_term]
+        if cfg.decorrelation_coeff:
+            loss = loss + cfg.decorrelation_coeff * terms["decorrelation"]
+        term, coefficient = self.penalty
+        loss = loss + getattr(cfg, coefficient) * terms[term]
+        if logged:
+            terms["l0"] = (f > 0).sum(dim=1).float().mean().detach()
+        return loss, terms
+
+    def loss_terms(
+        self, x: torch.Tensor, pre: torch.Tensor, f: torch.Tensor, x_hat: torch.Tensor, cfg: SAEConfig
+    ) -> dict[str, torch.Tensor]:
+        """The terms this architecture's loss is made of: its `reconstruction_term` and its `penalty` term."""
+        raise NotImplementedError
+
+    @torch.no_grad()
+    def observe(self, f: torch.Tensor, over_ranks: bool = False) -> None:
+        """Training statistics from one batch's activations (none by default)."""
+
+    @torch.no_grad()
+    def after_step(self) -> None:
+        """The constraints every optimiser step restores: unit decoder rows."""
+        self.W_dec /= self.W_dec.norm(dim=1, keepdim=True).clamp_min(1e-8)
+
+    @torch.no_grad()
+    def folded(self, scale: float) -> SparseAutoencoder:
+        """The same SAE expressed on raw inputs x, when it was trained on scale * x (in inference mode)."""
+        raw = type(self)(self.d_in, self.d_sae, **self.option_values()).eval()
+        raw.load_state_dict(self.state_dict())
+        raw.W_enc.mul_(scale)
+        raw.W_dec.div_(scale)
+        raw.b_dec.div_(scale)
+        return raw
+
+
+def mse(x_hat: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """Mean squared error per element, in fp32."""
+    return (x_hat.float() - x).pow(2).mean()
+
+
+def l1(f: torch.Tensor) -> torch.Tensor:
+    """Sum of the latent activations per token, averaged over tokens, in fp32."""
+    return f.float().sum(dim=1).mean()
+
+
+def keep_top(values: torch.Tensor, k: int, dim: int) -> torch.Tensor:
+    """`values` with all but the k largest along `dim` set to zero."""
+    top = values.topk(min(k, values.shape[dim]), dim=dim, sorted=False)
+    return torch.zeros_like(values).scatter(dim, top.indices, top.values)
+
+
+def decorrelation(w_dec: torch.Tensor) -> torch.Tensor:
+    """Mean squared cosine similarity between distinct decoder directions.
+
+    sum_{i != j} (d_i . d_j)^2 = ||W_dec W_dec^T||_F^2 - sum_i ||d_i||^4, and ||W W^T||_F = ||W^T W||_F, so the
+    d_in x d_in Gram matrix gives the exact value at d_sae * d_in^2 cost instead of d_sae^2 * d_in.
+    """
+    gram = w_dec.T @ w_dec
+    norms_sq = (w_dec * w_dec).sum(dim=1)
+    n = w_dec.shape[0]
+    return ((gram * gram).sum() - (norms_sq * norms_sq).sum()) / (n * (n - 1))

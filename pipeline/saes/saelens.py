@@ -1,0 +1,87 @@
+"""Saving and loading SAEs in SAELens's folder layout: `cfg.json` + `sae_weights.safetensors`.
+
+SAELens loads our saved folders for every architecture (checked with SAELens 6.54 in an environment of its own;
+it pins transformer-lens<4): each architecture is saved as the SAELens architecture whose formula its tensors
+follow (`saelens_architecture`), with our architecture name and options in the metadata, from which we restore it.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from safetensors.torch import load_file, save_file
+
+from pipeline.core.atomic import atomic_path
+from pipeline.core.errors import PipelineError
+from pipeline.params import TrainConfig
+from pipeline.saes import sae_class
+from pipeline.saes.base import SparseAutoencoder
+
+SAELENS_WEIGHTS = "sae_weights.safetensors"
+SAELENS_CONFIG = "cfg.json"
+SAVED = ("W_enc", "b_enc", "W_dec", "b_dec", "threshold")  # tensors saved for users, where the SAE has them
+SAELENS_NAMES = {"standard": "relu", "topk": "topk", "jumprelu": "jumprelu"}  # SAELens's name -> ours, to load
+
+
+def save_saelens(sae: SparseAutoencoder, directory: str | Path, metadata: dict[str, Any]) -> None:
+    """Write `cfg.json` + `sae_weights.safetensors` as SAELens's `SAE.load_from_disk` reads them.
+
+    The metadata (model_name, hook_name, ...) is written at the top level as well as under "metadata": SAELens 6
+    reads a cfg.json without a `sae_lens_version` through its pre-6.0 path, which takes these keys from the top
+    level.
+    """
+    options = {name: list(v) if isinstance(v, tuple) else v for name, v in sae.option_values().items()}
+    metadata = {**metadata, "architecture": sae.name, **options}
+    config = {
+        **metadata,
+        "architecture": sae.saelens_architecture,
+        "d_in": sae.d_in,
+        "d_sae": sae.d_sae,
+        "dtype": "float32",
+        "device": "cpu",
+        "apply_b_dec_to_input": True,
+        "normalize_activations": "none",
+        "reshape_activations": "none",
+        "metadata": metadata,
+    }
+    if sae.saelens_architecture == "topk":
+        config["rescale_acts_by_decoder_norm"] = False
+    state = sae.state_dict()
+    weights = {name: state[name].detach().float().cpu().contiguous() for name in SAVED if name in state}
+    with atomic_path(directory, owned=is_saelens_folder) as tmp:
+        tmp.mkdir()
+        save_file(weights, tmp / SAELENS_WEIGHTS)
+        (tmp / SAELENS_CONFIG).write_text(json.dumps(config, indent=2) + "\n")
+
+
+def is_saelens_folder(path: Path) -> bool:
+    """Whether `path` holds an SAE folder (a cfg.json), which a new one may replace."""
+    return (Path(path) / SAELENS_CONFIG).is_file()
+
+
+def load_saelens(directory: str | Path) -> tuple[SparseAutoencoder, dict[str, Any]]:
+    """Read a folder written by `save_saelens`, or a SAELens standard/topk/jumprelu SAE (safetensors only).
+
+    The SAE is returned in inference mode (a batchtopk SAE uses its threshold). Options a foreign folder does not
+    record (a JumpReLU SAE's training bandwidth) take the params' defaults; they do not change inference.
+    """
+    directory = Path(directory)
+    config = json.loads((directory / SAELENS_CONFIG).read_text())
+    metadata = config.get("metadata") or {}
+    cls = sae_class(metadata.get("architecture") or SAELENS_NAMES[config["architecture"]])
+    defaults = TrainConfig()
+    options = {}
+    for name in cls.options:
+        recorded = [v for v in (config.get(name), metadata.get(name)) if v is not None]
+        options[name] = recorded[0] if recorded else getattr(defaults, name)
+    sae = cls(config["d_in"], config["d_sae"], **options).eval()
+    saved = load_file(directory / SAELENS_WEIGHTS)
+    expected = {name for name in SAVED if name in sae.state_dict()}
+    if set(saved) != expected:
+        raise PipelineError(
+            f"{directory}: weights do not fit a {cls.name} SAE (holds {sorted(saved)}, expected {sorted(expected)})"
+        )
+    sae.load_state_dict(saved, strict=False)
+    return sae, config

@@ -1,0 +1,105 @@
+"""The activation store's format: the only code that knows its zarr paths, attributes, manifest and records.
+
+Layout (zarr v3 group; readable by any zarr v3 reader; docs/store.md describes every attribute):
+
+    <store>/zarr.json                      group attributes, the manifest among them
+    <store>/<split>/tokens                 int32   [n_tokens]
+    <store>/<split>/doc_offsets            int64   [n_docs + 1]; document i = tokens[o[i]:o[i+1]]
+    <store>/<split>/<hook>                 float16 [n_tokens, d_model], one array per hook
+    <store>/truth/...                      synthetic stores only: the true features (pipeline/synth)
+
+Activation arrays are sharded along tokens (`shard_tokens` per shard file, the unit of writing and resuming)
+with `chunk_tokens`-row chunks inside (the unit of reading). While a store is written, `progress.json` records
+its finished shards and their checksums (rank r > 0 of a torchrun keeps its own `progress-<r>.json`, so that no
+file is written by two processes). The group attribute `manifest` (size and sha256 of every file but the group's
+own zarr.json) is written last, in one write of zarr.json: a store is complete exactly when it has one.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import zarr
+
+from pipeline.core.location import Location, open_location
+
+FORMAT_VERSION = 2  # 2: the manifest attribute (per-file checksums), token_sha256 in the identity
+PROGRESS_FILE = "progress.json"  # rank 0's record; rank r > 0 writes progress-<r>.json
+MANIFEST = "manifest"  # the group attribute that lists every file; its presence marks a complete store
+ZARR_TEMPORARY = ".partial"  # suffix of zarr's own temporary files (a killed write leaves them behind)
+TRUTH_GROUP = "truth"  # synthetic stores: the true features and their distribution (pipeline/synth)
+# Attributes that decide a store's content: --resume refuses, and an up-to-date check re-extracts, when any differs.
+IDENTITY_KEYS = (
+    "format_version", "model", "model_revision", "process_weights", "compute_dtype", "hooks", "dtype",
+    "tokenizer", "bos_token_id", "template", "dataset", "dataset_config", "splits", "max_docs",
+    "shard_tokens", "chunk_tokens", "d_model", "n_ctx", "token_sha256", "synthetic",
+)  # fmt: skip
+
+
+def progress_file(rank: int) -> str:
+    return PROGRESS_FILE if rank == 0 else f"progress-{rank}.json"
+
+
+def progress_files(location: Location) -> list[str]:
+    """Every progress record at `location`, of any rank."""
+    return location.top_level("progress*.json")
+
+
+def drop_progress(location: Location) -> None:
+    for record in progress_files(location):
+        location.remove(record)
+
+
+def as_location(where: str | Path | Location) -> Location:
+    return where if isinstance(where, Location) else open_location(where)
+
+
+def attributes(location: Location) -> dict:
+    """The group attributes in `location`'s zarr.json; {} where there is none, or it cannot be read."""
+    try:
+        found = json.loads(location.read_text("zarr.json")).get("attributes")
+    except (OSError, ValueError, AttributeError):
+        return {}
+    return found if isinstance(found, dict) else {}
+
+
+def is_store(where: str | Path | Location) -> bool:
+    """Whether `where` holds a store this pipeline wrote (its zarr.json carries our `format_version`)."""
+    return "format_version" in attributes(as_location(where))
+
+
+def is_complete(location: Location) -> bool:
+    return MANIFEST in attributes(location)
+
+
+def token_digest(tokens: np.ndarray, doc_offsets: np.ndarray) -> str:
+    """sha256 of a split's token ids and document offsets: changes whenever the data or its tokenization does."""
+    digest = hashlib.sha256(np.ascontiguousarray(tokens, dtype=np.int32).tobytes())
+    digest.update(np.ascontiguousarray(doc_offsets, dtype=np.int64).tobytes())
+    return digest.hexdigest()
+
+
+def shard_file(array: zarr.Array, split: str, name: str, index: int) -> str:
+    """The store-relative path of shard (or chunk) `index` of `split/name`."""
+    return f"{split}/{name}/{array.metadata.encode_chunk_key((index,) + (0,) * (array.ndim - 1))}"
+
+
+def describe(name: str) -> str:
+    """A store file as a user should read it: split, array and shard file where it is a shard."""
+    parts = name.split("/")
+    if len(parts) >= 3 and parts[2] == "c":
+        return f"split {parts[0]}, array {parts[1]}, shard file {name}"
+    return f"file {name}"
+
+
+def differing(found: dict[str, Any], wanted: dict[str, Any]) -> list[str]:
+    """The identity attributes whose values differ between two attribute sets."""
+    return [k for k in IDENTITY_KEYS if _normalise(found.get(k)) != _normalise(wanted.get(k))]
+
+
+def _normalise(value: Any) -> Any:
+    return json.loads(json.dumps(value))

@@ -1,0 +1,1 @@
+"""Synthetic activations with known features (after SynthSAEBench), for the ground-truth benchmark."""

@@ -1,0 +1,1 @@
+"""Training: the loader that streams shuffled activations, the trainer of several SAEs on one read, checkpoints."""

@@ -1,0 +1,81 @@
+"""What a training checkpoint holds, and when a run may resume from one.
+
+A checkpoint is a plain dict of tensors and numbers (loadable with `torch.load(weights_only=True)`): the SAE, its
+optimiser and GradScaler, the step, the settings it was trained with, the input scale and what it was trained on.
+A run resumes from it only when nothing that changes what is learned differs; every difference is named.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from pipeline.core.errors import PipelineError
+from pipeline.params import TrainConfig, params_to_dict
+
+if TYPE_CHECKING:
+    from pipeline.train.trainer import SAERun
+
+# Settings that do not change what is learned: --resume accepts a change to these and refuses any other.
+RESUMABLE_CHANGES = ("device", "memory_budget_gb", "log_every", "checkpoint_every", "out_dir", "nproc", "distribute")
+
+
+def checkpoint_state(run: SAERun, train: TrainConfig, scale: float, meta: dict[str, Any]) -> dict[str, Any]:
+    """Everything needed to resume `run` or to use its SAE."""
+    return {
+        "sae": run.sae.state_dict(),
+        "optimizer": run.optimizer.state_dict(),
+        "scaler": run.scaler.state_dict(),
+        "step": run.step,
+        "config": params_to_dict(run.cfg),
+        "train": params_to_dict(train),
+        "scale": scale,
+        "d_in": run.sae.d_in,
+        "d_sae": run.sae.d_sae,
+        "meta": meta,
+        "train_seconds": run.train_seconds,
+        "skipped_steps": int(run.skipped_steps.item()),
+        "epoch_loss_sums": [float(v) for v in run.epoch_loss_sums],
+        "curve": run.curve,
+    }
+
+
+def check_resumable(state: dict[str, Any], run: SAERun, train: TrainConfig, meta: dict[str, Any], path: Path) -> None:
+    """Refuse (naming every difference) a checkpoint trained with other settings or on other data."""
+    if state["d_in"] != run.sae.d_in or state["meta"].get("hook") != meta.get("hook"):
+        raise PipelineError(
+            f"checkpoint {path} is for {state['meta'].get('hook')} with d_in={state['d_in']}, but the store's "
+            f"{meta.get('hook')} has d_in={run.sae.d_in}; rerun without --resume to start over"
+        )
+    differences = _differences(f"sae.{run.key}", state["config"], params_to_dict(run.cfg), ())
+    differences += _differences("train", state["train"], params_to_dict(train), RESUMABLE_CHANGES)
+    if state["meta"].get("store_fingerprint") != meta.get("store_fingerprint"):
+        differences.append(f"the activation store's content ({meta.get('store')}) changed")
+    then, now = state["meta"].get("loader_order", "resident"), meta.get("loader_order", "resident")
+    if then != now:  # train.memory_budget_gb decides it
+        differences.append(f"the loader's order: {then} then, {now} now (set by train.memory_budget_gb)")
+    if differences:
+        raise PipelineError(
+            f"cannot --resume from {path}: it was trained with other settings ({'; '.join(differences)}); "
+            "rerun without --resume to start over"
+        )
+
+
+def restore(run: SAERun, state: dict[str, Any]) -> None:
+    """Put `run` where the checkpoint left it."""
+    device = run.skipped_steps.device
+    run.sae.load_state_dict(state["sae"])
+    run.optimizer.load_state_dict(state["optimizer"])
+    run.scaler.load_state_dict(state["scaler"])
+    run.step = state["step"]
+    run.train_seconds = state["train_seconds"]
+    run.skipped_steps = torch.tensor(state["skipped_steps"], device=device)
+    run.epoch_loss_sums = list(state["epoch_loss_sums"])
+    run.curve = list(state["curve"])
+
+
+def _differences(section: str, saved: dict, now: dict, ignored: tuple[str, ...]) -> list[str]:
+    keys = sorted((set(saved) | set(now)) - set(ignored))
+    return [f"{section}.{k}: {saved.get(k)!r} then, {now.get(k)!r} now" for k in keys if saved.get(k) != now.get(k)]

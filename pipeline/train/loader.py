@@ -1,0 +1,240 @@
+"""Training batches from the store: token-level shuffling, resident in memory when the split fits, else streamed.
+
+No forked DataLoader workers: zarr 3 runs an asyncio loop on a thread, which forking can deadlock. Instead:
+- resident (the split's stored bytes fit `memory_budget_gb`): the split is read once (sequential whole-shard
+  reads) into device memory, and every epoch gathers its blocks there in a seeded permutation of all training
+  positions;
+- streamed (they do not): the split stays in the store, out of core. An epoch visits the store's chunks in a
+  seeded random order, a window of chunks at a time (so a window mixes every shard); a background thread reads
+  the next window, each row straight to its shuffled place, while the current one is copied into blocks (in
+  pinned memory on CUDA, copied to the device with `non_blocking=True`). Every training token is seen once per
+  epoch. The windows live in WINDOW_BUFFERS buffers allocated once and reused (a steady footprint, not one the
+  allocator grows), which together take at most `memory_budget_gb`; the blocks in flight come on top.
+Both are deterministic for a seed and resume at any block; their orders differ (streaming shuffles within
+windows).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import queue
+import threading
+import time
+from collections.abc import Iterator
+
+import numpy as np
+import torch
+
+from pipeline.core.device import uses_pinned_memory
+from pipeline.core.errors import PipelineError
+from pipeline.core.seeds import generator
+from pipeline.store import ActivationStore
+
+WINDOW_BUFFERS = 3  # the window being copied into blocks, one queued, one being read
+SAMPLE_EPOCH = -1  # the stream `sample` draws from: not any training epoch's
+
+
+class ActivationLoader:
+    """Shuffled [block_tokens, d_model] float32 blocks of one split and hook, on `device`."""
+
+    def __init__(
+        self,
+        store: ActivationStore,
+        split: str,
+        hook: str,
+        device: torch.device,
+        seed: int,
+        exclude_bos: bool = True,
+        memory_budget_gb: float = 8.0,
+    ) -> None:
+        array = store.activations(split, hook)
+        self.store, self.split, self.hook = store, split, hook
+        self.device = device
+        self.seed = seed
+        self.d_model = array.shape[1]
+        self.n_rows = array.shape[0]
+        self.excluded = _excluded_positions(store, split, exclude_bos)
+        self.n_tokens = self.n_rows - len(self.excluded)  # training tokens per epoch
+        if self.n_tokens == 0:
+            raise PipelineError(f"split {split!r} of {store.path} holds no training tokens")
+        self.dtype = array.dtype  # as stored
+        self.resident_on_device = array.nbytes <= memory_budget_gb * 2**30
+        self.chunk_tokens = store.attrs["chunk_tokens"]
+        chunk_bytes = self.chunk_tokens * self.d_model * self.dtype.itemsize
+        self.window_chunks = max(1, int(memory_budget_gb * 2**30 // (WINDOW_BUFFERS * chunk_bytes)))
+        if self.resident_on_device:
+            self.positions = np.setdiff1d(np.arange(self.n_rows), self.excluded, assume_unique=True)
+            self.data = torch.from_numpy(_read_checked(store, split, hook)).to(device)
+        self.stall_seconds = 0.0  # time the consumer spent waiting for a block
+
+    @property
+    def order_kind(self) -> str:
+        """What decides the order of an epoch's tokens besides the seed: a resumed run must keep it."""
+        if self.resident_on_device:
+            return "resident"
+        chunks = f"{self.window_chunks} chunk{'s' * (self.window_chunks != 1)}"
+        return f"streamed in windows of {chunks} of {self.chunk_tokens} tokens"
+
+    def order(self, epoch: int) -> torch.Tensor:
+        """Resident: the token positions of `epoch`, shuffled by a generator seeded with (seed, epoch)."""
+        perm = torch.randperm(len(self.positions), generator=generator(self.seed, epoch))
+        return torch.from_numpy(self.positions)[perm]
+
+    def sample(self, n_tokens: int) -> torch.Tensor:
+        """A fixed random sample of up to `n_tokens` activations (for statistics such as the input scale)."""
+        if not self.resident_on_device:  # the first tokens of a stream of their own
+            with contextlib.closing(self._streamed(SAMPLE_EPOCH, min(n_tokens, self.n_tokens), 0)) as stream:
+                return next(stream)
+        shuffled = torch.randperm(len(self.positions), generator=torch.Generator().manual_seed(self.seed + 7919))
+        chosen = torch.from_numpy(self.positions)[shuffled]
+        return self.data[chosen[:n_tokens].to(self.data.device)].float().to(self.device)
+
+    def epoch(self, epoch: int, block_tokens: int, start_block: int = 0) -> Iterator[torch.Tensor]:
+        """Consecutive blocks of this epoch's order (the last may be shorter), from block `start_block` on.
+
+        Each block is the caller's to modify in place until it asks for the next one.
+        """
+        if not self.resident_on_device:
+            yield from self._streamed(epoch, block_tokens, start_block)
+            return
+        order = self.order(epoch)
+        for i in range(start_block * block_tokens, len(order), block_tokens):
+            yield self.data[order[i : i + block_tokens].to(self.device)].float()
+
+    def windows(self, epoch: int) -> list[np.ndarray]:
+        """Streamed: the chunk indices of each window of `epoch`, in the order they are read."""
+        n_chunks = math.ceil(self.n_rows / self.chunk_tokens)
+        chunks = np.random.default_rng([self.seed, epoch + 1]).permutation(n_chunks)
+        return [chunks[i : i + self.window_chunks] for i in range(0, n_chunks, self.window_chunks)]
+
+    def _streamed(self, epoch: int, block_tokens: int, start_block: int) -> Iterator[torch.Tensor]:
+        windows = self.windows(epoch)
+        skip, first = start_block * block_tokens, 0
+        while first < len(windows) and skip >= (in_window := self._training_tokens(windows[first])):
+            skip, first = skip - in_window, first + 1  # whole windows before the start: not even read
+        reader = _WindowReader(self, epoch, [(w, windows[w]) for w in range(first, len(windows))])
+        left = self.n_tokens - start_block * block_tokens  # tokens still to hand out: the last block may be short
+        pin = uses_pinned_memory(self.device)
+        block, filled = None, 0
+        try:
+            for buffer, rows in reader:
+                rows, skip = rows[skip:], 0
+                while len(rows):
+                    if block is None:
+                        block, filled = torch.empty(min(block_tokens, left), self.d_model, dtype=rows.dtype,
+                                                    pin_memory=pin), 0  # fmt: skip
+                    take = min(len(block) - filled, len(rows))
+                    block[filled : filled + take] = rows[:take]
+                    rows, filled = rows[take:], filled + take
+                    if filled == len(block):
+                        # the host allocator keeps a pinned block alive until its non-blocking copy has finished
+                        yield block.to(self.device, non_blocking=pin).float()
+                        left, block = left - filled, None
+                reader.release(buffer)  # copied out: the reader may fill it again
+        finally:
+            reader.close()
+
+    def _training_tokens(self, window: np.ndarray) -> int:
+        return sum(end - start - len(self._excluded_in(start, end)) for start, end in map(self._rows_of, window))
+
+    def _rows_of(self, chunk: int) -> tuple[int, int]:
+        return chunk * self.chunk_tokens, min((chunk + 1) * self.chunk_tokens, self.n_rows)
+
+    def _excluded_in(self, start: int, end: int) -> np.ndarray:
+        return self.excluded[np.searchsorted(self.excluded, start) : np.searchsorted(self.excluded, end)]
+
+    def _read_window(self, epoch: int, index: int, window: np.ndarray, buffer: np.ndarray) -> torch.Tensor:
+        """The training rows of the window's chunks (read in store order) in `buffer`, shuffled by (seed, epoch,
+        index): each chunk's rows go straight to their shuffled places."""
+        places = np.random.default_rng([self.seed, epoch + 1, index]).permutation(self._training_tokens(window))
+        filled = 0
+        for start, end in sorted(map(self._rows_of, window)):
+            rows = self.store.read_rows(self.split, self.hook, start, end)
+            _check_finite(self.store, self.split, self.hook, start, rows)
+            keep = np.ones(len(rows), dtype=bool)
+            keep[self._excluded_in(start, end) - start] = False
+            n_kept = int(keep.sum())
+            buffer[places[filled : filled + n_kept]] = rows[keep]
+            filled += n_kept
+        return torch.from_numpy(buffer[:filled])
+
+    def _new_window_buffer(self) -> np.ndarray:
+        return np.empty((self.window_chunks * self.chunk_tokens, self.d_model), dtype=self.dtype)
+
+
+class _WindowReader:
+    """A background thread reading `windows` into a fixed pool of buffers, in order; iterate for (buffer, rows),
+    and `release` each buffer once its rows are used. Time spent waiting is added to the loader's stall time."""
+
+    def __init__(self, loader: ActivationLoader, epoch: int, windows: list[tuple[int, np.ndarray]]) -> None:
+        self.loader = loader
+        self.free: queue.Queue = queue.Queue()
+        for _ in range(min(WINDOW_BUFFERS, len(windows))):
+            self.free.put(None)  # allocated on first use
+        self.ready: queue.Queue = queue.Queue()
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._read, args=(epoch, windows), daemon=True, name="loader")
+        self.thread.start()
+
+    def _read(self, epoch: int, windows: list[tuple[int, np.ndarray]]) -> None:
+        try:
+            for index, window in windows:
+                buffer = self.free.get()
+                if self.stop.is_set():
+                    return
+                buffer = self.loader._new_window_buffer() if buffer is None else buffer
+                self.ready.put((buffer, self.loader._read_window(epoch, index, window, buffer)))
+            self.ready.put(None)
+        except BaseException as exc:  # surfaced in the consumer
+            self.ready.put(exc)
+
+    def __iter__(self) -> Iterator[tuple[np.ndarray, torch.Tensor]]:
+        while True:
+            waited = time.perf_counter()
+            item = self.ready.get()
+            self.loader.stall_seconds += time.perf_counter() - waited
+            if item is None:
+                return
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+
+    def release(self, buffer: np.ndarray) -> None:
+        self.free.put(buffer)
+
+    def close(self) -> None:
+        self.stop.set()
+        self.free.put(None)  # wakes a reader waiting for a buffer, so that it sees `stop`
+        self.thread.join()
+
+
+def _excluded_positions(store: ActivationStore, split: str, exclude_bos: bool) -> np.ndarray:
+    """Sorted token positions left out of training: each document's leading BOS, where excluded and present."""
+    if not exclude_bos or store.attrs.get("bos_token_id") is None:
+        return np.zeros(0, dtype=np.int64)
+    starts = store.doc_offsets(split)[:-1]
+    return np.unique(starts[starts < len(store.tokens(split))]).astype(np.int64)
+
+
+def _read_checked(store: ActivationStore, split: str, hook: str) -> np.ndarray:
+    """The whole [n_tokens, d] array in host memory, read shard by shard and checked for NaN or inf."""
+    array = store.activations(split, hook)
+    host = np.empty(array.shape, dtype=array.dtype)
+    for start in range(0, array.shape[0], store.shard_tokens):
+        block = store.read_rows(split, hook, start, start + store.shard_tokens)
+        _check_finite(store, split, hook, start, block)
+        host[start : start + len(block)] = block
+    return host
+
+
+def _check_finite(store: ActivationStore, split: str, hook: str, start: int, rows: np.ndarray) -> None:
+    """An error naming the first token and document of `rows` (tokens start...) with a NaN or inf."""
+    finite = np.isfinite(rows).all(axis=1)
+    if not finite.all():
+        token = start + int(np.argmin(finite))
+        doc = int(np.searchsorted(store.doc_offsets(split), token, side="right")) - 1
+        raise PipelineError(
+            f"{store.path} {split}/{hook}: non-finite activation at token {token} (document {doc}); "
+            "re-extract with a wider dtype or exclude that document"
+        )
