@@ -8,6 +8,7 @@ import shutil
 import subprocess
 import sys
 import textwrap
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -422,3 +423,84 @@ def test_stores_are_read_without_zarr_warnings(extracted, recwarn):
                                                    "doc_offsets", "tokens"]  # fmt: skip
     assert not [w for w in recwarn if "zarr" in str(w.category).lower()]
     assert np.isfinite(ActivationStore(store).read_rows("train", "blocks.1.hook_resid_post", 0, 10)).all()
+
+
+# 12. An extraction interrupted anywhere resumes to the store an uninterrupted run writes.
+
+CREATE_ARRAY_CALLS = 8  # a fresh two-split, two-hook extraction: tokens, doc_offsets and a hook array, twice, per split
+
+
+def store_contents(store: str | Path) -> dict:
+    """What must be identical between two stores of the same parameters: every file's checksum, and the
+    attributes but the command line that wrote them."""
+    attrs = ActivationStore(store).attrs
+    return {"files": attrs.pop("manifest")["files"], "attrs": {k: v for k, v in attrs.items() if k != "command"}}
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory, tiny_model_dir, gsm_dir) -> dict:
+    root = tmp_path_factory.mktemp("uninterrupted")
+    params = write_params(
+        root / "params.yaml", model={"name": str(tiny_model_dir), "device": "cpu"}, data={"dataset": str(gsm_dir)},
+        extract={"hooks": ["blocks.1.hook_resid_pre", "blocks.1.hook_resid_post"], "store": str(root / "store"),
+                 "batch_tokens": 2048, "shard_tokens": 2048, "chunk_tokens": 512},
+    )  # fmt: skip
+    assert invoke("extract", "--params", str(params)).exit_code == 0
+    return store_contents(root / "store")
+
+
+def interrupt_creating_array(call: int, half: bool) -> Callable:
+    """A replacement for zarr's create_array that stops the run at its `call`-th call: before that array exists,
+    or (`half`) once its metadata is written but none of its data."""
+    real = zarr.Group.create_array
+    calls = {"n": 0}
+
+    def create_array(self, name, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == call:
+            if half:
+                data = kwargs.pop("data", None)
+                real(self, name, **kwargs, **({} if data is None else {"shape": data.shape, "dtype": data.dtype}))
+            raise KeyboardInterrupt
+        return real(self, name, **kwargs)
+
+    return create_array
+
+
+@pytest.mark.parametrize("half", [False, True], ids=["before", "halfway"])
+@pytest.mark.parametrize("call", range(1, CREATE_ARRAY_CALLS + 1))
+def test_an_extraction_stopped_while_creating_arrays_resumes_to_the_same_store(
+    tiny_params, uninterrupted, monkeypatch, call, half
+):
+    with monkeypatch.context() as patch:
+        patch.setattr(zarr.Group, "create_array", interrupt_creating_array(call, half))
+        assert invoke("extract", "--params", str(tiny_params)).exit_code == 130
+    result = invoke("extract", "--resume", "--params", str(tiny_params))
+    assert result.exit_code == 0, result.output
+    assert store_contents(store_of(tiny_params)) == uninterrupted
+
+
+def test_an_extraction_killed_while_creating_arrays_resumes(tiny_params, uninterrupted):
+    """The same with a real SIGKILL: the second split's token ids are half-created when the process dies."""
+    killed = run_python(f"""
+        import os, signal
+        import zarr
+        real = zarr.Group.create_array
+        calls = []
+
+        def create_array(self, name, **kwargs):
+            calls.append(name)
+            if len(calls) == 5:  # the test split's tokens: metadata written, data not
+                data = kwargs.pop("data")
+                real(self, name, shape=data.shape, dtype=data.dtype, **kwargs)
+                os.kill(os.getpid(), signal.SIGKILL)
+            return real(self, name, **kwargs)
+
+        zarr.Group.create_array = create_array
+        from pipeline.cli import app
+        app(["extract", "--params", {str(tiny_params)!r}])
+    """)
+    assert killed.returncode == -9, killed.stderr
+    result = invoke("extract", "--resume", "--params", str(tiny_params))
+    assert result.exit_code == 0, result.output
+    assert store_contents(store_of(tiny_params)) == uninterrupted

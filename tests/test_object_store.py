@@ -196,3 +196,16 @@ def test_missing_credentials_are_one_clear_line(tiny_params, bucket, monkeypatch
     result = invoke("train", "--params", str(tiny_params), "-S", f"extract.store={bucket}/activations")
     assert result.exit_code == 2
     assert result.stderr.strip() == "error: object storage: Unable to locate credentials"
+
+
+def test_an_s3_extraction_stopped_while_creating_arrays_resumes(tiny_params, local_store, bucket, monkeypatch):
+    from test_faults import interrupt_creating_array, store_contents
+
+    url = f"{bucket}/activations"
+    override = ("-S", f"extract.store={url}")
+    with monkeypatch.context() as patch:  # the test split's tokens: metadata written, data not
+        patch.setattr(zarr.Group, "create_array", interrupt_creating_array(5, half=True))
+        assert invoke("extract", "--params", str(tiny_params), *override).exit_code == 130
+    result = invoke("extract", "--resume", "--params", str(tiny_params), *override)
+    assert result.exit_code == 0, result.output
+    assert store_contents(url) == store_contents(local_store)

@@ -83,7 +83,8 @@ class StoreWriter:
         self.work = self.final.staging()
         self.attrs = {"format_version": FORMAT_VERSION, **attrs}
         self.progress = progress_file(rank)
-        self.done: dict[str, set[int]] = {}
+        self.created: set[str] = set()  # groups (splits, truth) whose arrays were all created
+        self.done: dict[str, set[int]] = {}  # finished shards of each split
         self.files: dict[str, dict] = {}
         if rank > 0:
             self.group = zarr.open_group(self.work.zarr_store, mode="r+", zarr_format=3)
@@ -109,7 +110,7 @@ class StoreWriter:
 
     def add_split(self, split: str, tokens: np.ndarray, doc_offsets: np.ndarray) -> None:
         """Create the split's arrays (tokens and offsets written now; activations shard by shard)."""
-        if split in self.group:
+        if not self._begin_group(split):
             return  # resumed: already created, with identical parameters
         shard, chunk, d_model = self.attrs["shard_tokens"], self.attrs["chunk_tokens"], self.attrs["d_model"]
         group = self.group.create_group(split)
@@ -125,15 +126,36 @@ class StoreWriter:
                 compressors=None,  # fp16 activations barely compress, and decoding would cost more than it saves
             )
         self.done.setdefault(split, set())
-        self._save_progress()
+        self._end_group(split)
 
     def add_truth(self, arrays: dict[str, np.ndarray]) -> None:
         """Keep a synthetic store's ground truth inside it (so it is checksummed, and moves with it)."""
-        if TRUTH_GROUP in self.group:
+        if not self._begin_group(TRUTH_GROUP):
             return  # resumed: written before, from identical parameters
         group = self.group.create_group(TRUTH_GROUP)
         for name, values in arrays.items():
             group.create_array(name, data=values, chunks=values.shape or None)
+        self._end_group(TRUTH_GROUP)
+
+    def _begin_group(self, name: str) -> bool:
+        """Whether group `name` is still to be created; what a run interrupted while creating it left is removed.
+
+        A group counts as created only once the progress record says so (`_end_group`, after its last array):
+        a run killed between its first array and its last leaves some arrays, or an array whose metadata exists
+        but whose data was never written, and none of it can be trusted.
+        """
+        if name in self.created:
+            return False
+        if name in self.group:
+            log.info("%s: removing %s, left half-created by an interrupted run", self.work, name)
+            del self.group[name]
+            self.done.pop(name, None)
+            self.files = {file: record for file, record in self.files.items() if not file.startswith(f"{name}/")}
+        return True
+
+    def _end_group(self, name: str) -> None:
+        self.created.add(name)
+        self._save_progress()
 
     def pending_shards(self, split: str) -> list[tuple[int, int, int]]:
         """(index, first token, end token) of every shard of `split` not yet written."""
@@ -193,6 +215,7 @@ class StoreWriter:
             for split, indices in progress["shards"].items():
                 self.done.setdefault(split, set()).update(indices)
             self.files.update(progress["files"])
+            self.created.update(progress.get("created", progress["shards"]))  # older records: a split with shards
         self._save_progress()  # before removing the others: a record is never lost, only duplicated
         for record in progress_files(self.work):
             if record != PROGRESS_FILE:
@@ -200,4 +223,4 @@ class StoreWriter:
 
     def _save_progress(self) -> None:
         shards = {split: sorted(indices) for split, indices in self.done.items()}
-        self.work.write_json(self.progress, {"shards": shards, "files": self.files})
+        self.work.write_json(self.progress, {"created": sorted(self.created), "shards": shards, "files": self.files})
