@@ -90,8 +90,10 @@ def test_dvc_deps_cover_every_module_the_stage_runs(name):
 
 def test_the_deps_check_finds_a_removed_dependency():
     subcommand, deps = dvc_stages()["evaluate"]
-    assert uncovered(subcommand, [d for d in deps if d != "pipeline/synth"]) == ["pipeline/synth/__init__.py",
-                                                                               "pipeline/synth/generator.py"]
+    assert uncovered(subcommand, [d for d in deps if d != "pipeline/synth"]) == [
+        "pipeline/synth/__init__.py",
+        "pipeline/synth/generator.py",
+    ]
     subcommand, deps = dvc_stages()["analyze"]
     assert "pipeline/analyze/browser.html" in uncovered(subcommand, [d for d in deps if d != "pipeline/analyze"])
 
@@ -100,7 +102,9 @@ def test_imports_run_one_way():
     """core imports nothing else of ours; nothing in pipeline/ imports a stage; no import cycle at load time."""
     modules = project_modules()
     # A module's own packages are loaded before it, not by it: no edge to them.
-    graph = {name: imports_of(path, modules, top_level_only=True) - set(_prefixes(name)) for name, path in modules.items()}
+    graph = {
+        name: imports_of(path, modules, top_level_only=True) - set(_prefixes(name)) for name, path in modules.items()
+    }
     for name, path in modules.items():
         everything = imports_of(path, modules)
         if name.startswith("pipeline."):
