@@ -24,6 +24,7 @@ from pipeline.core.locks import exclusive_lock
 from pipeline.params import Params, SAEConfig, params_to_dict
 from pipeline.saes.saelens import is_saelens_folder, save_saelens
 from pipeline.store import ActivationStore
+from pipeline.train.checkpoints import checkpoint_files, remove_checkpoints
 from pipeline.train.loader import ActivationLoader
 from pipeline.train.trainer import CURVE_COLUMNS, SAERun, Trainer
 
@@ -84,7 +85,11 @@ def _train(
     fresh = [r.name for r in trainer.runs if r.name not in resumed]
     if resume and fresh and writes:
         log.warning("--resume: no checkpoint of %s in %s, so it trains from the start", ", ".join(fresh), checkpoints)
-    stale = [r.name for r in trainer.runs if not resume and writes and trainer.checkpoint_path(r).is_file()]
+    stale = [
+        r.name
+        for r in trainer.runs
+        if not resume and writes and any(path.is_file() for path in checkpoint_files(checkpoints, r.name))
+    ]
     if stale:
         log.warning("starting over: checkpoints of an interrupted run of %s exist (--resume continues it)", stale)
     if resumed:
@@ -126,7 +131,7 @@ def _train(
     for sae_run in trainer.runs:
         details[sae_run.key] = _write_outputs(params, trainer, sae_run, shared)
     for sae_run in trainer.runs:  # the final outputs now hold everything the periodic checkpoints held
-        trainer.checkpoint_path(sae_run).unlink(missing_ok=True)
+        remove_checkpoints(trainer.checkpoint_dir, sae_run.name)
     return details
 
 

@@ -181,19 +181,23 @@ def test_resume_refuses_when_the_dataset_content_changed(tmp_path, tiny_params, 
 # 5. train --resume refuses other settings or another store.
 
 
-def interrupted_training(tmp_path: Path, monkeypatch) -> Path:
-    """A training run on a new synthetic store, killed after its first checkpoint; returns its params file."""
+def interrupted_training(tmp_path: Path, monkeypatch, checkpoints: int = 1) -> Path:
+    """A training run on a new synthetic store, killed after its `checkpoints`-th checkpoint; returns its params
+    file."""
     from pipeline.train.trainer import Trainer
 
     params = synthetic_params(tmp_path)
     original = Trainer.save_checkpoints
+    saved = []
 
-    def killed_after_first_checkpoint(self):
+    def killed_after_checkpoints(self):
         original(self)
-        raise KeyboardInterrupt
+        saved.append(True)
+        if len(saved) == checkpoints:
+            raise KeyboardInterrupt
 
     with monkeypatch.context() as patch:
-        patch.setattr(Trainer, "save_checkpoints", killed_after_first_checkpoint)
+        patch.setattr(Trainer, "save_checkpoints", killed_after_checkpoints)
         assert invoke("train", "--config", "a", "--params", str(params)).exit_code == 130
     assert (tmp_path / "out/checkpoints/config_a_2x.pt").is_file()
     return params
@@ -225,6 +229,31 @@ def test_train_resume_refuses_a_store_whose_content_changed(tmp_path, monkeypatc
     shutil.rmtree(tmp_path / "store")
     write_synthetic_store(tmp_path / "store", n_train=4000, n_test=200, seed=1)  # same path and shape
     one_line_error(invoke("train", "--config", "a", "--params", str(params), "--resume"), "activation store's content")
+
+
+def test_a_damaged_checkpoint_is_one_line_left_as_evidence_and_the_one_before_resumes(tmp_path, monkeypatch):
+    from safetensors.torch import load_file
+
+    params = interrupted_training(tmp_path, monkeypatch, checkpoints=2)
+    checkpoint, previous = (
+        tmp_path / "out/checkpoints" / name for name in ("config_a_2x.pt", "config_a_2x.previous.pt")
+    )
+    assert torch.load(previous, weights_only=True)["step"] < torch.load(checkpoint, weights_only=True)["step"]
+    damaged = checkpoint.read_bytes()[:1000]  # truncated, as by a disk fault or an interrupted copy
+    checkpoint.write_bytes(damaged)
+    result = invoke("train", "--config", "a", "--resume", "--params", str(params))
+    one_line_error(result, f"checkpoint {checkpoint} is damaged", "it is left where it is",
+                   f"continue from the one before it ({previous})", "rerun without --resume to start over")  # fmt: skip
+    assert checkpoint.read_bytes() == damaged
+    checkpoint.rename(tmp_path / "damaged.pt")
+    assert invoke("train", "--config", "a", "--resume", "--params", str(params)).exit_code == 0
+    assert (
+        invoke("train", "--config", "a", "--params", str(params), "-S", f"train.out_dir={tmp_path / 'whole'}").exit_code
+        == 0
+    )
+    resumed, whole = (load_file(tmp_path / out / "sae/config_a_2x/sae_weights.safetensors") for out in ("out", "whole"))
+    assert all(torch.equal(resumed[name], whole[name]) for name in whole)
+    assert not list((tmp_path / "out/checkpoints").glob("*.pt"))  # both removed once the final outputs exist
 
 
 # 6. A swap interrupted between its two renames is finished by the next run; litter is removed.

@@ -10,6 +10,7 @@ from __future__ import annotations
 import errno
 import json
 import os
+import pickle
 import re
 import shutil
 from collections.abc import Callable, Iterator
@@ -17,7 +18,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from pipeline.core.errors import PipelineError, first_line
+from pipeline.core.errors import DamagedFile, PipelineError, first_line
 
 Owned = Callable[[Path], bool]  # "this existing directory is one we wrote, and may be replaced"
 
@@ -105,26 +106,33 @@ def write_text(path: str | Path, text: str) -> None:
         tmp.write_text(text)
 
 
-def save_torch(obj: dict[str, Any], path: str | Path) -> None:
+def save_torch(obj: dict[str, Any], path: str | Path, previous: Path | None = None) -> None:
     """torch.save atomically: a failed save (disk full) leaves the previous file intact.
 
+    `previous`: where the file being replaced is kept, once the new one is completely written (one version back).
     torch reports a failed write (e.g. a full disk) as a RuntimeError from its zip writer; it is an environment
     fault, not a bug, so it becomes an OSError naming the file.
     """
     import torch  # here, not at the top: the CLI and the report use this module without needing torch
 
+    path = Path(path)
     with atomic_path(path) as tmp:
         try:
             torch.save(obj, tmp)
         except RuntimeError as exc:
             raise OSError(f"could not write {path}: {first_line(exc)}") from exc
+        if previous is not None and path.is_file():
+            os.replace(path, previous)
 
 
 def load_torch(path: str | Path) -> dict[str, Any]:
-    """Load a checkpoint without unpickling arbitrary objects."""
+    """Load a checkpoint without unpickling arbitrary objects; one that cannot be read is a DamagedFile error."""
     import torch
 
-    return torch.load(path, map_location="cpu", weights_only=True)
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except (RuntimeError, EOFError, ValueError, KeyError, pickle.UnpicklingError) as exc:
+        raise DamagedFile(f"{path} is damaged and cannot be read ({type(exc).__name__}: {first_line(exc)})") from exc
 
 
 def _remove(path: Path) -> None:

@@ -1,18 +1,23 @@
-"""What a training checkpoint holds, and when a run may resume from one.
+"""What a training checkpoint holds, where it is kept, and when a run may resume from one.
 
 A checkpoint is a plain dict of tensors and numbers (loadable with `torch.load(weights_only=True)`): the SAE, its
 optimiser and GradScaler, the step, the settings it was trained with, the input scale and what it was trained on.
-A run resumes from it only when nothing that changes what is learned differs; every difference is named.
+Each config keeps its latest checkpoint (`<name>.pt`) and the one before it (`<name>.previous.pt`): a run stopped
+between writing the new one and moving it into place resumes from the one before, and a latest checkpoint damaged
+after the fact (a disk fault, a bad copy) is reported, left where it is, and can be stepped back from. A run
+resumes only when nothing that changes what is learned differs; every difference is named.
 """
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
 
-from pipeline.core.errors import PipelineError
+from pipeline.core.atomic import load_torch, save_torch
+from pipeline.core.errors import DamagedFile, PipelineError
 from pipeline.params import TrainConfig, params_to_dict
 
 if TYPE_CHECKING:
@@ -20,6 +25,45 @@ if TYPE_CHECKING:
 
 # Settings that do not change what is learned: --resume accepts a change to these and refuses any other.
 RESUMABLE_CHANGES = ("device", "memory_budget_gb", "log_every", "checkpoint_every", "out_dir", "nproc", "distribute")
+
+log = logging.getLogger(__name__)
+
+
+def checkpoint_files(directory: Path, name: str) -> tuple[Path, Path]:
+    """The latest checkpoint of config `name` and the one before it."""
+    return directory / f"{name}.pt", directory / f"{name}.previous.pt"
+
+
+def save_checkpoint(state: dict[str, Any], directory: Path, name: str) -> None:
+    """Write the latest checkpoint atomically; the one it replaces becomes the previous one."""
+    latest, previous = checkpoint_files(directory, name)
+    save_torch(state, latest, previous=previous)
+
+
+def read_checkpoint(directory: Path, name: str) -> dict[str, Any] | None:
+    """The latest checkpoint of config `name` (the previous one when the latest was never moved into place), or
+    None. A damaged one is an error that says what to do, and is left where it is."""
+    latest, previous = checkpoint_files(directory, name)
+    if latest.is_file():
+        path, fallback = latest, previous if previous.is_file() else None
+    elif previous.is_file():
+        log.warning("%s: the latest checkpoint was not completed; resuming from the one before it", name)
+        path, fallback = previous, None
+    else:
+        return None
+    try:
+        return load_torch(path)
+    except DamagedFile as exc:
+        step_back = f"move it away and rerun with --resume to continue from the one before it ({fallback}), or "
+        raise PipelineError(
+            f"checkpoint {exc}; it is left where it is. To go on, {step_back if fallback else ''}rerun without "
+            "--resume to start over"
+        ) from None
+
+
+def remove_checkpoints(directory: Path, name: str) -> None:
+    for path in checkpoint_files(directory, name):
+        path.unlink(missing_ok=True)
 
 
 def checkpoint_state(run: SAERun, train: TrainConfig, scale: float, meta: dict[str, Any]) -> dict[str, Any]:

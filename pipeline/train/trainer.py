@@ -25,7 +25,6 @@ import torch
 
 from pipeline.artifacts import sae_name
 from pipeline.core import distributed
-from pipeline.core.atomic import load_torch, save_torch
 from pipeline.core.device import amp_dtype, autocast, grad_scaler, synchronize
 from pipeline.core.errors import PipelineError
 from pipeline.core.progress import progress_bars
@@ -33,7 +32,14 @@ from pipeline.core.seeds import generator
 from pipeline.params import SAEConfig, TrainConfig, resolved
 from pipeline.saes import build_sae
 from pipeline.saes.base import SparseAutoencoder
-from pipeline.train.checkpoints import check_resumable, checkpoint_state, restore
+from pipeline.train.checkpoints import (
+    check_resumable,
+    checkpoint_files,
+    checkpoint_state,
+    read_checkpoint,
+    restore,
+    save_checkpoint,
+)
 from pipeline.train.loader import ActivationLoader
 
 MAX_BLOCK_FACTOR = 16  # the shared block may be at most this many times the largest batch
@@ -114,8 +120,8 @@ class Trainer:
         """
         states = {}
         if self.writes_checkpoints:
-            paths = {run.name: self.checkpoint_path(run) for run in self.runs}
-            states = {name: load_torch(path) for name, path in paths.items() if path.is_file()}
+            found = {run.name: read_checkpoint(self.checkpoint_dir, run.name) for run in self.runs}
+            states = {name: state for name, state in found.items() if state is not None}
         if self.data_parallel:
             states = distributed.broadcast(states)
         for run in self.runs:
@@ -200,14 +206,15 @@ class Trainer:
             run.curve.append(row | {k: float(v) for k, v in run.last_terms.items()})
 
     def checkpoint_path(self, run: SAERun) -> Path:
-        return self.checkpoint_dir / f"{run.name}.pt"
+        """The run's latest checkpoint."""
+        return checkpoint_files(self.checkpoint_dir, run.name)[0]
 
     def save_checkpoints(self) -> None:
         if not self.writes_checkpoints:
             return
         for run in self.runs:
             self._check_finite(run)  # never a checkpoint of diverged weights
-            save_torch(self.state(run), self.checkpoint_path(run))
+            save_checkpoint(self.state(run), self.checkpoint_dir, run.name)
 
     def _check_finite(self, run: SAERun) -> None:
         if run.diverged.item():
