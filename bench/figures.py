@@ -262,7 +262,7 @@ def bench_analyze_vs_evaluate(params: Params, model, store: ActivationStore, spl
     positions = torch.from_numpy(loader.positions)
 
     def analysis() -> None:
-        analyze(sae, loader.data, positions, tokens, offsets, params.analyze, params.train.seed, vocabulary)
+        analyze(sae, loader, tokens, offsets, params.analyze, params.train.seed, vocabulary)
 
     def evaluation() -> None:
         reconstruction_metrics(sae, loader.epoch(0, params.evaluate.batch_tokens), params.evaluate.dense_threshold)

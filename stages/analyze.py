@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import logging
 
-import torch
-
 from pipeline.analyze.browser import is_browser_folder, write_browser
 from pipeline.analyze.features import analyze
 from pipeline.analyze.logits import vocabulary_of
@@ -31,13 +29,13 @@ def run(params: Params, which: str = "all") -> dict[str, str]:
     saes = {key: trained_sae(params, key, store).to(device) for key in params.sae_configs(which)}
     loader = ActivationLoader(store, settings.split, hook, device, train.seed, train.exclude_bos,
                               train.memory_budget_gb)  # fmt: skip
-    positions = torch.from_numpy(loader.positions)
+    log.info("reading %s/%s: %s", settings.split, hook, loader.order_kind)
     tokens, offsets = store.tokens(settings.split), store.doc_offsets(settings.split)
     vocabulary = None if store.is_synthetic else vocabulary_of(model_of_store(params.model, store), device)
     pages = {}
-    with progress_bars({key: 2 * len(positions) for key in saes}) as bars:  # passes 1 and 2; 3 is short
+    with progress_bars({key: 2 * loader.n_tokens for key in saes}) as bars:  # passes 1 and 2; 3 is short
         for key, sae in saes.items():
-            payload = analyze(sae, loader.data, positions, tokens, offsets, settings, train.seed, vocabulary,
+            payload = analyze(sae, loader, tokens, offsets, settings, train.seed, vocabulary,
                               on_block=bars[key].advance)  # fmt: skip
             cfg = params.sae[key]
             payload |= {"config": key, "name": sae_name(key, cfg), "architecture": cfg.architecture, "hook": hook,

@@ -29,7 +29,9 @@ def run(params: Params, which: str = "all") -> dict[str, dict]:
     n_docs = len(offsets) - 1 if ev.n_docs is None else min(ev.n_docs, len(offsets) - 1)
     device = resolve_device(params.train.device)
     saes = {key: trained_sae(params, key, store).to(device) for key in params.sae_configs(which)}
-    loader = ActivationLoader(store, ev.split, hook, device, params.train.seed, params.train.exclude_bos)
+    loader = ActivationLoader(store, ev.split, hook, device, params.train.seed, params.train.exclude_bos,
+                              params.train.memory_budget_gb)  # fmt: skip
+    log.info("reading %s/%s: %s", ev.split, hook, loader.order_kind)
     totals = {"reconstruction": loader.n_tokens * len(saes)}
     if not store.is_synthetic:  # synthetic data has no model to splice into; it has true features instead
         totals["splice"] = int(offsets[n_docs] - offsets[0])

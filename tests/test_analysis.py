@@ -3,6 +3,8 @@ computation from the `transformers` checkpoint's own weights."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -12,19 +14,23 @@ from pipeline.analyze.logits import logit_effects, vocabulary_of
 from pipeline.analyze.statistics import histograms_and_quantile_samples, latent_statistics
 from pipeline.params import AnalyzeConfig
 from pipeline.saes.relu import ReLUSAE
+from pipeline.store import ActivationStore
+from pipeline.store.writer import StoreWriter
+from pipeline.train.loader import ActivationLoader
 
 D_IN, D_SAE, N = 16, 48, 600
 SETTINGS = AnalyzeConfig(top_n=5, quantiles=4, per_quantile=3, window=3, histogram_bins=8, batch_tokens=37)
 
 
 @pytest.fixture(scope="module")
-def case():
-    return make_case()
+def case(tmp_path_factory):
+    return make_case(tmp_path_factory.mktemp("analysis"))
 
 
-def make_case():
-    """A random SAE whose encoder biases range from 0 to very negative (busy, rare and dead latents), data, and
-    documents of 10..30 tokens."""
+def make_case(root: Path, device: str = "cpu", memory_budget_gb: float = 8.0):
+    """A random SAE whose encoder biases range from 0 to very negative (busy, rare and dead latents); a store of
+    random activations in documents of 10..30 tokens, read through the training loader (every token but each
+    BOS); and what the streaming passes must reproduce."""
     generator = torch.Generator().manual_seed(0)
     sae = ReLUSAE(D_IN, D_SAE, generator=generator)
     with torch.no_grad():
@@ -34,16 +40,26 @@ def make_case():
     offsets = np.concatenate([[0], np.cumsum(lengths)])
     offsets = offsets[offsets < N]
     offsets = np.append(offsets, N)
-    positions = torch.from_numpy(np.setdiff1d(np.arange(N), offsets[:-1]))  # every token but each BOS
     tokens = np.random.default_rng(1).integers(0, 100, size=N).astype(np.int32)
+    store = root / "store"
+    if not store.exists():
+        attrs = {"hooks": ["h"], "d_model": D_IN, "dtype": "float32", "shard_tokens": 128, "chunk_tokens": 32,
+                 "splits": ["test"], "model": "m", "dataset": "d", "n_ctx": 64, "bos_token_id": 0}  # fmt: skip
+        writer = StoreWriter(store, attrs, resume=False)
+        writer.add_split("test", tokens, offsets)
+        for index, start, end in writer.pending_shards("test"):
+            writer.write_shard("test", index, start, {"h": data[start:end].numpy()})
+        writer.finalize({})
+    loader = ActivationLoader(ActivationStore(store), "test", "h", torch.device(device), 0, True, memory_budget_gb)
+    positions = torch.from_numpy(np.setdiff1d(np.arange(N), offsets[:-1]))  # every token but each BOS
     with torch.no_grad():
         dense = sae.encode(data[positions])  # [positions, d_sae]: what the streaming passes must reproduce
-    return sae, data, positions, tokens, offsets, dense
+    return sae.to(device), loader, data, positions, tokens, offsets, dense
 
 
 def test_statistics_and_top_contexts_equal_the_dense_computation(case):
-    sae, data, positions, _, _, dense = case
-    stats = latent_statistics(data, positions, sae, SETTINGS)
+    sae, loader, _, positions, _, _, dense = case
+    stats = latent_statistics(loader, sae, SETTINGS)
     assert torch.equal(stats.counts, (dense > 0).sum(0))
     torch.testing.assert_close(stats.sums, dense.sum(0).double(), rtol=1e-6, atol=1e-6)
     torch.testing.assert_close(stats.maxima, dense.max(0).values.clamp(min=0))
@@ -56,9 +72,9 @@ def test_statistics_and_top_contexts_equal_the_dense_computation(case):
 
 
 def test_histograms_and_quantile_samples_follow_their_definitions(case):
-    sae, data, positions, _, _, dense = case
+    sae, loader, _, positions, _, _, dense = case
     maxima = dense.max(0).values.clamp(min=1e-30)
-    histograms, samples = histograms_and_quantile_samples(data, positions, sae, maxima, SETTINGS, seed=0)
+    histograms, samples = histograms_and_quantile_samples(loader, sae, maxima, SETTINGS, seed=0)
     q, k = SETTINGS.quantiles, SETTINGS.per_quantile
     activation_at = {int(p): i for i, p in enumerate(positions)}
     for j in range(D_SAE):
@@ -73,14 +89,14 @@ def test_histograms_and_quantile_samples_follow_their_definitions(case):
             for token in chosen:
                 relative = dense[activation_at[token], j] / maxima[j]
                 assert quantile / q <= relative <= (quantile + 1) / q + 1e-6
-    _, other_seed = histograms_and_quantile_samples(data, positions, sae, maxima, SETTINGS, seed=1)
-    _, same_seed = histograms_and_quantile_samples(data, positions, sae, maxima, SETTINGS, seed=0)
+    _, other_seed = histograms_and_quantile_samples(loader, sae, maxima, SETTINGS, seed=1)
+    _, same_seed = histograms_and_quantile_samples(loader, sae, maxima, SETTINGS, seed=0)
     assert torch.equal(samples, same_seed) and not torch.equal(samples, other_seed)
 
 
 def test_context_windows_hold_the_latents_own_activations(case):
-    sae, data, positions, tokens, offsets, _ = case
-    result = analyze(sae, data, positions, tokens, offsets, SETTINGS, seed=0, vocabulary=None)
+    sae, loader, data, positions, tokens, offsets, _ = case
+    result = analyze(sae, loader, tokens, offsets, SETTINGS, seed=0, vocabulary=None)
     assert len(result["features"]) == D_SAE and result["n_tokens"] == len(positions)
     with torch.no_grad():
         every_token = sae.encode(data)  # BOS tokens too: they may sit in a context window
@@ -99,6 +115,16 @@ def test_context_windows_hold_the_latents_own_activations(case):
         if feature["top"]:
             assert max(feature["top"][0][4]) == ACTIVATION_SCALE  # the top example holds the maximum
     assert checked > D_SAE
+
+
+def test_a_split_streamed_within_a_small_budget_gives_the_same_analysis(case, tmp_path_factory):
+    """Out of core (a budget of a few chunks: the split is never in memory whole) the passes see the same tokens
+    in the same blocks, so the browser's data is the same, sampled examples included."""
+    sae, loader, *_, tokens, offsets, _ = case
+    streamed = make_case(loader.store.location.path.parent, memory_budget_gb=3 * 2 * 32 * D_IN * 4 / 2**30)[1]
+    assert loader.resident_on_device and not streamed.resident_on_device
+    assert analyze(sae, streamed, tokens, offsets, SETTINGS, 0, None) == analyze(sae, loader, tokens, offsets,
+                                                                                 SETTINGS, 0, None)  # fmt: skip
 
 
 def test_logit_effects_equal_the_checkpoints_own_weights(tiny_model_dir):

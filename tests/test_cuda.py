@@ -96,13 +96,14 @@ def test_cuda_evaluation_agrees_with_cpu(tmp_path, tiny_params):
         assert cuda == pytest.approx(cpu, rel=1e-3, abs=1e-4), (section, key)
 
 
-def test_cuda_analysis_equals_cpu():
+@pytest.mark.parametrize("memory_budget_gb", [8.0, 1e-5], ids=["resident", "streamed"])
+def test_cuda_analysis_equals_cpu(tmp_path, memory_budget_gb):
     """Statistics, top contexts and histograms on CUDA are the CPU's (quantile samples use each device's own
-    random stream, so they are compared only by count)."""
-    sae, data, positions, tokens, offsets, _ = make_case()
-    cpu = analyze(sae, data, positions, tokens, offsets, SETTINGS, seed=0, vocabulary=None)
-    cuda = analyze(sae.to(CUDA), data.to(CUDA), positions, tokens, offsets, SETTINGS, seed=0, vocabulary=None)
-    sae.to("cpu")
+    random stream, so they are compared only by count), with the split on the GPU or streamed to it."""
+    sae, loader, *_, tokens, offsets, _ = make_case(tmp_path)
+    cpu = analyze(sae, loader, tokens, offsets, SETTINGS, seed=0, vocabulary=None)
+    sae, loader, *_ = make_case(tmp_path, device="cuda", memory_budget_gb=memory_budget_gb)
+    cuda = analyze(sae, loader, tokens, offsets, SETTINGS, seed=0, vocabulary=None)
     for a, b in zip(cpu["features"], cuda["features"], strict=True):
         assert a["frequency"] == b["frequency"] and a["histogram"] == b["histogram"]
         assert b["max"] == pytest.approx(a["max"], rel=1e-5) and b["mean"] == pytest.approx(a["mean"], rel=1e-5)

@@ -514,3 +514,24 @@ def test_analyze_refuses_to_replace_a_folder_it_did_not_write(tiny_run, monkeypa
     finally:
         shutil.rmtree(browser)
         moved.rename(browser)
+
+
+def test_analyze_and_evaluate_stream_a_split_larger_than_their_budget(tiny_run, tmp_path, monkeypatch):
+    """With train.memory_budget_gb far below the test split, both read it out of core and give the resident
+    results: the same browser data, and the same metrics up to the order of float64 sums."""
+    run = tmp_path / "run"
+    shutil.copytree(tiny_run, run, ignore=shutil.ignore_patterns("*.lock"))
+    monkeypatch.chdir(run)
+    details = run / "artifacts/details/eval_a.json"
+    browser = run / "artifacts/browser/config_a_4x/features.js"
+    resident = json.loads(details.read_text()), browser.read_bytes()
+    for stage in ("analyze", "evaluate"):
+        result = invoke(stage, "--config", "a", "-S", "train.memory_budget_gb=0.00001")
+        assert result.exit_code == 0, result.output
+        assert "streamed in windows of 1 chunk" in result.stderr
+    streamed = json.loads(details.read_text())
+    assert browser.read_bytes() == resident[1]
+    for group in ("reconstruction", "splice"):
+        for name, value in resident[0][group].items():
+            if isinstance(value, float):
+                assert streamed[group][name] == pytest.approx(value, rel=1e-9), name

@@ -5,10 +5,10 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import numpy as np
-import torch
 
 from pipeline.analyze.logits import LOGIT_NOTE, Vocabulary, logit_rows
 from pipeline.analyze.statistics import (
+    Activations,
     activations_at,
     context_windows,
     histograms_and_quantile_samples,
@@ -22,8 +22,7 @@ ACTIVATION_SCALE = 1000  # context activations are stored as integers: thousandt
 
 def analyze(
     sae: SparseAutoencoder,
-    data: torch.Tensor,
-    positions: torch.Tensor,
+    source: Activations,
     tokens: np.ndarray,
     offsets: np.ndarray,
     settings: AnalyzeConfig,
@@ -33,11 +32,11 @@ def analyze(
 ) -> dict:
     """Everything the feature browser shows, for every latent: a JSON-ready dict (format: `feature_record`).
 
-    `data` holds the split's activations by token index, `positions` the tokens to analyse (BOS excluded or not,
-    as in training), `tokens`/`offsets` the split's token ids and document boundaries.
+    `source` gives the split's activations (the tokens to analyse, BOS excluded or not as in training; or any
+    token by index), `tokens`/`offsets` the split's token ids and document boundaries.
     """
-    stats = latent_statistics(data, positions, sae, settings, on_block)
-    histograms, samples = histograms_and_quantile_samples(data, positions, sae, stats.maxima, settings, seed, on_block)
+    stats = latent_statistics(source, sae, settings, on_block)
+    histograms, samples = histograms_and_quantile_samples(source, sae, stats.maxima, settings, seed, on_block)
     d_sae = sae.d_sae
     top, sampled = stats.top_tokens.cpu().numpy(), samples.cpu().numpy()
     # Every example as one row, per latent: its valid top tokens, then each interval's samples (valid ones first).
@@ -48,7 +47,7 @@ def analyze(
     lengths = hi - lo
     ends = np.cumsum(lengths)
     window_tokens = np.repeat(lo - (ends - lengths), lengths) + np.arange(ends[-1] if len(ends) else 0)
-    window_acts = activations_at(data, sae, window_tokens, np.repeat(latent, lengths), settings.batch_tokens)
+    window_acts = activations_at(source, sae, window_tokens, np.repeat(latent, lengths), settings.batch_tokens)
     maxima = stats.maxima.cpu().numpy()
     scaled = np.rint(window_acts / np.maximum(np.repeat(maxima[latent], lengths), 1e-30) * ACTIVATION_SCALE)
     # Python lists once, then slices of them: per-example numpy calls would dominate on a GPU machine.
@@ -66,14 +65,14 @@ def analyze(
     for j in range(d_sae):
         mine = context[cursor : cursor + n_top[j] + sum(n_sampled[j])]
         cursor += len(mine)
-        features.append(feature_record(j, counts[j], sums[j], maxima_l[j], len(positions), mine[: n_top[j]],
+        features.append(feature_record(j, counts[j], sums[j], maxima_l[j], source.n_tokens, mine[: n_top[j]],
                                        mine[n_top[j] :], n_sampled[j], hist[j], logits[j]))  # fmt: skip
     used = set(ids)
     for row in filter(None, logits):
         used |= {t for t, _ in row["top"] + row["bottom"]}
     return {
         "d_sae": sae.d_sae,
-        "n_tokens": len(positions),
+        "n_tokens": source.n_tokens,
         "activation_scale": ACTIVATION_SCALE,
         "window": settings.window,
         "quantiles": settings.quantiles,

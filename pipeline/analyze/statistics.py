@@ -7,18 +7,37 @@ Three passes over the split's activations, in token order, one SAE encode per bl
    intervals of [0, max] (as SAE-Dashboard samples them), `per_quantile` tokens drawn uniformly at random from
    those that fell in the interval (a running top-k over random keys per interval, which is a uniform sample);
 3. the activation of each latent on every token of its examples' context windows, by encoding just those tokens.
+
+The activations come from an `Activations` source (the training loader is one): in token order, and by token
+index. Whether the split is held in memory or streamed from the store within a memory budget is the source's
+business; the passes are the same.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from typing import Protocol
 
 import numpy as np
 import torch
 
 from pipeline.params import AnalyzeConfig
 from pipeline.saes.base import SparseAutoencoder
+
+
+class Activations(Protocol):
+    """Where the passes read activations: every analysed token (`n_tokens` of them) in order, or some by index."""
+
+    n_tokens: int
+
+    def in_order(self, block_tokens: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """(token indices, float32 activations) of every analysed token, in order, `block_tokens` at a time."""
+        ...
+
+    def rows(self, positions: torch.Tensor) -> torch.Tensor:
+        """float32 activations of the tokens `positions` (ascending)."""
+        ...
 
 
 @dataclass
@@ -37,21 +56,21 @@ class LatentStatistics:
 
 
 def blocks(
-    data: torch.Tensor, positions: torch.Tensor, sae: SparseAutoencoder, block_tokens: int
+    source: Activations, sae: SparseAutoencoder, block_tokens: int
 ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """(token indices, latent activations [block, d_sae]) over `positions` of `data`, in order."""
+    """(token indices, latent activations [block, d_sae]) of every analysed token, in order."""
     device = sae.W_dec.device
     with torch.no_grad():
-        for start in range(0, len(positions), block_tokens):
-            chosen = positions[start : start + block_tokens]
-            x = data[chosen.to(data.device)].to(device, non_blocking=True).float()
-            yield chosen.to(device), sae.encode(x).float()
+        for chosen, x in source.in_order(block_tokens):
+            yield chosen.to(device), sae.encode(x.to(device, non_blocking=True)).float()
 
 
 def latent_statistics(
-    data: torch.Tensor, positions: torch.Tensor, sae: SparseAutoencoder, settings: AnalyzeConfig,
+    source: Activations,
+    sae: SparseAutoencoder,
+    settings: AnalyzeConfig,
     on_block: Callable[[int], None] = lambda n: None,
-) -> LatentStatistics:  # fmt: skip
+) -> LatentStatistics:
     """Pass 1: firing counts, sums, maxima and the running top-N per latent.
 
     Each block's own top-N comes first (one read of the block, no transposed copy), then merges with the running
@@ -62,7 +81,7 @@ def latent_statistics(
     sums = torch.zeros(d_sae, dtype=torch.float64, device=device)
     top_values = torch.zeros(n, d_sae, device=device)
     top_tokens = torch.full((n, d_sae), -1, dtype=torch.int64, device=device)
-    for tokens, acts in blocks(data, positions, sae, settings.batch_tokens):
+    for tokens, acts in blocks(source, sae, settings.batch_tokens):
         counts += torch.count_nonzero(acts, dim=0)  # every architecture's activations are >= 0
         sums += acts.sum(0).double()
         block_values, block_rows = acts.topk(min(n, len(tokens)), dim=0)
@@ -75,8 +94,8 @@ def latent_statistics(
 
 
 def histograms_and_quantile_samples(
-    data: torch.Tensor, positions: torch.Tensor, sae: SparseAutoencoder, maxima: torch.Tensor,
-    settings: AnalyzeConfig, seed: int, on_block: Callable[[int], None] = lambda n: None,
+    source: Activations, sae: SparseAutoencoder, maxima: torch.Tensor, settings: AnalyzeConfig, seed: int,
+    on_block: Callable[[int], None] = lambda n: None,
 ) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
     """Pass 2: histograms [d_sae, bins] over [0, max], and sampled tokens [d_sae, quantiles, per_quantile] (-1 where
     an interval holds fewer tokens)."""
@@ -86,7 +105,7 @@ def histograms_and_quantile_samples(
     keys = torch.full((d_sae * q, k), -1.0, device=device)  # random keys of the kept samples; -1 = empty slot
     kept = torch.full((d_sae * q, k), -1, dtype=torch.int64, device=device)
     generator = torch.Generator(device=device).manual_seed(seed)
-    for tokens, acts in blocks(data, positions, sae, settings.batch_tokens):
+    for tokens, acts in blocks(source, sae, settings.batch_tokens):
         row, latent = (acts > 0).nonzero(as_tuple=True)
         relative = acts[row, latent] / maxima[latent]
         histograms.index_add_(0, latent * bins + (relative * bins).long().clamp(max=bins - 1),
@@ -128,16 +147,19 @@ def context_windows(tokens: np.ndarray, offsets: np.ndarray, centre: np.ndarray,
 
 
 def activations_at(
-    data: torch.Tensor, sae: SparseAutoencoder, token: np.ndarray, latent: np.ndarray, block_tokens: int
+    source: Activations, sae: SparseAutoencoder, token: np.ndarray, latent: np.ndarray, block_tokens: int
 ) -> np.ndarray:
-    """Pass 3: the activation of `latent[i]` on token `token[i]`, encoding each distinct token once."""
+    """Pass 3: the activation of `latent[i]` on token `token[i]` (any token, BOS too), encoding each distinct
+    token once."""
     device = sae.W_dec.device
     unique, inverse = np.unique(token, return_inverse=True)
     order = np.argsort(inverse, kind="stable")
     bounds = np.searchsorted(inverse[order], np.arange(0, len(unique) + block_tokens, block_tokens))
     values = np.zeros(len(token), dtype=np.float32)
     unique_t = torch.from_numpy(unique)
-    for i, (_, acts) in enumerate(blocks(data, unique_t, sae, block_tokens)):
+    for i, start in enumerate(range(0, len(unique), block_tokens)):
+        with torch.no_grad():
+            acts = sae.encode(source.rows(unique_t[start : start + block_tokens]).to(device)).float()
         requests = order[bounds[i] : bounds[i + 1]]
         rows = torch.from_numpy(inverse[requests] - i * block_tokens).to(device)
         cols = torch.from_numpy(latent[requests]).to(device)

@@ -102,6 +102,52 @@ class ActivationLoader:
         for i in range(start_block * block_tokens, len(order), block_tokens):
             yield self.data[order[i : i + block_tokens].to(self.device)].float()
 
+    def in_order(self, block_tokens: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """(token indices, float32 activations on the device) of every training position in token order, in
+        blocks of `block_tokens` (the last may be shorter): what analysis streams over. Streamed, the store is read
+        in order, a chunk at a time."""
+        if self.resident_on_device:
+            positions = torch.from_numpy(self.positions)
+            for start in range(0, len(positions), block_tokens):
+                chosen = positions[start : start + block_tokens]
+                yield chosen, self.data[chosen.to(self.device)].float()
+            return
+        pieces: list[tuple[np.ndarray, np.ndarray]] = []  # (positions, rows) of the block being gathered
+        gathered = 0
+        for chunk in range(math.ceil(self.n_rows / self.chunk_tokens)):
+            start, end = self._rows_of(chunk)  # chunk by chunk: zarr's reads of more need several times the bytes
+            read = self.store.read_rows(self.split, self.hook, start, end)
+            _check_finite(self.store, self.split, self.hook, start, read)
+            kept = self._kept(start, end)
+            positions, rows = np.arange(start, end)[kept], read[kept]
+            while len(positions):
+                take = min(block_tokens - gathered, len(positions))
+                pieces.append((positions[:take], rows[:take]))
+                positions, rows, gathered = positions[take:], rows[take:], gathered + take
+                if gathered == block_tokens:
+                    yield self._joined(pieces)
+                    pieces, gathered = [], 0
+        if pieces:
+            yield self._joined(pieces)
+
+    def _joined(self, pieces: list[tuple[np.ndarray, np.ndarray]]) -> tuple[torch.Tensor, torch.Tensor]:
+        positions, rows = (np.concatenate(parts) for parts in zip(*pieces, strict=True))
+        return torch.from_numpy(positions), torch.from_numpy(rows).to(self.device).float()
+
+    def rows(self, positions: torch.Tensor) -> torch.Tensor:
+        """float32 activations [len(positions), d_model] of the tokens `positions` (ascending), on the device.
+        Streamed, each chunk that holds any of them is read once."""
+        if self.resident_on_device:
+            return self.data[positions.to(self.device)].float()
+        wanted = positions.numpy()
+        found = np.empty((len(wanted), self.d_model), dtype=self.dtype)
+        chunks = wanted // self.chunk_tokens
+        for group in np.split(np.arange(len(wanted)), np.flatnonzero(np.diff(chunks)) + 1):
+            if len(group):
+                start, end = self._rows_of(int(chunks[group[0]]))
+                found[group] = self.store.read_rows(self.split, self.hook, start, end)[wanted[group] - start]
+        return torch.from_numpy(found).to(self.device).float()
+
     def windows(self, epoch: int) -> list[np.ndarray]:
         """Streamed: the chunk indices of each window of `epoch`, in the order they are read."""
         n_chunks = math.ceil(self.n_rows / self.chunk_tokens)
@@ -144,6 +190,12 @@ class ActivationLoader:
     def _excluded_in(self, start: int, end: int) -> np.ndarray:
         return self.excluded[np.searchsorted(self.excluded, start) : np.searchsorted(self.excluded, end)]
 
+    def _kept(self, start: int, end: int) -> np.ndarray:
+        """Which rows of start..end-1 are training positions (all but excluded BOS positions)."""
+        kept = np.ones(end - start, dtype=bool)
+        kept[self._excluded_in(start, end) - start] = False
+        return kept
+
     def _read_window(self, epoch: int, index: int, window: np.ndarray, buffer: np.ndarray) -> torch.Tensor:
         """The training rows of the window's chunks (read in store order) in `buffer`, shuffled by (seed, epoch,
         index): each chunk's rows go straight to their shuffled places."""
@@ -152,8 +204,7 @@ class ActivationLoader:
         for start, end in sorted(map(self._rows_of, window)):
             rows = self.store.read_rows(self.split, self.hook, start, end)
             _check_finite(self.store, self.split, self.hook, start, rows)
-            keep = np.ones(len(rows), dtype=bool)
-            keep[self._excluded_in(start, end) - start] = False
+            keep = self._kept(start, end)
             n_kept = int(keep.sum())
             buffer[places[filled : filled + n_kept]] = rows[keep]
             filled += n_kept
