@@ -5,6 +5,9 @@ from __future__ import annotations
 import json
 import logging
 import re
+import subprocess
+import sys
+import time
 import uuid
 from pathlib import Path
 
@@ -209,3 +212,61 @@ def test_an_s3_extraction_stopped_while_creating_arrays_resumes(tiny_params, loc
     result = invoke("extract", "--resume", "--params", str(tiny_params), *override)
     assert result.exit_code == 0, result.output
     assert store_contents(url) == store_contents(local_store)
+
+
+LOCK_HOLDER = """
+import sys, time
+from pipeline.core.location import open_location
+with open_location(sys.argv[1]).lock():
+    print("locked", flush=True)
+    time.sleep(120)
+"""
+
+
+def test_a_locked_prefix_stops_a_second_extraction_and_a_dead_holders_lock_goes_stale(tiny_params, bucket, monkeypatch):
+    import s3fs
+
+    from pipeline.core import locks
+
+    url = f"{bucket}/activations"
+    holder = subprocess.Popen([sys.executable, "-c", LOCK_HOLDER, url], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        result = invoke("extract", "--params", str(tiny_params), "-S", f"extract.store={url}")
+        assert result.exit_code == 2, result.output
+        assert "is being written by another run" in result.stderr and f"pid {holder.pid} on host" in result.stderr
+        assert objects(url) == []  # the second run wrote nothing
+    finally:
+        holder.kill()  # SIGKILL: its lock object stays, with its last heartbeat
+        holder.wait()
+    lock = f"{url.removeprefix('s3://')}.lock"
+    assert json.loads(s3fs.S3FileSystem().cat_file(lock))["pid"] == holder.pid
+    result = invoke("extract", "--params", str(tiny_params), "-S", f"extract.store={url}")
+    assert result.exit_code == 2 and "another run" in result.stderr  # a holder that just died looks alive...
+    monkeypatch.setattr(locks, "LOCK_STALE_AFTER_S", 0.5)
+    time.sleep(1.0)  # ...until its heartbeat is older than the timeout
+    result = invoke("extract", "--params", str(tiny_params), "-S", f"extract.store={url}")
+    assert result.exit_code == 0, result.output
+    assert "took over the lock of a run that" in " ".join(result.stderr.split())  # (the log wraps lines)
+    assert ActivationStore(url).attrs["manifest"]
+    s3fs.S3FileSystem().invalidate_cache()
+    assert not s3fs.S3FileSystem().exists(lock)  # released when the run ended
+
+
+def test_a_lock_is_kept_alive_and_a_holder_that_lost_it_stops(bucket, monkeypatch):
+    import s3fs
+
+    from pipeline.core import locks
+    from pipeline.core.location import open_location
+
+    monkeypatch.setattr(locks, "LOCK_HEARTBEAT_S", 0.1)
+    url, fs = f"{bucket}/activations", s3fs.S3FileSystem()
+    lock = f"{url.removeprefix('s3://')}.lock"
+    with open_location(url).lock():
+        first = json.loads(fs.cat_file(lock))["heartbeat"]
+        time.sleep(0.5)
+        assert json.loads(fs.cat_file(lock))["heartbeat"] > first  # refreshed while the run lives
+    with pytest.raises(KeyboardInterrupt), open_location(url).lock():
+        fs.pipe_file(lock, json.dumps({"host": "elsewhere", "pid": 1, "heartbeat": time.time()}).encode())
+        time.sleep(5)  # another run took the lock over: the next refresh finds it changed and stops this run
+    assert json.loads(fs.cat_file(lock))["host"] == "elsewhere"  # the new holder's lock is left to it

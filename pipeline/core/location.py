@@ -6,7 +6,7 @@ The store's writer has one code path; what differs between the two kinds of plac
 | --- | --- | --- |
 | staging | built under `<name>.partial`, beside the final name | built in place (there is no rename) |
 | commit | an atomic rename onto the final name | nothing to move: complete once its manifest is written |
-| lock | an OS file lock on `<name>.lock` | none (one run per prefix at a time is the user's to keep) |
+| lock | an OS file lock on `<name>.lock` | the object `<prefix>.lock` (S3: pipeline/core/locks.py; others: none) |
 | replacing | only an empty directory or one of ours | only an empty prefix or one of ours |
 | litter | `.tmp-`/`.old-` siblings of killed runs removed | none |
 
@@ -22,6 +22,7 @@ import contextlib
 import fnmatch
 import hashlib
 import json
+import logging
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -30,12 +31,13 @@ import fsspec
 
 from pipeline.core.atomic import check_replaceable, remove_litter, replace_dir, write_json
 from pipeline.core.errors import PipelineError
-from pipeline.core.locks import exclusive_lock
+from pipeline.core.locks import exclusive_lock, object_lock
 
 LOCAL_SCHEME = "file://"
 STAGING_SUFFIX = ".partial"
 
 Owned = Callable[["Location"], bool]  # "what is here is ours, and may be replaced"
+log = logging.getLogger(__name__)
 
 
 def is_url(where: str | Path) -> bool:
@@ -186,7 +188,7 @@ class LocalDirectory(Location):
 
 
 class ObjectPrefix(Location):
-    """A prefix in an object store: written in place, complete when its manifest is, never locked."""
+    """A prefix in an object store: written in place, complete when its manifest is, locked by a lock object."""
 
     is_remote = True
 
@@ -204,7 +206,11 @@ class ObjectPrefix(Location):
         return False  # built in place: nothing to move
 
     def lock(self) -> contextlib.AbstractContextManager:
-        return contextlib.nullcontext()  # nothing can lock an object store
+        protocols = (self.fs.protocol,) if isinstance(self.fs.protocol, str) else self.fs.protocol
+        if "s3" in protocols:
+            return object_lock(self.fs, self.root, str(self))
+        log.warning("%s: no lock on this kind of store (S3 has one): run one extraction per prefix at a time", self)
+        return contextlib.nullcontext()
 
     def check_replaceable(self, owned: Owned) -> None:
         if self.exists() and not owned(self):
