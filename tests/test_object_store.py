@@ -141,12 +141,12 @@ def test_an_interrupted_s3_store_is_refused_until_two_nodes_resume_it(
     url = f"{bucket}/activations"
     interrupt_extraction_after(3, monkeypatch)
     assert invoke("extract", "--params", str(tiny_params), "-S", f"extract.store={url}").exit_code == 130
-    # Written in place (no rename on S3), so readers must refuse it: no manifest yet.
-    with pytest.raises(PipelineError, match=r"incomplete: it has no manifest .*`pipeline extract --resume`"):
+    # Staged beside its final prefix: nothing a reader would take for a store is there, and it says what to do.
+    with pytest.raises(PipelineError, match=r"an interrupted extraction is there: run `pipeline extract --resume`"):
         ActivationStore(url)
     result = invoke("train", "--params", str(tiny_params), "-S", f"extract.store={url}")
-    assert result.exit_code == 2 and "is incomplete" in result.stderr
-    record = json.loads(objects_text(url, "progress.json"))
+    assert result.exit_code == 2 and "no activation store at" in result.stderr
+    record = json.loads(objects_text(f"{url}.partial", "progress.json"))
     assert sum(len(indices) for indices in record["shards"].values()) == 3
 
     # Two machines share the store through S3 alone: two torchrun agents, one process each, finish it.
@@ -270,3 +270,42 @@ def test_a_lock_is_kept_alive_and_a_holder_that_lost_it_stops(bucket, monkeypatc
         fs.pipe_file(lock, json.dumps({"host": "elsewhere", "pid": 1, "heartbeat": time.time()}).encode())
         time.sleep(5)  # another run took the lock over: the next refresh finds it changed and stops this run
     assert json.loads(fs.cat_file(lock))["host"] == "elsewhere"  # the new holder's lock is left to it
+
+
+def test_replacing_an_s3_store_keeps_the_old_one_readable_until_the_new_one_is_complete(
+    tiny_params, bucket, monkeypatch
+):
+    from pipeline.core.location import open_location
+    from pipeline.extract.shards import ShardExtractor
+
+    url = f"{bucket}/activations"
+    old_params = ("--params", str(tiny_params), "-S", f"extract.store={url}", "-S", "data.max_docs=30")
+    new_params = ("--params", str(tiny_params), "-S", f"extract.store={url}")
+    assert invoke("extract", *old_params).exit_code == 0
+    old = ActivationStore(url).fingerprint
+    with monkeypatch.context() as patch:  # a changed extraction, interrupted midway
+        interrupt_extraction_after(3, patch)
+        assert invoke("extract", *new_params).exit_code == 130
+    assert ActivationStore(url).fingerprint == old  # the old store is untouched and complete
+
+    fs = open_location(url).fs  # fsspec shares one filesystem object between the stages and this test
+    real_copy = fs.copy
+
+    def copy_half_then_die(sources, targets, **kwargs):  # the commit dies after half of the new objects
+        real_copy(sources[: len(sources) // 2], targets[: len(targets) // 2], **kwargs)
+        raise KeyboardInterrupt
+
+    with monkeypatch.context() as patch:
+        patch.setattr(fs, "copy", copy_half_then_die)
+        assert invoke("extract", "--resume", *new_params).exit_code == 130
+    with pytest.raises(PipelineError, match=r"an interrupted run finished it under \.partial"):
+        ActivationStore(url)  # the old store is gone (its mark first), the new one complete beside it
+
+    with monkeypatch.context() as patch:  # the next run finishes the commit: it computes nothing
+        patch.setattr(ShardExtractor, "extract", lambda *a: pytest.fail("a finished shard was recomputed"))
+        result = invoke("extract", *new_params)
+        assert result.exit_code == 0, result.output
+    new = ActivationStore(url)
+    assert new.attrs["max_docs"] is None and new.fingerprint != old
+    assert sorted(objects(url)) == sorted([*new.manifest, "zarr.json"])  # nothing of the old store is left
+    assert objects(f"{url}.partial") == []

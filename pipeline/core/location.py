@@ -4,14 +4,19 @@ The store's writer has one code path; what differs between the two kinds of plac
 
 | | local directory | object-store prefix |
 | --- | --- | --- |
-| staging | built under `<name>.partial`, beside the final name | built in place (there is no rename) |
-| commit | an atomic rename onto the final name | nothing to move: complete once its manifest is written |
+| staging | built under `<name>.partial`, beside the final name | the same, under the prefix `<name>.partial` |
+| commit | an atomic rename onto the final name | a server-side copy onto the final prefix, completion mark last |
 | lock | an OS file lock on `<name>.lock` | the object `<prefix>.lock` (S3: pipeline/core/locks.py; others: none) |
 | replacing | only an empty directory or one of ours | only an empty prefix or one of ours |
 | litter | `.tmp-`/`.old-` siblings of killed runs removed | none |
 
-An object store replaces an object in one PUT, never partly, which is what makes "complete once the manifest is
-in zarr.json" safe (pipeline/store). `file://` URLs are local directories. Credentials and endpoints come from
+An object store has no rename. Its commit first removes the old store's completion mark (readers refuse it from
+then on), copies every object of the new one over it inside the object store (no data passes through this
+machine), removes what only the old one had, and copies the completion mark last: a PUT is applied whole or not at
+all, so the store is complete exactly when the mark is there. Until the commit the old store stays readable; a
+commit interrupted midway leaves the complete new store under `.partial`, and the next run finishes it.
+
+`file://` URLs are local directories. Credentials and endpoints come from
 the filesystem library's usual sources (for S3: `AWS_*` environment variables, `~/.aws`, instance roles;
 `AWS_ENDPOINT_URL` for an S3-compatible server such as MinIO).
 """
@@ -131,8 +136,9 @@ class Location:
         """Where a new version of this location's content is built before it becomes this location's."""
         raise NotImplementedError
 
-    def commit(self, staged: Location, owned: Owned) -> bool:
-        """Make the content built at `staged` this location's; True when something was moved."""
+    def commit(self, staged: Location, owned: Owned, mark: str) -> bool:
+        """Make the content built at `staged` this location's (`mark`: the file that says it is complete); True
+        when something was moved."""
         raise NotImplementedError
 
     def lock(self) -> contextlib.AbstractContextManager:
@@ -170,7 +176,7 @@ class LocalDirectory(Location):
     def staging(self) -> LocalDirectory:
         return LocalDirectory(partial_path(self.path))
 
-    def commit(self, staged: Location, owned: Owned) -> bool:
+    def commit(self, staged: Location, owned: Owned, mark: str) -> bool:
         assert isinstance(staged, LocalDirectory), f"{staged} is not on this filesystem"
         replace_dir(staged.path, self.path, lambda path: owned(LocalDirectory(path)))
         return True
@@ -200,10 +206,23 @@ class ObjectPrefix(Location):
         self.fs.pipe_file(self._full(name), (json.dumps(data, indent=2) + "\n").encode())  # one PUT: whole or not
 
     def staging(self) -> ObjectPrefix:
-        return self
+        return ObjectPrefix(self.name + STAGING_SUFFIX)
 
-    def commit(self, staged: Location, owned: Owned) -> bool:
-        return False  # built in place: nothing to move
+    def commit(self, staged: Location, owned: Owned, mark: str) -> bool:
+        if not (self.exists(mark) and self.read_text(mark) == staged.read_text(mark)):  # else done, but for cleanup
+            if self.exists(mark):
+                self.remove(mark)  # the old content stops being complete before any of it changes
+            new, old = staged.sizes(), self.sizes()
+            if stale := sorted(old.keys() - new.keys()):
+                self.fs.rm([self._full(name) for name in stale])
+            copied = [name for name in new if name != mark] + [mark]  # the mark last: complete only when all is
+            for names in (copied[:-1], copied[-1:]):
+                self.fs.copy([staged._full(name) for name in names], [self._full(name) for name in names])
+        staged_files = sorted(staged.sizes())
+        if leftovers := [staged._full(name) for name in staged_files if name != mark]:
+            staged.fs.rm(leftovers)
+        staged.remove(mark)  # last: a staging place that lost its mark would look like someone else's objects
+        return True
 
     def lock(self) -> contextlib.AbstractContextManager:
         protocols = (self.fs.protocol,) if isinstance(self.fs.protocol, str) else self.fs.protocol

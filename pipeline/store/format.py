@@ -30,6 +30,7 @@ from pipeline.core.location import Location, open_location
 FORMAT_VERSION = 2  # 2: the manifest attribute (per-file checksums), token_sha256 in the identity
 PROGRESS_FILE = "progress.json"  # rank 0's record; rank r > 0 writes progress-<r>.json
 MANIFEST = "manifest"  # the group attribute that lists every file; its presence marks a complete store
+COMPLETION_MARK = "zarr.json"  # the file that holds it: written last, and copied last when a store is committed
 ZARR_TEMPORARY = ".partial"  # suffix of zarr's own temporary files (a killed write leaves them behind)
 TRUTH_GROUP = "truth"  # synthetic stores: the true features and their distribution (pipeline/synth)
 # Attributes that decide a store's content: --resume refuses, and an up-to-date check re-extracts, when any differs.

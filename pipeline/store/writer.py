@@ -21,6 +21,7 @@ import zarr
 from pipeline.core.errors import PipelineError
 from pipeline.core.location import open_location
 from pipeline.store.format import (
+    COMPLETION_MARK,
     FORMAT_VERSION,
     MANIFEST,
     PROGRESS_FILE,
@@ -47,12 +48,13 @@ def writing(path: str | Path) -> Iterator[None]:
     """
     final = open_location(path)
     staged = final.staging()
-    for place in (final, staged):
-        place.check_replaceable(is_store)
+    if not is_complete(staged):  # else a commit was interrupted, and what is at `final` is half ours, half new
+        for place in (final, staged):
+            place.check_replaceable(is_store)
     with final.lock():
         if is_complete(staged):  # a run stopped between its manifest and its last steps
             drop_progress(staged)
-            if final.commit(staged, is_store):
+            if final.commit(staged, is_store, COMPLETION_MARK):
                 log.info("%s: moved into place the store an interrupted run had finished", path)
         for litter in final.remove_litter():
             log.info("removed %s, left by a killed run", litter)
@@ -206,7 +208,7 @@ class StoreWriter:
             files[name] = known if known and known["size"] == size else self.work.checksum(name)
         self.group.attrs.update({**extra_attrs, MANIFEST: {"algorithm": "sha256", "files": files}})
         drop_progress(self.work)
-        self.final.commit(self.work, is_store)
+        self.final.commit(self.work, is_store, COMPLETION_MARK)
 
     def _merge_progress(self) -> None:
         """Fold every rank's record (of this run or of an earlier one, of any world size) into progress.json."""
