@@ -158,3 +158,15 @@ def test_the_readme_is_short_and_its_links_resolve():
     assert len(text.splitlines()) <= 250
     for link in re.findall(r"\]\((?!https?://|#)([^)#]+)", text):
         assert (PROJECT_ROOT / link).exists(), link
+
+
+def test_every_test_the_fault_matrix_names_exists():
+    """docs/faults.md cites tests as `test_file.py::test_name` (or `::test_name`, in the file cited before it)."""
+    text = (PROJECT_ROOT / "docs" / "faults.md").read_text()
+    cited, file = [], None
+    for match in re.finditer(r"`(test_\w+\.py)?::(test_\w+)`", text):
+        file = match.group(1) or file
+        cited.append((file, match.group(2)))
+    assert len(cited) > 30
+    for file, name in cited:
+        assert f"def {name}(" in (PROJECT_ROOT / "tests" / file).read_text(), f"{file}::{name}"
