@@ -29,7 +29,8 @@ def run(params: Params, which: str = "all") -> dict[str, str]:
     saes = {key: trained_sae(params, key, store).to(device) for key in params.sae_configs(which)}
     loader = ActivationLoader(store, settings.split, hook, device, train.seed, train.exclude_bos,
                               train.memory_budget_gb)  # fmt: skip
-    log.info("reading %s/%s: %s", settings.split, hook, loader.order_kind)
+    if not loader.resident_on_device:
+        log.info("%s/%s is larger than train.memory_budget_gb: %s", settings.split, hook, loader.order_kind)
     tokens, offsets = store.tokens(settings.split), store.doc_offsets(settings.split)
     vocabulary = None if store.is_synthetic else vocabulary_of(model_of_store(params.model, store), device)
     pages = {}

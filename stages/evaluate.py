@@ -31,7 +31,8 @@ def run(params: Params, which: str = "all") -> dict[str, dict]:
     saes = {key: trained_sae(params, key, store).to(device) for key in params.sae_configs(which)}
     loader = ActivationLoader(store, ev.split, hook, device, params.train.seed, params.train.exclude_bos,
                               params.train.memory_budget_gb)  # fmt: skip
-    log.info("reading %s/%s: %s", ev.split, hook, loader.order_kind)
+    if not loader.resident_on_device:
+        log.info("%s/%s is larger than train.memory_budget_gb: %s", ev.split, hook, loader.order_kind)
     totals = {"reconstruction": loader.n_tokens * len(saes)}
     if not store.is_synthetic:  # synthetic data has no model to splice into; it has true features instead
         totals["splice"] = int(offsets[n_docs] - offsets[0])
