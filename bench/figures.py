@@ -16,6 +16,9 @@
 6. store read speed        zarr store -> host array bytes/s / in-memory numpy copy bytes/s
 6b. streamed read speed    bytes/s of an epoch streamed through the loader (shuffled windows, float32 blocks on the
                            device; no training) / zarr store -> host array bytes/s
+6c. store write speed      bytes/s of the StoreWriter writing full shards of two hooks through its background
+                           writers, checksums included, as extraction writes them / the same bytes written to new
+                           files with numpy's `tofile` on the same filesystem, one thread
 7. decorrelation cost      decorrelation forward+backward time / config-C step time
 8. <arch> step cost        a training step of that architecture / a ReLU step, same shape (config C) and batch
 8b. topk selection share   the top-k selection alone (ReLU, topk, scatter over [batch, d_sae]) / a topk step
@@ -31,6 +34,7 @@ the decorrelation Gram matrix (2*s*d^2 forward) and the elementwise work are not
 
 from __future__ import annotations
 
+import shutil
 import tempfile
 import time
 from collections.abc import Callable
@@ -58,6 +62,7 @@ from pipeline.params import Params, SAEConfig
 from pipeline.saes import ARCHITECTURES, build_sae
 from pipeline.saes.base import decorrelation, keep_top
 from pipeline.store import ActivationStore
+from pipeline.store.background import BackgroundWriter, default_workers
 from pipeline.store.writer import StoreWriter
 from pipeline.train.loader import ActivationLoader
 from pipeline.train.trainer import Trainer, train_step
@@ -65,9 +70,10 @@ from pipeline.train.trainer import Trainer, train_step
 NAIVE_DOCS = 50  # the naive per-document baseline is slow: measured on the first documents only
 GOALS = {
     "extract_efficiency": 0.85, "train_efficiency": 0.6, "trainer_vs_minimal": 0.95, "loader_stall": 0.05,
-    "decorrelation_cost": 0.15, "analyze_vs_evaluate": 1.0,
+    "decorrelation_cost": 0.15, "analyze_vs_evaluate": 1.0, "store_write_ratio": 0.8,
 }  # fmt: skip
 L0_OF_BENCH_SAE = 64
+STORE_WRITE_BYTES = 2**28  # figure 6c writes at most this much a run
 SCALING_FIGURES = ("extract_2proc_vs_1proc", "train_2proc_vs_1proc", "ddp_communication_share")
 LOWER_IS_BETTER = {"ddp_communication_share", "loader_stall", "decorrelation_cost", "analyze_vs_evaluate"}
 
@@ -367,6 +373,44 @@ def bench_store_read(store: ActivationStore, device: torch.device) -> dict:
     }
 
 
+def bench_store_write(workdir: Path, n_tokens: int, width: int, chunk_tokens: int, shard_tokens: int) -> dict:
+    """Figure 6c on up to `n_tokens` rows (at most STORE_WRITE_BYTES) of two hooks, in at least four full shards.
+    Each run removes the previous run's files first, so the disk holds two runs' at most."""
+    n_tokens = min(n_tokens, STORE_WRITE_BYTES // (2 * width * 2))
+    chunk = min(chunk_tokens, n_tokens // 4)
+    shard = max(chunk, min(shard_tokens, n_tokens // 4) // chunk * chunk)
+    rows = n_tokens // shard * shard
+    rng = np.random.default_rng(0)
+    data = {hook: rng.standard_normal((rows, width), dtype=np.float32).astype(np.float16) for hook in ("h1", "h2")}
+    attrs = {"hooks": list(data), "d_model": width, "dtype": "float16", "splits": ["w"], "shard_tokens": shard,
+             "chunk_tokens": chunk}  # fmt: skip
+
+    def ours() -> None:
+        shutil.rmtree(workdir / "write-store.partial", ignore_errors=True)
+        writer = StoreWriter(workdir / "write-store", attrs, resume=False)
+        writer.add_split("w", np.zeros(rows, np.int32), np.array([0, rows]))
+        background = BackgroundWriter(writer)
+        for index, start, end in writer.pending_shards("w"):
+            background.submit("w", index, start, {hook: values[start:end] for hook, values in data.items()})
+        background.close()
+
+    def plain() -> None:
+        folder = workdir / "write-plain"
+        shutil.rmtree(folder, ignore_errors=True)
+        folder.mkdir()
+        for start in range(0, rows, shard):
+            for hook, values in data.items():
+                values[start : start + shard].tofile(folder / f"{hook}-{start}")
+
+    times = timed_interleaved({"store": ours, "numpy": plain}, torch.device("cpu"))
+    nbytes = sum(values.nbytes for values in data.values())
+    return {
+        "bytes": nbytes, "shard_tokens": shard, "writer_threads": default_workers(),
+        "store_bytes_per_s": nbytes / times["store"], "numpy_bytes_per_s": nbytes / times["numpy"],
+        "store_write_ratio": times["numpy"] / times["store"],
+    }  # fmt: skip
+
+
 def run(params: Params, n_docs: int, n_tokens: int, width: int | None, workdir: Path, scaling: bool = True) -> dict:
     """Every figure; sizes: `n_docs` documents for extraction, `n_tokens` x `width` for the training runs."""
     device = resolve_device(params.train.device)
@@ -383,6 +427,7 @@ def run(params: Params, n_docs: int, n_tokens: int, width: int | None, workdir: 
     store = write_random_store(workdir / "random-store", n_tokens, width)
     runs = bench_training_runs(params, store, device, width)
     read = bench_store_read(store, device)
+    write = bench_store_write(workdir, n_tokens, width, params.extract.chunk_tokens, params.extract.shard_tokens)
     scaled = scaling_figures.run(params, n_docs, extract["n_tokens"], store, workdir) if scaling else {}
     figures = {
         "extract_efficiency": extract["extract_efficiency"],
@@ -394,6 +439,7 @@ def run(params: Params, n_docs: int, n_tokens: int, width: int | None, workdir: 
         "trainer_vs_minimal": runs["trainer_vs_minimal"],
         "store_read_ratio": read["store_read_ratio"],
         "streamed_read_ratio": read["streamed_read_ratio"],
+        "store_write_ratio": write["store_write_ratio"],
         "decorrelation_cost": step["decorrelation_cost"],
         **{f"{name}_step_cost": cost for name, cost in arch["step_cost"].items()},
         "topk_selection_share": arch["topk_selection_share"],
@@ -409,6 +455,7 @@ def run(params: Params, n_docs: int, n_tokens: int, width: int | None, workdir: 
             "train_step": step,
             "training_runs": runs,
             "store_read": read,
+            "store_write": write,
             "architectures": arch,
             "analysis": analysis,
             "scaling": scaled,

@@ -12,7 +12,8 @@ from bench.figures import GOALS
 
 FIGURES = {
     "extract_efficiency", "bridge_overhead", "extract_speedup_over_naive", "train_efficiency", "loader_stall",
-    "one_read_ratio", "trainer_vs_minimal", "store_read_ratio", "streamed_read_ratio", "decorrelation_cost",
+    "one_read_ratio", "trainer_vs_minimal", "store_read_ratio", "streamed_read_ratio", "store_write_ratio",
+    "decorrelation_cost",
     "topk_step_cost", "batchtopk_step_cost", "jumprelu_step_cost", "matryoshka_step_cost", "topk_selection_share",
     "analyze_vs_evaluate", "extract_2proc_vs_1proc", "train_2proc_vs_1proc", "ddp_communication_share",
 }  # fmt: skip
@@ -57,6 +58,9 @@ def test_bench_reports_every_figure(tmp_path, tiny_model_dir, gsm_dir):
     )
     arch = details["architectures"]
     assert math.isclose(report["figures"]["topk_step_cost"], arch["step_s"]["topk"] / arch["step_s"]["relu"])
+    write = details["store_write"]
+    assert math.isclose(report["figures"]["store_write_ratio"], write["store_bytes_per_s"] / write["numpy_bytes_per_s"])
+    assert write["bytes"] > 0 and write["writer_threads"] >= 1
     scaling = details["scaling"]  # two processes under torchrun against one, on the cores recorded
     assert scaling["cores"] and scaling["processes"] == 2 and scaling["extract_shards"] >= 2  # work for both
     wall, speed = scaling["extract_wall_s"], scaling["train_tokens_per_s"]

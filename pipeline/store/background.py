@@ -1,7 +1,12 @@
-"""Writing shards on a thread, so that the model computes the next shard while the last one goes to storage."""
+"""Writing shards on threads, so that the model computes the next shard while the last ones go to storage.
+
+Several shards are written at once: hashing and file writes release the GIL, so each writer thread uses a core
+of its own, and a store on object storage has several uploads in flight.
+"""
 
 from __future__ import annotations
 
+import os
 import queue
 import threading
 
@@ -10,16 +15,26 @@ import numpy as np
 from pipeline.core.errors import PipelineError
 from pipeline.store.writer import StoreWriter
 
+MAX_WRITERS = 4  # threads writing shards at once (at most the machine's cores)
+
+
+def default_workers() -> int:
+    return max(1, min(MAX_WRITERS, os.cpu_count() or 1))
+
 
 class BackgroundWriter:
-    """Writes shards on a thread so that the model never waits on the disk; errors surface on the next call."""
+    """Writes shards on `workers` threads; a write's error surfaces on the next call."""
 
-    def __init__(self, writer: StoreWriter, max_pending: int = 2) -> None:
+    def __init__(self, writer: StoreWriter, workers: int | None = None) -> None:
         self.writer = writer
-        self.queue: queue.Queue = queue.Queue(maxsize=max_pending)
+        workers = workers or default_workers()
+        self.queue: queue.Queue = queue.Queue(maxsize=workers)  # shards waiting: memory of `workers` more shards
         self.error: BaseException | None = None
-        self.thread = threading.Thread(target=self._run, daemon=True, name="store-writer")
-        self.thread.start()
+        self.threads = [
+            threading.Thread(target=self._run, daemon=True, name=f"store-writer-{i}") for i in range(workers)
+        ]
+        for thread in self.threads:
+            thread.start()
 
     def submit(self, split: str, index: int, start: int, activations: dict[str, np.ndarray]) -> None:
         self._raise_if_failed()
@@ -27,8 +42,10 @@ class BackgroundWriter:
 
     def close(self) -> None:
         """Wait until every submitted shard is written."""
-        self.queue.put(None)
-        self.thread.join()
+        for _ in self.threads:
+            self.queue.put(None)
+        for thread in self.threads:
+            thread.join()
         self._raise_if_failed()
 
     def _run(self) -> None:

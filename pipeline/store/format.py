@@ -9,7 +9,9 @@ Layout (zarr v3 group; readable by any zarr v3 reader; docs/store.md describes e
     <store>/truth/...                      synthetic stores only: the true features (pipeline/synth)
 
 Activation arrays are sharded along tokens (`shard_tokens` per shard file, the unit of writing and resuming)
-with `chunk_tokens`-row chunks inside (the unit of reading). While a store is written, `progress.json` records
+with `chunk_tokens`-row chunks inside (the unit of reading), uncompressed. A shard file is then the shard's rows
+as they lie in memory, followed by zarr's shard index: `encode_full_shard` writes a full shard that way, without
+zarr's slower general path (tests pin its bytes to zarr's own). While a store is written, `progress.json` records
 its finished shards and their checksums (rank r > 0 of a torchrun keeps its own `progress-<r>.json`, so that no
 file is written by two processes). The group attribute `manifest` (size and sha256 of every file but the group's
 own zarr.json) is written last, in one write of zarr.json: a store is complete exactly when it has one.
@@ -19,9 +21,11 @@ from __future__ import annotations
 
 import hashlib
 import json
+import sys
 from pathlib import Path
 from typing import Any
 
+import google_crc32c
 import numpy as np
 import zarr
 
@@ -87,6 +91,42 @@ def token_digest(tokens: np.ndarray, doc_offsets: np.ndarray) -> str:
 def shard_file(array: zarr.Array, split: str, name: str, index: int) -> str:
     """The store-relative path of shard (or chunk) `index` of `split/name`."""
     return f"{split}/{name}/{array.metadata.encode_chunk_key((index,) + (0,) * (array.ndim - 1))}"
+
+
+def encode_full_shard(array: zarr.Array, start: int, values: np.ndarray) -> list[memoryview] | None:
+    """The bytes of the shard file holding rows start..start+len(values) of `array`, as zarr writes it, or None
+    where this is not a full shard of an array laid out as the writer makes them (then zarr writes it).
+
+    Such a shard (sharding codec, chunks of whole rows, uncompressed, little-endian, index at the end) is its chunks
+    one after another, which for chunks of whole rows are the shard's rows in memory order; then the index: each
+    chunk's (offset, size) as little-endian uint64, and the index's crc32c.
+    """
+    shard_rows, width = array.shards or (0, 0)
+    chunk_rows = array.chunks[0]
+    sharding = _normalise(array.metadata.codecs[0].to_dict()) if len(array.metadata.codecs) == 1 else {}
+    layout = {
+        "name": "sharding_indexed",
+        "configuration": {
+            "chunk_shape": [chunk_rows, width],
+            "codecs": [{"name": "bytes", "configuration": {"endian": "little"}}],
+            "index_codecs": [{"name": "bytes", "configuration": {"endian": "little"}}, {"name": "crc32c"}],
+            "index_location": "end",
+        },
+    }
+    fits = (
+        sharding == layout and array.ndim == 2 and sys.byteorder == "little" and values.dtype == array.dtype
+        and values.shape == (shard_rows, width) and start % shard_rows == 0 and start + shard_rows <= array.shape[0]
+        and shard_rows % chunk_rows == 0 and array.shape[1] == width and values.flags.c_contiguous
+    )  # fmt: skip
+    if not fits:
+        return None
+    chunk_bytes = chunk_rows * width * values.dtype.itemsize
+    n_chunks = shard_rows // chunk_rows
+    index = np.empty((n_chunks, 2), dtype="<u8")
+    index[:, 0] = np.arange(n_chunks) * chunk_bytes
+    index[:, 1] = chunk_bytes
+    checksum = np.uint32(google_crc32c.value(index.tobytes())).astype("<u4")
+    return [memoryview(values).cast("B"), memoryview(index.tobytes() + checksum.tobytes())]
 
 
 def describe(name: str) -> str:

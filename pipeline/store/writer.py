@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -29,6 +30,7 @@ from pipeline.store.format import (
     ZARR_TEMPORARY,
     differing,
     drop_progress,
+    encode_full_shard,
     is_complete,
     is_store,
     progress_file,
@@ -88,6 +90,7 @@ class StoreWriter:
         self.created: set[str] = set()  # groups (splits, truth) whose arrays were all created
         self.done: dict[str, set[int]] = {}  # finished shards of each split
         self.files: dict[str, dict] = {}
+        self.recording = threading.Lock()  # writer threads update the records above one at a time
         if rank > 0:
             self.group = zarr.open_group(self.work.zarr_store, mode="r+", zarr_format=3)
             return
@@ -174,14 +177,25 @@ class StoreWriter:
         return [(split, *shard) for split in self.attrs["splits"] for shard in self.pending_shards(split)]
 
     def write_shard(self, split: str, index: int, start: int, activations: dict[str, np.ndarray]) -> None:
-        """Write one whole shard of every hook and its checksum (read back while still in the page cache)."""
+        """Write one whole shard of every hook and its checksum; several threads may write different shards.
+
+        A full shard is written as its bytes (rows, then index) and hashed as they are written; an array's last,
+        partial shard is written by zarr and read back for its checksum.
+        """
+        records = {}
         for hook, values in activations.items():
             array = self.group[split][hook]
-            array[start : start + len(values)] = values
             name = shard_file(array, split, hook, index)
-            self.files[name] = self.work.checksum(name)
-        self.done.setdefault(split, set()).add(index)
-        self._save_progress()
+            parts = encode_full_shard(array, start, values)
+            if parts is None:
+                array[start : start + len(values)] = values
+                records[name] = self.work.checksum(name)
+            else:
+                records[name] = self.work.write_parts(name, parts)
+        with self.recording:
+            self.files.update(records)
+            self.done.setdefault(split, set()).add(index)
+            self._save_progress()
 
     def finalize(self, extra_attrs: dict[str, Any]) -> None:
         """Record the summary attributes with the manifest (the completion mark), then commit the store.
