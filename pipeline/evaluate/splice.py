@@ -20,7 +20,6 @@ from collections.abc import Callable
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from pipeline.corpus import padded, plan_batches
 
@@ -54,15 +53,14 @@ def splice_scores(
     for batch in plan_batches(lengths, np.arange(len(lengths)), batch_tokens):
         ids, mask = padded(batch, tokens, offsets, device)
         rows = _positions(ids, mask)
-        clean = _log_probs(model, ids, mask, hook, None)
+        clean = _Clean(_log_probs(model, ids, mask, hook, None), rows["targets"])
         for convention, zero_bos in (("ours", False), ("saelens", True)):
-            zero = _log_probs(model, ids, mask, hook, torch.zeros_like, replace_bos=zero_bos)
-            totals[convention].add_reference(clean, zero, rows[convention], rows["targets"])
-            del zero
+            zero = clean.per_token(_log_probs(model, ids, mask, hook, torch.zeros_like, replace_bos=zero_bos))
+            totals[convention].add_reference(clean.nll, zero, rows[convention])
         for key, reconstruct in reconstructions.items():
-            spliced = _log_probs(model, ids, mask, hook, reconstruct)  # BOS kept in both conventions
+            spliced = clean.per_token(_log_probs(model, ids, mask, hook, reconstruct))  # BOS kept in both
             for convention in CONVENTIONS:
-                totals[convention].add_sae(key, spliced, clean, rows[convention], rows["targets"])
+                totals[convention].add_sae(key, spliced, rows[convention])
         on_batch(int(mask.sum()))
     results = {}
     for key in reconstructions:
@@ -94,6 +92,28 @@ def _positions(ids: torch.Tensor, mask: torch.Tensor) -> dict[str, object]:
     }
 
 
+class _Clean:
+    """A batch's clean next-token distribution, and the per-position CE and KL of another pass against it.
+
+    CE and KL are computed once at every real position of a pass (never on copies of the [positions, vocab] rows
+    each convention selects); each convention then sums its own positions. KL(clean || p) is what
+    F.kl_div(log p, log clean, log_target=True) sums: exp(log clean) * (log clean - log p), exp taken once.
+    """
+
+    def __init__(self, log_probs: torch.Tensor, targets: torch.Tensor) -> None:
+        self.log_probs, self.targets = log_probs, targets
+        self.probs = log_probs.exp()
+        self.nll = self._nll(log_probs)
+
+    def per_token(self, log_probs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(CE, KL(clean || it)) at every real position of a pass, in float64."""
+        kl = torch.sub(self.log_probs, log_probs).mul_(self.probs).sum(-1)
+        return self._nll(log_probs), kl.double()
+
+    def _nll(self, log_probs: torch.Tensor) -> torch.Tensor:
+        return -log_probs.gather(1, self.targets[:, None]).squeeze(1).double()
+
+
 class _Totals:
     """Float64 sums of per-token CE and KL under one convention, for the reference passes and each SAE."""
 
@@ -102,11 +122,11 @@ class _Totals:
         self.n_ce = self.n_kl = 0
         self.per_sae = {key: {"ce_sae": 0.0, "kl_sae": 0.0} for key in keys}
 
-    def add_reference(self, clean: torch.Tensor, zero: torch.Tensor, rows: tuple, targets: torch.Tensor) -> None:
+    def add_reference(self, nll_clean: torch.Tensor, zero: tuple[torch.Tensor, torch.Tensor], rows: tuple) -> None:
         ce_rows, kl_rows = rows
-        ce_clean = _ce(clean, ce_rows, targets)
-        ce_gap = _ce(zero, ce_rows, targets) - ce_clean
-        kl_zero = _kl(zero[kl_rows], clean[kl_rows])
+        ce_clean = nll_clean[ce_rows]
+        ce_gap = zero[0][ce_rows] - ce_clean
+        kl_zero = zero[1][kl_rows]
         self.sums["ce_clean"] += ce_clean.sum().item()
         self.sums["ce_zero"] += (ce_clean + ce_gap).sum().item()
         self.sums["kl_zero"] += kl_zero.sum().item()
@@ -115,10 +135,10 @@ class _Totals:
         self.n_ce += int(ce_rows.sum())
         self.n_kl += int(kl_rows.sum())
 
-    def add_sae(self, key: str, spliced: torch.Tensor, clean: torch.Tensor, rows: tuple, targets: torch.Tensor):
+    def add_sae(self, key: str, spliced: tuple[torch.Tensor, torch.Tensor], rows: tuple) -> None:
         ce_rows, kl_rows = rows
-        self.per_sae[key]["ce_sae"] += _ce(spliced, ce_rows, targets).sum().item()
-        self.per_sae[key]["kl_sae"] += _kl(spliced[kl_rows], clean[kl_rows]).sum().item()
+        self.per_sae[key]["ce_sae"] += spliced[0][ce_rows].sum().item()
+        self.per_sae[key]["kl_sae"] += spliced[1][kl_rows].sum().item()
 
     def scores(self, key: str, n_docs: int) -> dict:
         """Mean CE/KL and the scores; a score is None (undefined) when zero-ablation's effect is within noise."""
@@ -171,16 +191,6 @@ def _flags(scores: dict, ce_gap: float, ce_se: float, ce_ok: bool, kl_zero: floa
                 f"below the {MIN_ABLATION_EFFECT_NATS} nats / {STANDARD_ERRORS:g} standard errors needed"
             )
     return flags
-
-
-def _ce(log_probs: torch.Tensor, rows: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """Per-token cross-entropy (float64) of the predictions at `rows`."""
-    return F.nll_loss(log_probs[rows], targets[rows], reduction="none").double()
-
-
-def _kl(log_p: torch.Tensor, log_clean: torch.Tensor) -> torch.Tensor:
-    """KL(clean || p) per token, in float64."""
-    return F.kl_div(log_p, log_clean, log_target=True, reduction="none").sum(-1).double()
 
 
 def _standard_error(mean_square: float, mean: float, n: int) -> float:
