@@ -30,6 +30,8 @@
                            SPLICE_DOCS documents
 10-12. scaling             several processes against one (`bench/scaling.py`; skipped by --no-scaling,
                            and on CUDA with fewer GPUs than processes)
+Start-up (seconds, not a ratio): each stage's fixed cost, `pipeline <stage>` on a run too small for its own work to
+count (`bench/startup.py`)
 
 FLOPs of a step (stated, not profiled): the encoder and decoder products each cost 2*B*d*s in the forward pass
 and twice that in the backward pass (gradient of the input and of the weight), so a step is 12*B*d*s FLOPs;
@@ -49,6 +51,7 @@ import numpy as np
 import torch
 
 from bench import scaling as scaling_figures
+from bench import startup as startup_costs
 from bench.reference import bench_config, minimal_sae_training, reference_config, timed, timed_interleaved
 from pipeline.core.device import (
     amp_dtype,
@@ -474,6 +477,7 @@ def run(params: Params, n_docs: int, n_tokens: int, width: int | None, workdir: 
     runs = bench_training_runs(params, store, device, width)
     read = bench_store_read(store, device)
     write = bench_store_write(workdir, n_tokens, width, params.extract.chunk_tokens, params.extract.shard_tokens)
+    startup = startup_costs.run(params, workdir)
     scaled = scaling_figures.run(params, n_docs, extract["n_tokens"], store, workdir) if scaling else {}
     figures = {
         "extract_efficiency": extract["extract_efficiency"],
@@ -507,5 +511,6 @@ def run(params: Params, n_docs: int, n_tokens: int, width: int | None, workdir: 
             "analysis": analysis,
             "splice": splice,
             "scaling": scaled,
+            "startup_s": startup,
         },
     }

@@ -19,19 +19,18 @@ import math
 import os
 import subprocess
 import sys
-import time
 from dataclasses import replace
 from pathlib import Path
 
 import torch
-import yaml
 
 from bench.reference import bench_config, reference_config, timed_interleaved
+from bench.startup import pipeline_seconds
 from pipeline.artifacts import sae_outputs
 from pipeline.core import distributed
 from pipeline.core.device import amp_dtype, grad_scaler, resolve_device
 from pipeline.core.errors import PipelineError
-from pipeline.params import Params, SAEConfig, params_to_dict
+from pipeline.params import Params, SAEConfig
 from pipeline.saes import build_sae
 from pipeline.store import ActivationStore
 from pipeline.train.trainer import train_step
@@ -58,9 +57,7 @@ def run(params: Params, n_docs: int, n_tokens: int, store: ActivationStore, work
         shard_tokens, chunk_tokens = extraction_shards(n_tokens, params.extract.chunk_tokens)
         extract = replace(params.extract, store=str(workdir / f"scaling-store-{nproc}"), nproc=nproc,
                           shard_tokens=shard_tokens, chunk_tokens=chunk_tokens)  # fmt: skip
-        started = time.perf_counter()
-        _pipeline(workdir, replace(params, data=data, extract=extract), "extract")
-        extract_s[nproc] = time.perf_counter() - started
+        extract_s[nproc] = pipeline_seconds(workdir, replace(params, data=data, extract=extract), "extract")
     tokens_per_s = {}
     for nproc in (1, PROCESSES):
         out_dir = workdir / f"scaling-train-{nproc}"
@@ -69,7 +66,7 @@ def run(params: Params, n_docs: int, n_tokens: int, store: ActivationStore, work
         config = SAEConfig(expansion=cfg.expansion, batch_size=cfg.batch_size, lr=cfg.lr, epochs=1)
         bench_params = replace(params, extract=replace(params.extract, store=str(store.path)), train=train,
                                sae={key: config})  # fmt: skip
-        _pipeline(workdir, bench_params, "train", "--config", key)
+        pipeline_seconds(workdir, bench_params, "train", "--config", key)
         details = json.loads(sae_outputs(out_dir, key, config)["train_details"].read_text())
         tokens_per_s[nproc] = details["tokens_per_s"]
     communication = communication_share(workdir, params.train.device, params.train.amp, store.d_model, cfg.expansion,
@@ -97,16 +94,6 @@ def extraction_shards(n_tokens: int, chunk_tokens: int) -> tuple[int, int]:
 
 def _shards(store: ActivationStore) -> int:
     return sum(math.ceil(stats["n_tokens"] / store.shard_tokens) for stats in store.attrs["split_stats"].values())
-
-
-def _pipeline(workdir: Path, params: Params, *command: str) -> None:
-    """`pipeline <command>` in a fresh process on `params` (its own params file), as a user runs it."""
-    path = workdir / f"scaling-params-{time.monotonic_ns()}.yaml"
-    path.write_text(yaml.safe_dump({k: v for k, v in params_to_dict(params).items() if k != "command"}))
-    result = subprocess.run([sys.executable, "-m", "pipeline.cli", *command, "--params", str(path)],
-                            capture_output=True, text=True, check=False)  # fmt: skip
-    if result.returncode:
-        raise PipelineError(f"scaling bench: pipeline {' '.join(command)} failed: {result.stderr.strip()[-2000:]}")
 
 
 def communication_share(

@@ -148,10 +148,6 @@ def _quiet_libraries(verbose: bool) -> None:
         "s3fs",
     ):
         logging.getLogger(noisy).setLevel(logging.WARNING if verbose else logging.ERROR)
-    if not verbose:  # our own progress bars are the ones that matter
-        import transformers
-
-        transformers.utils.logging.disable_progress_bar()
 
 
 @app.command()
@@ -266,11 +262,14 @@ def run_all(
             raise PipelineError(f"pipeline {arguments[0]} on {nproc} processes failed (exit code {exit_code})")
 
     def all_stages(p: Params) -> None:
+        from pipeline.model import sharing_models
+
         again = ["--resume"] if resume else []
-        in_processes(p.extract.nproc, ["extract", *again], lambda: _stage("extract").run(p, resume=resume))
-        in_processes(p.train.nproc, ["train", *again], lambda: _stage("train").run(p, which="all", resume=resume))
-        _stage("evaluate").run(p, which="all")
-        _stage("analyze").run(p, which="all")
+        with sharing_models():  # one model load for extract, evaluate and analyze
+            in_processes(p.extract.nproc, ["extract", *again], lambda: _stage("extract").run(p, resume=resume))
+            in_processes(p.train.nproc, ["train", *again], lambda: _stage("train").run(p, which="all", resume=resume))
+            _stage("evaluate").run(p, which="all")
+            _stage("analyze").run(p, which="all")
         _stage("stability").run(p)
         _stage("report").run(p)
 
@@ -338,6 +337,10 @@ def bench(
                 "" if goal is None else f"{'≤' if name in benchmarks.LOWER_IS_BETTER else '≥'} {goal}",
             )
         console.print(table)
+        startup = Table("stage", "seconds", title="start-up: each stage on a run too small for its own work to count")
+        for stage, seconds in result["details"]["startup_s"].items():
+            startup.add_row(stage, f"{seconds:.2f}")
+        console.print(startup)
 
     _run(["bench", "--docs", str(docs), "--tokens", str(tokens)], verbose, params, set_, measure)
 

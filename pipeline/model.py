@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import logging
 import re
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -16,10 +18,41 @@ from pipeline.params import ModelConfig
 from pipeline.store import ActivationStore
 
 _BLOCK_HOOK = re.compile(r"^blocks\.(\d+)\.")
+log = logging.getLogger(__name__)
+
+
+_shared: dict[tuple, TransformerBridge] | None = None  # models loaded in a `sharing_models` block
+
+
+@contextmanager
+def sharing_models() -> Iterator[None]:
+    """Within the block, `load_model` loads each model once and hands the same one to every stage that asks
+    (`pipeline run`: extraction, evaluation and analysis share one load). Outside, every call loads afresh: a
+    checkpoint may change on disk between two runs of one process."""
+    global _shared
+    outer, _shared = _shared, {}
+    try:
+        yield
+    finally:
+        _shared = outer
 
 
 def load_model(cfg: ModelConfig) -> TransformerBridge:
     """Boot `cfg.name` (hub id or local HF checkpoint directory) on the configured device and dtype."""
+    key = (cfg.name, cfg.revision, cfg.process_weights, cfg.device, cfg.dtype)
+    if _shared is not None and key in _shared:
+        return _shared[key]
+    model = _boot(cfg)
+    if _shared is not None:
+        _shared[key] = model
+    return model
+
+
+def _boot(cfg: ModelConfig) -> TransformerBridge:
+    import transformers
+
+    if not log.isEnabledFor(logging.DEBUG):  # our own progress bars are the ones that matter
+        transformers.utils.logging.disable_progress_bar()
     device = resolve_device(cfg.device)
     dtype = compute_dtype(cfg.dtype, device)
     if looks_local(cfg.name) and not Path(cfg.name).expanduser().is_dir():

@@ -15,7 +15,8 @@ FIGURES = {
     "one_read_ratio", "trainer_vs_minimal", "store_read_ratio", "streamed_read_ratio", "store_write_ratio",
     "decorrelation_cost",
     "topk_step_cost", "batchtopk_step_cost", "jumprelu_step_cost", "matryoshka_step_cost", "topk_selection_share",
-    "analyze_vs_evaluate", "splice_efficiency", "extract_2proc_vs_1proc", "train_2proc_vs_1proc", "ddp_communication_share",
+    "analyze_vs_evaluate", "splice_efficiency", "extract_2proc_vs_1proc", "train_2proc_vs_1proc",
+    "ddp_communication_share",
 }  # fmt: skip
 
 
@@ -60,6 +61,9 @@ def test_bench_reports_every_figure(tmp_path, tiny_model_dir, gsm_dir):
     assert math.isclose(report["figures"]["topk_step_cost"], arch["step_s"]["topk"] / arch["step_s"]["relu"])
     splice = details["splice"]
     assert splice["passes"] == 6 and splice["n_tokens"] > 0  # three SAEs (a, b, c): clean, two zeroed, three spliced
+    startup = details["startup_s"]  # each stage in a fresh process, on a small run
+    assert list(startup) == ["extract", "train", "evaluate", "analyze", "stability", "report"]
+    assert all(seconds > 0 for seconds in startup.values()) and "start-up" in result.stderr
     write = details["store_write"]
     assert math.isclose(report["figures"]["store_write_ratio"], write["store_bytes_per_s"] / write["numpy_bytes_per_s"])
     assert write["bytes"] > 0 and write["writer_threads"] >= 1

@@ -268,3 +268,14 @@ def test_real_gsm8k_test_split_token_counts(tmp_path, real_data, gpt2_tokenizer_
     assert np.array_equal(np.diff(store.doc_offsets("test")), [len(e) for e in expected])
     assert np.array_equal(store.tokens("test"), np.concatenate(expected))
     assert store.activations("test", "blocks.0.hook_resid_post").shape == (sum(map(len, expected)), 64)
+
+
+def test_models_are_shared_within_pipeline_run_and_loaded_afresh_elsewhere(tiny_model_dir):
+    """`pipeline run` loads its model once for extraction, evaluation and analysis; any other load reads the
+    checkpoint again (it may have changed on disk)."""
+    from pipeline.model import sharing_models
+
+    cfg = ModelConfig(name=str(tiny_model_dir), device="cpu")
+    with sharing_models():
+        assert load_model(cfg) is load_model(cfg)
+    assert load_model(cfg) is not load_model(cfg)
