@@ -15,7 +15,8 @@
 # Steps, each under its own time limit so one hang cannot eat the rest:
 #   1. environment: GPU, torch, CUDA; NCCL with one process (init, all_reduce, barrier)
 #   2. tests/test_cuda.py: CUDA against CPU (extraction, pinned loader, fp16 autocast + GradScaler, evaluation)
-#   3. pipeline bench on the GPT-2-small-shaped model and the real GSM8K test split
+#   3. pipeline bench on the GPT-2-small-shaped model and the real GSM8K test split (every figure, the store's
+#      write speed, the splice's efficiency and each stage's start-up included)
 #   4. a short full run (extract, train A/B/C, evaluate, analyze, report) on MAX_DOCS documents per split, timed
 #      per stage
 set -uo pipefail
@@ -83,7 +84,7 @@ $(sed -e "s#^  name: .*#  name: $WORK/assets/model#" -e "s#^  dataset: .*#  data
 YAML
 P="--params $WORK/params.yaml"
 
-step bench 180 "$python" -m pipeline.cli bench $P --docs "$BENCH_DOCS" --tokens "$BENCH_TOKENS" --out "$WORK/bench.json"
+step bench 300 "$python" -m pipeline.cli bench $P --docs "$BENCH_DOCS" --tokens "$BENCH_TOKENS" --out "$WORK/bench.json"
 step extract 150 "$python" -m pipeline.cli extract $P
 step train 150 "$python" -m pipeline.cli train $P --config all
 step evaluate 150 "$python" -m pipeline.cli evaluate $P
