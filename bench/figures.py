@@ -273,7 +273,6 @@ def bench_analyze_vs_evaluate(params: Params, model, store: ActivationStore, spl
     loader = ActivationLoader(store, split, hook, device, params.train.seed, params.train.exclude_bos)
     tokens, offsets = store.tokens(split), store.doc_offsets(split)
     vocabulary = vocabulary_of(model, device)
-    positions = torch.from_numpy(loader.positions)
 
     def analysis() -> None:
         analyze(sae, loader, tokens, offsets, params.analyze, params.train.seed, vocabulary)
@@ -284,9 +283,9 @@ def bench_analyze_vs_evaluate(params: Params, model, store: ActivationStore, spl
 
     times = timed_interleaved({"analyze": analysis, "evaluate": evaluation}, device, repeats=1)
     with torch.no_grad():
-        fired = sae.encode(loader.data[positions[:4096].to(loader.data.device)].float().to(device)) > 0
+        fired = sae.encode(next(loader.in_order(4096))[1].to(device)) > 0  # the first analysed tokens
     return {
-        "tokens": len(positions), "d_sae": sae.d_sae, "l0": fired.sum(1).float().mean().item(), "hook": hook,
+        "tokens": loader.n_tokens, "d_sae": sae.d_sae, "l0": fired.sum(1).float().mean().item(), "hook": hook,
         "analyze_s": times["analyze"], "evaluate_s": times["evaluate"],
         "analyze_vs_evaluate": times["analyze"] / times["evaluate"],
     }  # fmt: skip
