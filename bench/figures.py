@@ -4,7 +4,9 @@
                            attention), run on the same batches up to the hooked layer: a reference outside our
                            code and outside TransformerLens, whose output equals the deepest hook's activation
 1b. bridge overhead        TransformerBridge forward to the hooked layer (no hooks, no storage) time / that plain
-                           `transformers` forward's time: what TransformerLens itself costs
+                           `transformers` forward's time: what TransformerLens itself costs (with fused attention)
+1c. ... eager attention    the same with a no-op hook on every attention pattern, which sends each layer through
+                           TransformerLens's own attention code (`model.attn_implementation: eager`)
 2. extract speed-up        extraction tokens/s / per-document run_with_cache over the whole model
 3. train efficiency        FLOP/s of a config-C training step / FLOP/s of its six matrix products alone
 4. loader stall            share of training wall time spent waiting for data (streamed out of core from the
@@ -77,13 +79,16 @@ from pipeline.train.trainer import Trainer, train_step
 NAIVE_DOCS = 50  # the naive per-document baseline is slow: measured on the first documents only
 SPLICE_DOCS = 16  # six passes of the whole model with its vocabulary: slow on a CPU
 GOALS = {
-    "extract_efficiency": 0.85, "train_efficiency": 0.6, "trainer_vs_minimal": 0.95, "loader_stall": 0.05,
+    "extract_efficiency": 0.85, "bridge_overhead": 1.15, "train_efficiency": 0.6, "trainer_vs_minimal": 0.95,
+    "loader_stall": 0.05,
     "decorrelation_cost": 0.15, "analyze_vs_evaluate": 1.0, "store_write_ratio": 0.8, "splice_efficiency": 0.7,
 }  # fmt: skip
 L0_OF_BENCH_SAE = 64
 STORE_WRITE_BYTES = 2**28  # figure 6c writes at most this much a run
 SCALING_FIGURES = ("extract_2proc_vs_1proc", "train_2proc_vs_1proc", "ddp_communication_share")
-LOWER_IS_BETTER = {"ddp_communication_share", "loader_stall", "decorrelation_cost", "analyze_vs_evaluate"}
+LOWER_IS_BETTER = {
+    "bridge_overhead", "ddp_communication_share", "loader_stall", "decorrelation_cost", "analyze_vs_evaluate",
+}  # fmt: skip
 
 
 def plain_transformers_forward(params: Params, n_blocks: int, dtype: torch.dtype, device: torch.device) -> Callable:
@@ -107,7 +112,7 @@ def plain_transformers_forward(params: Params, n_blocks: int, dtype: torch.dtype
 
 
 def bench_extract(params: Params, model, n_docs: int, workdir: Path) -> dict:
-    """Figures 1, 1b and 2 on the first `n_docs` documents of the test split, with `model` (params.model loaded)."""
+    """Figures 1, 1b, 1c and 2 on the first `n_docs` documents of the test split, with `model` (params.model loaded)."""
     hooks = params.extract.hooks
     stop = check_hooks(model, hooks)
     device = next(model.parameters()).device
@@ -119,15 +124,20 @@ def bench_extract(params: Params, model, n_docs: int, workdir: Path) -> dict:
     batches = plan_batches(lengths, np.arange(data.n_docs), batch_tokens)
     inputs = [padded(batch, data.tokens, data.doc_offsets, device) for batch in batches]
 
-    def bare() -> None:
+    def bare(fwd_hooks: list | None = None) -> None:
         with torch.inference_mode():
             for ids, mask in inputs:
-                model(
+                model.run_with_hooks(
                     ids,
                     attention_mask=mask,
+                    fwd_hooks=fwd_hooks or [],
                     stop_at_layer=stop if stop < model.cfg.n_layers else None,
                     return_type=None,
                 )
+
+    # A hook on every attention pattern sends each layer through TransformerLens's own attention code, as
+    # `model.attn_implementation: eager` does: the bridge as it was before pipeline/attention.py.
+    patterns = [(f"blocks.{layer}.attn.hook_pattern", lambda pattern, hook: None) for layer in range(stop)]
 
     attrs = {"hooks": hooks, "d_model": model.cfg.d_model, "dtype": params.extract.dtype, "splits": ["bench"],
              "shard_tokens": params.extract.shard_tokens, "chunk_tokens": params.extract.chunk_tokens}  # fmt: skip
@@ -153,7 +163,8 @@ def bench_extract(params: Params, model, n_docs: int, workdir: Path) -> dict:
         for ids, mask in inputs:
             hf_forward(ids, mask)
 
-    times = timed_interleaved({"plain": plain, "bare": bare, "extract": extract}, device, repeats=3)
+    runs = {"plain": plain, "bare": bare, "eager": lambda: bare(patterns), "extract": extract}
+    times = timed_interleaved(runs, device, repeats=3)
     t_plain, t_bare, t_extract = times["plain"], times["bare"], times["extract"]
     t_naive = timed(naive, device, repeats=1, warmup=False)  # slow, and the model is warm by now
     naive_tokens = int(data.doc_offsets[naive_docs])
@@ -163,10 +174,12 @@ def bench_extract(params: Params, model, n_docs: int, workdir: Path) -> dict:
         "batch_tokens": batch_tokens,
         "plain_transformers_tokens_per_s": n_tokens / t_plain,
         "bridge_forward_tokens_per_s": n_tokens / t_bare,
+        "bridge_eager_attention_tokens_per_s": n_tokens / times["eager"],
         "extract_tokens_per_s": n_tokens / t_extract,
         "naive_tokens_per_s": naive_tokens / t_naive,
         "extract_efficiency": t_plain / t_extract,
         "bridge_overhead": t_bare / t_plain,
+        "bridge_overhead_eager_attention": times["eager"] / t_plain,
         "extract_speedup_over_naive": (n_tokens / t_extract) / (naive_tokens / t_naive),
         "plain_transformers_vs_hook": _reference_agreement(model, hf_forward, inputs[0], hooks, stop),
         "d_model": int(model.cfg.d_model),
@@ -481,6 +494,7 @@ def run(params: Params, n_docs: int, n_tokens: int, width: int | None, workdir: 
     figures = {
         "extract_efficiency": extract["extract_efficiency"],
         "bridge_overhead": extract["bridge_overhead"],
+        "bridge_overhead_eager_attention": extract["bridge_overhead_eager_attention"],
         "extract_speedup_over_naive": extract["extract_speedup_over_naive"],
         "train_efficiency": step["train_efficiency"],
         "loader_stall": runs["loader_stall"],

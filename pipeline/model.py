@@ -11,6 +11,7 @@ from pathlib import Path
 import torch
 from transformer_lens.model_bridge import TransformerBridge
 
+from pipeline.attention import fuse_attention
 from pipeline.core.device import compute_dtype, resolve_device
 from pipeline.core.errors import PipelineError, first_line
 from pipeline.core.location import looks_local
@@ -39,7 +40,7 @@ def sharing_models() -> Iterator[None]:
 
 def load_model(cfg: ModelConfig) -> TransformerBridge:
     """Boot `cfg.name` (hub id or local HF checkpoint directory) on the configured device and dtype."""
-    key = (cfg.name, cfg.revision, cfg.process_weights, cfg.device, cfg.dtype)
+    key = (cfg.name, cfg.revision, cfg.process_weights, cfg.device, cfg.dtype, cfg.attn_implementation)
     if _shared is not None and key in _shared:
         return _shared[key]
     model = _boot(cfg)
@@ -67,6 +68,8 @@ def _boot(cfg: ModelConfig) -> TransformerBridge:
     if cfg.process_weights:
         model.enable_compatibility_mode()
     model.eval()
+    if cfg.attn_implementation == "sdpa":
+        fuse_attention(model)
     if model.tokenizer is None or model.tokenizer.bos_token_id is None:
         raise PipelineError(f"model {cfg.name!r} has no tokenizer with a BOS token")
     return model

@@ -34,6 +34,7 @@ class ModelConfig:
     process_weights: bool = False  # TransformerLens compatibility mode (fold LayerNorm, centre weights)
     device: str = "auto"  # auto = cuda when present, else cpu
     dtype: str = "auto"  # compute dtype; auto = float16 on cuda, float32 on cpu
+    attn_implementation: str = "sdpa"  # sdpa: fused wherever no hook looks inside attention; eager: the bridge's own
 
 
 @dataclass
@@ -316,6 +317,8 @@ def _validate(params: Params) -> None:
     checks = [
         (m.dtype in ("auto", "float32", "float16", "bfloat16"), "model.dtype", m.dtype,
          "auto, float32, float16 or bfloat16"),
+        (m.attn_implementation in ("sdpa", "eager"), "model.attn_implementation", m.attn_implementation,
+         "sdpa or eager"),
         (DEVICE_PATTERN.match(m.device), "model.device", m.device, "auto, cpu, cuda, cuda:N or mps"),
         (DEVICE_PATTERN.match(t.device), "train.device", t.device, "auto, cpu, cuda, cuda:N or mps"),
         (x.dtype in ("float16", "float32"), "extract.dtype", x.dtype, "float16 or float32"),

@@ -88,6 +88,7 @@ def _store_attrs(params: Params, model, splits: dict[str, TokenizedSplit]) -> di
         "model_revision": hub_revision(model, params.model),
         "process_weights": params.model.process_weights,
         "compute_dtype": str(next(model.parameters()).dtype).removeprefix("torch."),
+        "attn_implementation": params.model.attn_implementation,
         "hooks": list(params.extract.hooks),
         "d_model": int(model.cfg.d_model),
         "n_ctx": int(model.cfg.n_ctx),

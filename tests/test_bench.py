@@ -11,7 +11,8 @@ from conftest import invoke, write_params
 from bench.figures import GOALS
 
 FIGURES = {
-    "extract_efficiency", "bridge_overhead", "extract_speedup_over_naive", "train_efficiency", "loader_stall",
+    "extract_efficiency", "bridge_overhead", "bridge_overhead_eager_attention", "extract_speedup_over_naive",
+    "train_efficiency", "loader_stall",
     "one_read_ratio", "trainer_vs_minimal", "store_read_ratio", "streamed_read_ratio", "store_write_ratio",
     "decorrelation_cost",
     "topk_step_cost", "batchtopk_step_cost", "jumprelu_step_cost", "matryoshka_step_cost", "topk_selection_share",
@@ -45,6 +46,8 @@ def test_bench_reports_every_figure(tmp_path, tiny_model_dir, gsm_dir):
     assert math.isclose(report["figures"]["extract_efficiency"], efficiency)
     overhead = extract["plain_transformers_tokens_per_s"] / extract["bridge_forward_tokens_per_s"]
     assert math.isclose(report["figures"]["bridge_overhead"], overhead)
+    eager = extract["plain_transformers_tokens_per_s"] / extract["bridge_eager_attention_tokens_per_s"]
+    assert math.isclose(report["figures"]["bridge_overhead_eager_attention"], eager)
     agreement = extract["plain_transformers_vs_hook"]
     assert agreement["compared"] and agreement["hook"] == "blocks.1.hook_resid_post"
     assert agreement["max_abs_diff"] <= 1e-4 * agreement["max_abs_activation"]

@@ -5,7 +5,9 @@ from __future__ import annotations
 import contextlib
 import resource
 import sys
+from collections.abc import Callable
 
+import numpy as np
 import torch
 
 from pipeline.core import distributed
@@ -73,6 +75,23 @@ def grad_scaler(device: torch.device, dtype: torch.dtype | None) -> torch.amp.Gr
 def uses_pinned_memory(device: torch.device) -> bool:
     """Pinned host buffers only help (and only exist) when copying to CUDA."""
     return device.type == "cuda"
+
+
+def to_host(tensors: dict[str, torch.Tensor]) -> tuple[dict[str, np.ndarray], Callable[[], None]]:
+    """Start copying `tensors` to host memory: the host arrays, and a function that returns once they are filled.
+
+    From CUDA the copies go to pinned memory without blocking, so this thread goes on queueing the GPU's next work
+    while another waits for the copy; from the CPU they are plain copies, done on return.
+    """
+    devices = {tensor.device for tensor in tensors.values()}
+    if not any(uses_pinned_memory(device) for device in devices):
+        return {name: tensor.cpu().numpy() for name, tensor in tensors.items()}, lambda: None
+    host = {name: torch.empty(t.shape, dtype=t.dtype, pin_memory=True) for name, t in tensors.items()}
+    for name, tensor in tensors.items():
+        host[name].copy_(tensor, non_blocking=True)
+    copied = torch.cuda.Event()
+    copied.record()
+    return {name: tensor.numpy() for name, tensor in host.items()}, copied.synchronize
 
 
 def reset_peak_memory(device: torch.device) -> None:

@@ -7,6 +7,7 @@ from collections.abc import Callable, Sequence
 import numpy as np
 import torch
 
+from pipeline.core.device import to_host
 from pipeline.corpus import Batch, TokenizedSplit, padded, plan_batches
 from pipeline.model import capture
 from pipeline.store.background import BackgroundWriter
@@ -28,7 +29,8 @@ def extract_pending(
     try:
         for split, index, start, end in shards:
             data = splits[split]
-            background.submit(split, index, start, extractor.extract(data.tokens, data.doc_offsets, start, end))
+            activations, ready = extractor.extract(data.tokens, data.doc_offsets, start, end)
+            background.submit(split, index, start, activations, ready)
             on_shard(end - start)
     finally:
         background.close()
@@ -52,8 +54,11 @@ class ShardExtractor:
         self.out_dtype = out_dtype
         self.device = next(model.parameters()).device
 
-    def extract(self, tokens: np.ndarray, offsets: np.ndarray, start: int, end: int) -> dict[str, np.ndarray]:
-        """Activations [end - start, d_model] per hook for global token positions start..end-1."""
+    def extract(
+        self, tokens: np.ndarray, offsets: np.ndarray, start: int, end: int
+    ) -> tuple[dict[str, np.ndarray], Callable[[], None]]:
+        """Activations [end - start, d_model] per hook for global token positions start..end-1, and a function that
+        returns once they have reached host memory (`to_host`)."""
         first = int(np.searchsorted(offsets, start, side="right")) - 1
         last = int(np.searchsorted(offsets, end, side="left"))  # exclusive
         doc_ids = np.arange(first, last)
@@ -65,8 +70,8 @@ class ShardExtractor:
             acts = capture(self.model, ids, mask, self.hooks, self.stop_at_layer)
             for hook in self.hooks:
                 out[hook][dest] = acts[hook][rows, positions].to(self.out_dtype)
-        # One device-to-host copy per shard, not per batch: the GPU is not stalled by small transfers.
-        return {h: v.cpu().numpy() for h, v in out.items()}
+        # One device-to-host copy per shard, not per batch, and the writer thread (not this one) waits for it.
+        return to_host(out)
 
     def _layout(self, batch: Batch, tokens: np.ndarray, offsets: np.ndarray, start: int, end: int):
         """Padded ids and mask, and where each position inside [start, end) comes from and goes to."""

@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import queue
 import threading
+from collections.abc import Callable
 
 import numpy as np
 
@@ -36,9 +37,17 @@ class BackgroundWriter:
         for thread in self.threads:
             thread.start()
 
-    def submit(self, split: str, index: int, start: int, activations: dict[str, np.ndarray]) -> None:
+    def submit(
+        self,
+        split: str,
+        index: int,
+        start: int,
+        activations: dict[str, np.ndarray],
+        ready: Callable[[], None] = lambda: None,
+    ) -> None:
+        """Queue a shard; a writer thread calls `ready()` (wait for a device-to-host copy) before writing it."""
         self._raise_if_failed()
-        self.queue.put((split, index, start, activations))
+        self.queue.put((split, index, start, activations, ready))
 
     def close(self) -> None:
         """Wait until every submitted shard is written."""
@@ -51,8 +60,10 @@ class BackgroundWriter:
     def _run(self) -> None:
         while (item := self.queue.get()) is not None:
             if self.error is None:
+                split, index, start, activations, ready = item
                 try:
-                    self.writer.write_shard(*item)
+                    ready()
+                    self.writer.write_shard(split, index, start, activations)
                 except BaseException as exc:  # kept and re-raised in the producer's thread
                     self.error = exc
 

@@ -39,8 +39,8 @@ ZARR_TEMPORARY = ".partial"  # suffix of zarr's own temporary files (a killed wr
 TRUTH_GROUP = "truth"  # synthetic stores: the true features and their distribution (pipeline/synth)
 # Attributes that decide a store's content: --resume refuses, and an up-to-date check re-extracts, when any differs.
 IDENTITY_KEYS = (
-    "format_version", "model", "model_revision", "process_weights", "compute_dtype", "hooks", "dtype",
-    "tokenizer", "bos_token_id", "template", "dataset", "dataset_config", "splits", "max_docs",
+    "format_version", "model", "model_revision", "process_weights", "compute_dtype", "attn_implementation",
+    "hooks", "dtype", "tokenizer", "bos_token_id", "template", "dataset", "dataset_config", "splits", "max_docs",
     "shard_tokens", "chunk_tokens", "d_model", "n_ctx", "token_sha256", "synthetic",
 )  # fmt: skip
 
