@@ -242,9 +242,12 @@ def test_mixed_precision_paths_run_on_cpu(tmp_path, small_synthetic, amp):
     assert math.isfinite(metrics["final_step"]["loss"])
 
 
-def test_fp16_overflow_steps_are_skipped_and_counted(tmp_path, small_synthetic, monkeypatch):
+@pytest.mark.parametrize("fused", [False, True], ids=["cpu-adam", "fused-adam-as-on-cuda"])
+def test_fp16_overflow_steps_are_skipped_and_counted(tmp_path, small_synthetic, monkeypatch, fused):
     import pipeline.train.trainer
 
+    # Fused Adam (CUDA's) takes the scaler's inf check on the device; PyTorch's default reads it on the host.
+    monkeypatch.setattr(pipeline.train.trainer, "fused_adam", lambda device: fused)
     huge_scale = lambda device, dtype: torch.amp.GradScaler(device.type, init_scale=2.0**60)  # noqa: E731
     monkeypatch.setattr(pipeline.train.trainer, "grad_scaler", huge_scale)
     params = synthetic_params(tmp_path, store=small_synthetic, sae={"a": SMALL["a"]}, amp="fp16")
@@ -255,6 +258,37 @@ def test_fp16_overflow_steps_are_skipped_and_counted(tmp_path, small_synthetic, 
     assert metrics["skipped_fp16_steps"] == round(math.log2(2.0**60 / checkpoint["scaler"]["scale"]))
     assert metrics["skipped_fp16_steps"] > 0
     assert all(torch.isfinite(v).all() for v in checkpoint["sae"].values())
+
+
+def test_a_checkpoint_resumes_with_this_device_s_adam(tmp_path, small_synthetic, monkeypatch):
+    """A checkpoint written where Adam is fused (CUDA) resumes where it is not, and the reverse."""
+    import pipeline.train.trainer
+    from pipeline.train.trainer import Trainer
+
+    params = synthetic_params(tmp_path, small_synthetic, {"a": SMALL["a"]}, checkpoint_every=2)
+    checkpoint = tmp_path / "artifacts/checkpoints/config_a_2x.pt"
+    for fused in (True, False, True):  # write with one implementation, resume with the other
+        monkeypatch.setattr(pipeline.train.trainer, "fused_adam", lambda device, fused=fused: fused)
+        original, blocks = Trainer._train_on_block, []
+
+        def killed(self, run, epoch, block_index, block, bar, original=original, blocks=blocks):
+            blocks.append(block_index)
+            if len(blocks) == 5:  # after a checkpoint
+                raise KeyboardInterrupt
+            return original(self, run, epoch, block_index, block, bar)
+
+        monkeypatch.setattr(Trainer, "_train_on_block", killed)
+        resume = ["--resume"] if checkpoint.exists() else []
+        assert invoke("train", "--params", str(params), "--config", "a", *resume).exit_code == 130
+        saved = torch.load(checkpoint, weights_only=True)["optimizer"]
+        assert all(group["fused"] is fused for group in saved["param_groups"])
+        monkeypatch.setattr(Trainer, "_train_on_block", original)
+    monkeypatch.setattr(pipeline.train.trainer, "fused_adam", lambda device: False)
+    result = invoke("train", "--params", str(params), "--config", "a", "--resume")
+    assert result.exit_code == 0, result.output
+    final = torch.load(tmp_path / "artifacts/sae/config_a_2x_final.pt", weights_only=True)
+    assert all(group["fused"] is False for group in final["optimizer"]["param_groups"])
+    assert all(torch.isfinite(v).all() for v in final["sae"].values())
 
 
 def test_an_epoch_is_every_non_bos_token_once(tmp_path, tiny_params):

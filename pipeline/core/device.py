@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import resource
 import sys
+import time
 from collections.abc import Callable
 
 import numpy as np
@@ -70,6 +71,50 @@ def autocast(device: torch.device, dtype: torch.dtype | None) -> contextlib.Abst
 def grad_scaler(device: torch.device, dtype: torch.dtype | None) -> torch.amp.GradScaler:
     """A GradScaler that is active only for fp16, the one dtype whose gradients underflow."""
     return torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
+
+
+def fused_adam(device: torch.device) -> bool:
+    """Adam's fused kernel on CUDA: one kernel for all parameters, and the GradScaler then hands it the inf check
+    on the device instead of reading it on the host every step. Elsewhere PyTorch's default implementation, which
+    keeps CPU training bit-identical to what it was."""
+    return device.type == "cuda"
+
+
+class StepTimer:
+    """Seconds of device time spent in a run's steps, without making the host wait for the device each time.
+
+    On CUDA, events recorded around each stretch of steps are read only when `seconds` is asked for (at a log
+    step or the end, when the caller synchronises anyway); elsewhere the host's clock is the device's.
+    """
+
+    def __init__(self, device: torch.device) -> None:
+        self.cuda = device.type == "cuda"
+        self.pending: list[tuple[torch.cuda.Event, torch.cuda.Event]] = []
+        self.total = 0.0
+        self.started: float | torch.cuda.Event = 0.0
+
+    def start(self) -> None:
+        self.started = self._mark()
+
+    def stop(self) -> None:
+        if self.cuda:
+            self.pending.append((self.started, self._mark()))
+        else:
+            self.total += time.perf_counter() - self.started
+
+    def seconds(self) -> float:
+        for start, end in self.pending:
+            end.synchronize()
+            self.total += start.elapsed_time(end) / 1000
+        self.pending.clear()
+        return self.total
+
+    def _mark(self) -> float | torch.cuda.Event:
+        if not self.cuda:
+            return time.perf_counter()
+        event = torch.cuda.Event(enable_timing=True)
+        event.record()
+        return event
 
 
 def uses_pinned_memory(device: torch.device) -> bool:

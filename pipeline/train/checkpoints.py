@@ -111,10 +111,17 @@ def restore(run: SAERun, state: dict[str, Any]) -> None:
     """Put `run` where the checkpoint left it."""
     device = run.skipped_steps.device
     run.sae.load_state_dict(state["sae"])
-    run.optimizer.load_state_dict(state["optimizer"])
+    # This device's Adam implementation (fused on CUDA), not that of the device that saved the checkpoint.
+    built = run.optimizer.state_dict()["param_groups"]
+    saved = state["optimizer"]
+    groups = [
+        group | {k: own[k] for k in ("fused", "foreach")}
+        for group, own in zip(saved["param_groups"], built, strict=True)
+    ]
+    run.optimizer.load_state_dict(saved | {"param_groups": groups})
     run.scaler.load_state_dict(state["scaler"])
     run.step = state["step"]
-    run.train_seconds = state["train_seconds"]
+    run.timer.total = state["train_seconds"]
     run.skipped_steps = torch.tensor(state["skipped_steps"], device=device)
     run.epoch_loss_sums = list(state["epoch_loss_sums"])
     run.curve = list(state["curve"])

@@ -25,7 +25,7 @@ import torch
 
 from pipeline.artifacts import sae_name
 from pipeline.core import distributed
-from pipeline.core.device import amp_dtype, autocast, grad_scaler, synchronize
+from pipeline.core.device import StepTimer, amp_dtype, autocast, fused_adam, grad_scaler
 from pipeline.core.errors import PipelineError
 from pipeline.core.progress import progress_bars
 from pipeline.core.seeds import generator
@@ -57,13 +57,17 @@ class SAERun:
     scaler: torch.amp.GradScaler
     batch_tokens: int
     steps_per_epoch: int
+    timer: StepTimer  # device time inside this SAE's own steps
     step: int = 0
-    train_seconds: float = 0.0  # wall time inside this SAE's own steps
     skipped_steps: torch.Tensor | None = None  # fp16 steps the GradScaler skipped (kept on device: no sync)
     diverged: torch.Tensor | None = None  # a step applied a NaN/inf loss (on device; checked when we sync anyway)
     epoch_loss_sums: list[float] = field(default_factory=list)
     curve: list[dict[str, float]] = field(default_factory=list)
-    last_terms: dict[str, torch.Tensor] = field(default_factory=dict)
+    shown: dict[str, float] = field(default_factory=dict)  # the last logged loss and L0, for the progress bar
+
+    @property
+    def train_seconds(self) -> float:
+        return self.timer.seconds()
 
     @property
     def name(self) -> str:
@@ -167,6 +171,7 @@ class Trainer:
         """The batches of `block` that belong to `run` and that it has not trained on yet."""
         per_block = self.block_tokens // run.batch_tokens
         started = time.perf_counter()
+        run.timer.start()
         n_trained = 0
         for j in range(len(block) // run.batch_tokens):
             step = epoch * run.steps_per_epoch + block_index * per_block + j
@@ -177,11 +182,10 @@ class Trainer:
             self._step(run, block[start : start + share])
             n_trained += 1
         if n_trained:
-            synchronize(self.device)  # so that the time below is the time the steps really took
-            seconds = time.perf_counter() - started
-            run.train_seconds += seconds
-            fields = {k: float(v) for k, v in run.last_terms.items() if k in ("loss", "l0")}
-            bar.advance(n_trained * run.batch_tokens, seconds=seconds, **fields)
+            run.timer.stop()
+            # The host's time: on a GPU the host runs ahead by a few steps, so on average it is the device's, and
+            # the bar never makes the host wait for the device.
+            bar.advance(n_trained * run.batch_tokens, seconds=time.perf_counter() - started, **run.shown)
 
     def _step(self, run: SAERun, x: torch.Tensor) -> None:
         lr = run.cfg.lr * lr_factor(run.step, run.total_steps, run.cfg.warmup_frac, run.cfg.decay_frac)
@@ -201,9 +205,9 @@ class Trainer:
         run.step += 1
         if logging:
             self._check_finite(run)
-            run.last_terms = {"loss": loss, **terms}
-            row = {"step": run.step, "tokens": run.step * run.batch_tokens, "lr": lr}
-            run.curve.append(row | {k: float(v) for k, v in run.last_terms.items()})
+            values = {k: float(v) for k, v in {"loss": loss, **terms}.items()}  # the host waits here, once a log step
+            run.shown = {k: v for k, v in values.items() if k in ("loss", "l0")}
+            run.curve.append({"step": run.step, "tokens": run.step * run.batch_tokens, "lr": lr} | values)
 
     def checkpoint_path(self, run: SAERun) -> Path:
         """The run's latest checkpoint."""
@@ -257,10 +261,11 @@ class Trainer:
             key=key,
             cfg=cfg,
             sae=sae,
-            optimizer=torch.optim.Adam(sae.parameters(), lr=cfg.lr),
+            optimizer=torch.optim.Adam(sae.parameters(), lr=cfg.lr, fused=fused_adam(self.device)),
             scaler=grad_scaler(self.device, self.amp),
             batch_tokens=batch_tokens,
             steps_per_epoch=self.loader.n_tokens // batch_tokens,
+            timer=StepTimer(self.device),
             skipped_steps=torch.zeros((), dtype=torch.long, device=self.device),
             diverged=torch.zeros((), dtype=torch.bool, device=self.device),
         )
