@@ -357,8 +357,8 @@ def tiny_assets(
     ] = None,
 ) -> None:
     """Write a tiny GPT-2 and GSM8K-format rows (what params-tiny.yaml runs on; offline, CPU)."""
-    from pipeline.corpus import load_rows
     from pipeline.params import DataConfig
+    from pipeline.sources import load_rows
     from pipeline.tiny import SHAPES, write_tiny_assets
 
     if shape not in SHAPES:

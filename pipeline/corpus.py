@@ -1,19 +1,19 @@
-"""GSM8K rows -> documents (text) -> token ids with document offsets -> padded batches of similar length."""
+"""Rows (pipeline/sources.py) -> documents (text) -> token ids with document offsets -> padded batches."""
 
 from __future__ import annotations
 
-import json
+import string
+from collections.abc import Iterator
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import torch
 
-from pipeline.core.errors import PipelineError, first_line
-from pipeline.core.location import looks_local
+from pipeline.core.errors import PipelineError
 from pipeline.params import DataConfig
+from pipeline.sources import read_split
 
-REQUIRED_FIELDS = ("question", "answer")
+TOKENIZE_DOCUMENTS = 4096  # documents tokenized at a time, so that data.max_tokens stops early in a large corpus
 
 
 @dataclass
@@ -31,20 +31,34 @@ class TokenizedSplit:
 
 def load_documents(cfg: DataConfig, split: str) -> list[str]:
     """The split's rows rendered through `cfg.template` (keys: the row's fields, e.g. {question}, {answer})."""
-    rows = load_rows(cfg, split)
-    if cfg.max_docs is not None:
-        rows = rows[: cfg.max_docs]
-    try:
-        return [cfg.template.format(**row) for row in rows]
-    except KeyError as exc:
-        raise PipelineError(f"data.template names field {exc} that GSM8K rows do not have") from exc
+    found = read_split(cfg, split)
+    fields = [name for _, name, _, _ in string.Formatter().parse(cfg.template) if name]
+    documents = []
+    for row, where in zip(found.rows, found.where, strict=True):
+        missing = [name for name in fields if row.get(name) is None]
+        if missing:
+            raise PipelineError(
+                f"{where}: no field {', '.join(missing)}, which data.template {cfg.template!r} uses "
+                f"(the row has: {', '.join(row) or 'no fields'})"
+            )
+        documents.append(cfg.template.format(**row))
+    return documents
 
 
-def tokenize(documents: list[str], tokenizer, bos_token_id: int, max_len: int) -> TokenizedSplit:
-    """BOS + the document's tokens, truncated to `max_len` (the model's context)."""
-    encoded = tokenizer(documents, add_special_tokens=False)["input_ids"]
+def tokenize(
+    documents: list[str], tokenizer, bos_token_id: int, max_len: int, max_tokens: int | None = None
+) -> TokenizedSplit:
+    """BOS + each document's tokens, truncated to `max_len` (the model's context); with `max_tokens`, only the
+    leading documents whose tokens fit within it."""
+    encoded: list[list[int]] = []
+    total = 0
+    for ids in _token_ids(documents, tokenizer):
+        total += min(len(ids) + 1, max_len)
+        if max_tokens is not None and total > max_tokens:
+            break
+        encoded.append(ids)
     lengths = np.array([min(len(ids) + 1, max_len) for ids in encoded], dtype=np.int64)
-    offsets = np.zeros(len(documents) + 1, dtype=np.int64)
+    offsets = np.zeros(len(encoded) + 1, dtype=np.int64)
     np.cumsum(lengths, out=offsets[1:])
     tokens = np.empty(offsets[-1], dtype=np.int32)
     n_truncated = 0
@@ -56,54 +70,10 @@ def tokenize(documents: list[str], tokenizer, bos_token_id: int, max_len: int) -
     return TokenizedSplit(tokens=tokens, doc_offsets=offsets, n_truncated=n_truncated)
 
 
-def load_rows(cfg: DataConfig, split: str) -> list[dict]:
-    """The split's GSM8K rows (dicts with `question` and `answer`), from a local directory or the hub."""
-    local = Path(cfg.dataset).expanduser()
-    if looks_local(cfg.dataset):
-        if not local.is_dir():
-            raise PipelineError(f"data.dataset directory {local} does not exist")
-        rows = _read_jsonl(local / f"{split}.jsonl")
-    else:
-        rows = _load_hub(cfg, split)
-    if not rows:
-        raise PipelineError(f"split {split!r} of {cfg.dataset} holds no rows")
-    return rows
-
-
-def _read_jsonl(path: Path) -> list[dict]:
-    """Local GSM8K-format file; a malformed line is an error naming file and line."""
-    if not path.is_file():
-        found = sorted(p.name for p in path.parent.glob("*.jsonl"))
-        raise PipelineError(f"split file {path} not found (the directory holds: {', '.join(found) or 'nothing'})")
-    rows = []
-    with path.open(encoding="utf-8") as handle:
-        for number, line in enumerate(handle, start=1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise PipelineError(f"{path}:{number}: not valid JSON ({exc.msg})") from exc
-            missing = [k for k in REQUIRED_FIELDS if not isinstance(row, dict) or not isinstance(row.get(k), str)]
-            if missing:
-                raise PipelineError(f"{path}:{number}: missing or non-text field(s) {', '.join(missing)}")
-            rows.append(row)
-    return rows
-
-
-def _load_hub(cfg: DataConfig, split: str) -> list[dict]:
-    import datasets
-
-    try:
-        dataset = datasets.load_dataset(cfg.dataset, cfg.config, split=split)
-    except Exception as exc:  # the hub client raises many types; all mean "could not get it"
-        raise PipelineError(
-            f"dataset {cfg.dataset!r} (config {cfg.config!r}, split {split!r}) could not be loaded: "
-            f"{type(exc).__name__}: {first_line(exc)} (and there is no local directory "
-            "of that name). Offline? Point data.dataset at a local directory holding {split}.jsonl files in GSM8K's "
-            "format"
-        ) from exc
-    return [dict(row) for row in dataset]
+def _token_ids(documents: list[str], tokenizer) -> Iterator[list[int]]:
+    """Each document's token ids, tokenized a slice of documents at a time."""
+    for first in range(0, len(documents), TOKENIZE_DOCUMENTS):
+        yield from tokenizer(documents[first : first + TOKENIZE_DOCUMENTS], add_special_tokens=False)["input_ids"]
 
 
 @dataclass

@@ -39,11 +39,14 @@ class ModelConfig:
 
 @dataclass
 class DataConfig:
-    dataset: str = "openai/gsm8k"  # hub id, or a local directory holding {split}.jsonl
-    config: str = "main"  # hub dataset configuration
+    dataset: str = "openai/gsm8k"  # hub id, or a local directory of .jsonl/.json/.parquet/.txt files
+    config: str | None = "main"  # hub dataset configuration
     splits: list[str] = field(default_factory=lambda: ["train", "test"])
     max_docs: int | None = None  # per split; None = all
-    template: str = "{question}\n{answer}"  # one GSM8K row -> one document
+    max_tokens: int | None = None  # per split: the leading documents whose tokens fit; None = all
+    template: str = "{question}\n{answer}"  # one row -> one document; {text} for a plain corpus
+    test_fraction: float | None = None  # hold out this share of splits[0]'s documents as splits[1]
+    split_seed: int = 0  # which documents test_fraction holds out
 
 
 @dataclass
@@ -329,6 +332,11 @@ def _validate(params: Params) -> None:
          "a URL with a prefix below the bucket, such as s3://bucket/activations"),
         (bool(d.splits), "data.splits", d.splits, "at least one split"),
         (d.max_docs is None or d.max_docs > 0, "data.max_docs", d.max_docs, "null or a positive integer"),
+        (d.max_tokens is None or d.max_tokens > 0, "data.max_tokens", d.max_tokens, "null or a positive integer"),
+        (d.test_fraction is None or 0 < d.test_fraction < 1, "data.test_fraction", d.test_fraction,
+         "null or a number between 0 and 1"),
+        (d.test_fraction is None or len(d.splits) == 2, "data.splits", d.splits,
+         "two names with data.test_fraction: the split to read, then the one held out from it"),
         (x.batch_tokens is None or x.batch_tokens > 0, "extract.batch_tokens", x.batch_tokens,
          "null or a positive integer"),
         (x.chunk_tokens > 0, "extract.chunk_tokens", x.chunk_tokens, positive),

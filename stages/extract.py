@@ -1,4 +1,4 @@
-"""Stage `extract`: GSM8K documents through GPT-2, hooked activations into the zarr store."""
+"""Stage `extract`: the corpus's documents (GSM8K by default) through the model, hooked activations into the store."""
 
 from __future__ import annotations
 
@@ -42,7 +42,13 @@ def run(params: Params, resume: bool = False, force: bool = False) -> str:
         stop_at_layer = check_hooks(model, params.extract.hooks)
         tokenizer = model.tokenizer
         splits = {
-            split: tokenize(load_documents(params.data, split), tokenizer, tokenizer.bos_token_id, model.cfg.n_ctx)
+            split: tokenize(
+                load_documents(params.data, split),
+                tokenizer,
+                tokenizer.bos_token_id,
+                model.cfg.n_ctx,
+                params.data.max_tokens,
+            )
             for split in params.data.splits
         }
         for split, data in splits.items():
@@ -101,6 +107,14 @@ def _store_attrs(params: Params, model, splits: dict[str, TokenizedSplit]) -> di
         "dataset_config": params.data.config,
         "splits": list(params.data.splits),
         "max_docs": params.data.max_docs,
+        "max_tokens": params.data.max_tokens,
+        "held_out": None
+        if params.data.test_fraction is None
+        else {
+            "from": params.data.splits[0],
+            "fraction": params.data.test_fraction,
+            "seed": params.data.split_seed,
+        },
         "shard_tokens": params.extract.shard_tokens,
         "chunk_tokens": params.extract.chunk_tokens,
         "token_sha256": {split: token_digest(data.tokens, data.doc_offsets) for split, data in splits.items()},

@@ -41,7 +41,7 @@ TRUTH_GROUP = "truth"  # synthetic stores: the true features and their distribut
 IDENTITY_KEYS = (
     "format_version", "model", "model_revision", "process_weights", "compute_dtype", "attn_implementation",
     "hooks", "dtype", "tokenizer", "bos_token_id", "template", "dataset", "dataset_config", "splits", "max_docs",
-    "shard_tokens", "chunk_tokens", "d_model", "n_ctx", "token_sha256", "synthetic",
+    "max_tokens", "held_out", "shard_tokens", "chunk_tokens", "d_model", "n_ctx", "token_sha256", "synthetic",
 )  # fmt: skip
 
 
