@@ -43,6 +43,7 @@ def sae_outputs(out_dir: str | Path, key: str, cfg: SAEConfig) -> dict[str, Path
         "curve": out / "plots" / f"train_{key}.tsv",
         "eval_metrics": out / "metrics" / f"eval_{key}.json",
         "eval_details": out / "details" / f"eval_{key}.json",
+        "saebench_core": out / "saebench" / "core" / f"{name}_eval_results.json",
         "browser": out / "browser" / name,
     }
 

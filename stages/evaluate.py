@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 
 from pipeline.artifacts import sae_outputs, trained_sae
@@ -10,10 +11,12 @@ from pipeline.core.device import resolve_device
 from pipeline.core.progress import progress_bars
 from pipeline.evaluate.ground_truth import ground_truth_metrics
 from pipeline.evaluate.reconstruction import reconstruction_metrics
+from pipeline.evaluate.saebench import core_output, latent_statistics, weight_statistics
 from pipeline.evaluate.splice import splice_scores
 from pipeline.model import model_of_store
 from pipeline.params import Params, params_to_dict, resolved
 from pipeline.saes.base import SparseAutoencoder
+from pipeline.saes.saelens import SAELENS_CONFIG
 from pipeline.store import ActivationStore
 from pipeline.synth.generator import SyntheticModel
 from pipeline.train.loader import ActivationLoader
@@ -33,7 +36,7 @@ def run(params: Params, which: str = "all") -> dict[str, dict]:
                               params.train.memory_budget_gb)  # fmt: skip
     if not loader.resident_on_device:
         log.info("%s/%s is larger than train.memory_budget_gb: %s", ev.split, hook, loader.order_kind)
-    totals = {"reconstruction": loader.n_tokens * len(saes)}
+    totals = {"reconstruction": loader.n_tokens * len(saes), "SAEBench statistics": loader.n_tokens * len(saes)}
     if not store.is_synthetic:  # synthetic data has no model to splice into; it has true features instead
         totals["splice"] = int(offsets[n_docs] - offsets[0])
         model = model_of_store(params.model, store)
@@ -56,6 +59,10 @@ def run(params: Params, which: str = "all") -> dict[str, dict]:
             )
             for key, sae in saes.items()
         }
+        latents = {
+            key: latent_statistics(sae, loader.in_order(ev.batch_tokens), offsets, bars["SAEBench statistics"].advance)
+            for key, sae in saes.items()
+        }
     truths = _ground_truth(store, saes, device) if store.is_synthetic else {key: None for key in saes}
     details = {}
     for key in saes:
@@ -75,6 +82,10 @@ def run(params: Params, which: str = "all") -> dict[str, dict]:
             log.warning("sae.%s: %s", key, flag)
         paths = sae_outputs(params.train.out_dir, key, cfg)
         write_json(paths["eval_details"], details[key])
+        saelens_cfg = json.loads((paths["saelens"] / SAELENS_CONFIG).read_text())
+        saebench = core_output(details[key], latents[key], weight_statistics(saes[key]), saelens_cfg,
+                               _saebench_config(store, n_docs, params.train.exclude_bos))  # fmt: skip
+        write_json(paths["saebench_core"], saebench)
         write_json(paths["eval_metrics"], {
             "explained_variance": rec["explained_variance"],
             "normalized_mse": rec["normalized_mse"],
@@ -84,6 +95,30 @@ def run(params: Params, which: str = "all") -> dict[str, dict]:
             **({"mcc": truth["mcc"], "f1": truth["f1"]} if truth else {}),
         })  # fmt: skip
     return details
+
+
+def _saebench_config(store: ActivationStore, n_docs: int, exclude_bos: bool) -> dict:
+    """SAEBench's `CoreEvalConfig` for this evaluation: every splice document is one prompt of one batch, a whole
+    document of up to n_ctx tokens (not packed)."""
+    spliced = not store.is_synthetic
+    return {
+        "model_name": store.attrs.get("model") or "",
+        "llm_dtype": store.attrs.get("compute_dtype") or "float32",
+        "batch_size_prompts": n_docs if spliced else 0,
+        "n_eval_reconstruction_batches": 1 if spliced else 0,
+        "n_eval_sparsity_variance_batches": 1,
+        "dataset": store.attrs.get("dataset") or "synthetic",
+        "context_size": int(store.attrs.get("n_ctx") or 1),
+        "compute_kl": spliced,
+        "compute_ce_loss": spliced,
+        "compute_l2_norms": True,
+        "compute_sparsity_metrics": True,
+        "compute_variance_metrics": True,
+        "compute_featurewise_density_statistics": True,
+        "compute_featurewise_weight_based_metrics": True,
+        "exclude_special_tokens_from_reconstruction": exclude_bos,
+        "verbose": False,
+    }
 
 
 def _ground_truth(store: ActivationStore, saes: dict[str, SparseAutoencoder], device) -> dict[str, dict]:

@@ -112,6 +112,42 @@ def entry(ce_score, l0, kl_score=0.5, dead=0, dense=0, d_sae=100):
                                         "dense_latents": dense, "d_sae": d_sae}}}  # fmt: skip
 
 
+def test_saebench_core_output_is_valid_and_holds_our_saelens_convention_values(tiny_run):
+    saebench = pytest.importorskip("sae_bench.evals.core.eval_output", reason="pip install --no-deps sae-bench")
+    import jsonschema
+    from pydantic import TypeAdapter
+
+    schema = json.loads((Path(saebench.__file__).parent / "eval_output_schema_core.json").read_text())
+    params = load_params(tiny_run / "params.yaml")
+    for key, cfg in params.sae.items():
+        paths = sae_outputs(tiny_run / "artifacts", key, cfg)
+        written = json.loads(paths["saebench_core"].read_text())
+        jsonschema.validate(written, schema)  # SAEBench's JSON schema, and its own pydantic classes
+        TypeAdapter(saebench.CoreEvalOutput).validate_python(written)
+        details = json.loads(paths["eval_details"].read_text())
+        rec, saelens = details["reconstruction"], details["splice"]["saelens_compatible"]
+        metrics = written["eval_result_metrics"]
+        assert metrics["model_performance_preservation"] == {
+            "ce_loss_score": saelens["ce_loss_score"], "ce_loss_with_ablation": saelens["ce_zero"],
+            "ce_loss_with_sae": saelens["ce_sae"], "ce_loss_without_sae": saelens["ce_clean"],
+        }  # fmt: skip
+        assert metrics["model_behavior_preservation"] == {
+            "kl_div_score": saelens["kl_score"], "kl_div_with_ablation": saelens["kl_zero"],
+            "kl_div_with_sae": saelens["kl_sae"],
+        }  # fmt: skip
+        quality = metrics["reconstruction_quality"]
+        assert (quality["mse"], quality["explained_variance"]) == (rec["mse_per_token"], rec["explained_variance"])
+        assert metrics["sparsity"] == {"l0": rec["l0"], "l1": rec["l1"]}
+        latents = written["eval_result_details"]
+        assert [latent["index"] for latent in latents] == list(range(rec["d_sae"]))
+        density = np.array([latent["feature_density"] for latent in latents])
+        # Two passes over the split in different orders: the densities of one sum to the L0 of the other.
+        assert density.sum() == pytest.approx(rec["l0"], rel=1e-9)
+        assert (density == 0).sum() == rec["dead_latents"]
+        assert metrics["misc_metrics"]["frac_alive"] == pytest.approx(1 - rec["dead_latents"] / rec["d_sae"])
+        assert written["sae_cfg_dict"] == json.loads((paths["saelens"] / "cfg.json").read_text())
+
+
 def test_recommendation_follows_the_stated_rule():
     assert recommend({"a": entry(0.80, 10), "b": entry(0.95, 50), "c": entry(0.90, 5)})[0] == "b"
     assert recommend({"a": entry(0.80, 10), "b": entry(0.95, 50), "c": entry(0.945, 5)})[0] == "c"
