@@ -79,10 +79,10 @@ def trained_folder(params: Params, key: str) -> Path:
 
 
 def trained_sae(params: Params, key: str, store: ActivationStore) -> SparseAutoencoder:
-    """Config `key`'s trained SAE, in inference mode, checked against the store's hook (train.hook) and width."""
+    """Config `key`'s trained SAE, in inference mode, checked against its hook (`sae.<key>.hook`) and width."""
     folder = trained_folder(params, key)
     sae, cfg = load_saelens(folder)
-    trained_hook, hook = cfg["metadata"].get("hook_name"), params.train.hook
+    trained_hook, hook = cfg["metadata"].get("hook_name"), params.hook_of(key)
     if trained_hook != hook or sae.d_in != store.d_model:
         raise PipelineError(
             f"{folder} was trained on {trained_hook} (d_in={sae.d_in}); this stage reads {hook} of {store.path} "

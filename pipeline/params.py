@@ -63,7 +63,7 @@ class ExtractConfig:
 
 # Loss and optimiser settings a config may set for itself; where it does not, the train section's value applies.
 PER_CONFIG_SETTINGS = (
-    "l1_coeff", "decorrelation_coeff", "warmup_frac", "decay_frac", "k", "k_aux", "aux_coeff", "dead_tokens",
+    "hook", "l1_coeff", "decorrelation_coeff", "warmup_frac", "decay_frac", "k", "k_aux", "aux_coeff", "dead_tokens",
     "l0_coeff", "jumprelu_bandwidth", "jumprelu_initial_threshold", "matryoshka_prefixes",
 )  # fmt: skip
 
@@ -77,6 +77,7 @@ class SAEConfig:
     architecture: str = "relu"  # a name in pipeline/saes: relu | topk | batchtopk | jumprelu | matryoshka
     init_seed: int | None = None  # seed of the initial weights (mixed with the width); None = train.seed
     # None = the train section's value (see TrainConfig for their meaning).
+    hook: str | None = None
     l1_coeff: float | None = None
     decorrelation_coeff: float | None = None
     warmup_frac: float | None = None
@@ -197,6 +198,17 @@ class Params:
         if which not in self.sae:
             raise PipelineError(f"unknown SAE config {which!r}; params define: {', '.join(self.sae)}")
         return {which: self.sae[which]}
+
+    def hook_of(self, key: str) -> str:
+        """The stored hook config `key` reads: its own `hook`, else `train.hook`."""
+        return self.sae[key].hook or self.train.hook
+
+    def by_hook(self, keys) -> dict[str, list[str]]:
+        """`keys` grouped by the hook each reads, hooks in order of first appearance."""
+        groups: dict[str, list[str]] = {}
+        for key in keys:
+            groups.setdefault(self.hook_of(key), []).append(key)
+        return groups
 
 
 def resolved(cfg: SAEConfig, train: TrainConfig) -> SAEConfig:
@@ -390,6 +402,7 @@ def _validate(params: Params) -> None:
 
 
 SETTING_RANGES = {  # per-config setting -> (allowed, description); None (unset) is always allowed in sae.<key>
+    "hook": (lambda v: bool(v), "a stored hook's name, one of extract.hooks"),
     "l1_coeff": (lambda v: v >= 0, ">= 0"),
     "decorrelation_coeff": (lambda v: v >= 0, ">= 0"),
     "warmup_frac": (lambda v: 0 <= v < 1, "0 <= value < 1"),

@@ -21,26 +21,27 @@ log = logging.getLogger(__name__)
 
 def run(params: Params, which: str = "all") -> dict[str, str]:
     """Analyse the configs named by `which` ("all" or a key of `sae`); returns each browser page's path."""
-    settings, hook, train = params.analyze, params.train.hook, params.train
+    settings, train = params.analyze, params.train
     for key, cfg in params.sae_configs(which).items():  # before any work: never replace a folder that is not ours
         check_replaceable(sae_outputs(train.out_dir, key, cfg)["browser"], is_browser_folder)
     store = ActivationStore(params.extract.store)
     device = resolve_device(train.device)
     saes = {key: trained_sae(params, key, store).to(device) for key in params.sae_configs(which)}
-    loader = ActivationLoader(store, settings.split, hook, device, train.seed, train.exclude_bos,
-                              train.memory_budget_gb)  # fmt: skip
-    if not loader.resident_on_device:
-        log.info("%s/%s is larger than train.memory_budget_gb: %s", settings.split, hook, loader.order_kind)
     tokens, offsets = store.tokens(settings.split), store.doc_offsets(settings.split)
     vocabulary = None if store.is_synthetic else vocabulary_of(model_of_store(params.model, store), device)
     pages = {}
-    with progress_bars({key: 2 * loader.n_tokens for key in saes}) as bars:  # passes 1 and 2; 3 is short
-        for key, sae in saes.items():
-            payload = analyze(sae, loader, tokens, offsets, settings, train.seed, vocabulary,
-                              on_block=bars[key].advance)  # fmt: skip
-            cfg = params.sae[key]
-            payload |= {"config": key, "name": sae_name(key, cfg), "architecture": cfg.architecture, "hook": hook,
-                        "split": settings.split}  # fmt: skip
-            pages[key] = str(write_browser(sae_outputs(train.out_dir, key, cfg)["browser"], payload))
-            log.info("sae.%s: feature browser written to %s", key, pages[key])
+    for hook, keys in params.by_hook(saes).items():  # the configs at one hook read one loader of it
+        loader = ActivationLoader(store, settings.split, hook, device, train.seed, train.exclude_bos,
+                                  train.memory_budget_gb)  # fmt: skip
+        if not loader.resident_on_device:
+            log.info("%s/%s is larger than train.memory_budget_gb: %s", settings.split, hook, loader.order_kind)
+        with progress_bars({key: 2 * loader.n_tokens for key in keys}) as bars:  # passes 1 and 2; 3 is short
+            for key in keys:
+                payload = analyze(saes[key], loader, tokens, offsets, settings, train.seed, vocabulary,
+                                  on_block=bars[key].advance)  # fmt: skip
+                cfg = params.sae[key]
+                payload |= {"config": key, "name": sae_name(key, cfg), "architecture": cfg.architecture,
+                            "hook": hook, "split": settings.split}  # fmt: skip
+                pages[key] = str(write_browser(sae_outputs(train.out_dir, key, cfg)["browser"], payload))
+                log.info("sae.%s: feature browser written to %s", key, pages[key])
     return pages

@@ -26,43 +26,48 @@ log = logging.getLogger(__name__)
 
 def run(params: Params, which: str = "all") -> dict[str, dict]:
     """Evaluate the configs named by `which` ("all" or a key of `sae`); returns their details."""
-    ev, hook = params.evaluate, params.train.hook
+    ev = params.evaluate
     store = ActivationStore(params.extract.store)
     tokens, offsets = store.tokens(ev.split), store.doc_offsets(ev.split)
     n_docs = len(offsets) - 1 if ev.n_docs is None else min(ev.n_docs, len(offsets) - 1)
     device = resolve_device(params.train.device)
     saes = {key: trained_sae(params, key, store).to(device) for key in params.sae_configs(which)}
-    loader = ActivationLoader(store, ev.split, hook, device, params.train.seed, params.train.exclude_bos,
-                              params.train.memory_budget_gb)  # fmt: skip
-    if not loader.resident_on_device:
-        log.info("%s/%s is larger than train.memory_budget_gb: %s", ev.split, hook, loader.order_kind)
+    groups = params.by_hook(saes)
+
+    def loader_of(hook: str) -> ActivationLoader:
+        loader = ActivationLoader(store, ev.split, hook, device, params.train.seed, params.train.exclude_bos,
+                                  params.train.memory_budget_gb)  # fmt: skip
+        if not loader.resident_on_device:
+            log.info("%s/%s is larger than train.memory_budget_gb: %s", ev.split, hook, loader.order_kind)
+        return loader
+
+    loader = loader_of(next(iter(groups)))  # every hook of a split has the same tokens
     totals = {"reconstruction": loader.n_tokens * len(saes), "SAEBench statistics": loader.n_tokens * len(saes)}
     if not store.is_synthetic:  # synthetic data has no model to splice into; it has true features instead
-        totals["splice"] = int(offsets[n_docs] - offsets[0])
+        totals["splice"] = int(offsets[n_docs] - offsets[0]) * len(groups)
         model = model_of_store(params.model, store)
         log.info("splicing %s into the model on %d %s documents", ", ".join(saes), n_docs, ev.split)
+    splices, reconstructions, latents = {key: None for key in saes}, {}, {}
     with progress_bars(totals) as bars:
-        splices = {key: None for key in saes}
-        if not store.is_synthetic:
-            splices = splice_scores(
-                model,
-                tokens,
-                offsets[: n_docs + 1],
-                hook,
-                {key: (lambda x, sae=sae: sae(x)[0]) for key, sae in saes.items()},
-                ev.batch_tokens,
-                on_batch=bars["splice"].advance,
-            )
-        reconstructions = {
-            key: reconstruction_metrics(
-                sae, loader.epoch(0, ev.batch_tokens), ev.dense_threshold, on_block=bars["reconstruction"].advance
-            )
-            for key, sae in saes.items()
-        }
-        latents = {
-            key: latent_statistics(sae, loader.in_order(ev.batch_tokens), offsets, bars["SAEBench statistics"].advance)
-            for key, sae in saes.items()
-        }
+        for hook, keys in groups.items():  # one pass over the hook's activations, one splice of the model per hook
+            loader = loader if loader.hook == hook else loader_of(hook)
+            if not store.is_synthetic:
+                splices |= splice_scores(
+                    model,
+                    tokens,
+                    offsets[: n_docs + 1],
+                    hook,
+                    {key: (lambda x, sae=saes[key]: sae(x)[0]) for key in keys},
+                    ev.batch_tokens,
+                    on_batch=bars["splice"].advance,
+                )
+            for key in keys:
+                reconstructions[key] = reconstruction_metrics(
+                    saes[key], loader.epoch(0, ev.batch_tokens), ev.dense_threshold, bars["reconstruction"].advance
+                )
+                latents[key] = latent_statistics(
+                    saes[key], loader.in_order(ev.batch_tokens), offsets, bars["SAEBench statistics"].advance
+                )
     truths = _ground_truth(store, saes, device) if store.is_synthetic else {key: None for key in saes}
     details = {}
     for key in saes:
@@ -70,7 +75,7 @@ def run(params: Params, which: str = "all") -> dict[str, dict]:
         rec, splice, truth = reconstructions[key], splices[key], truths[key]
         details[key] = {
             "config": params_to_dict(resolved(cfg, params.train)),
-            "hook": hook,
+            "hook": params.hook_of(key),
             "split": ev.split,
             "command": params.command,
             "reconstruction": rec,

@@ -42,7 +42,7 @@ def run(params: Params) -> Path:
         {labels[k]: m["eval"]["reconstruction"]["density_histogram"] for k, m in metrics.items()}, paths["density"]
     )
     plots.stability(
-        [[None if a == b else shares[a][b]["one_to_one"]["0.7"] for b in params.sae] for a in params.sae],
+        [[shares[a][b]["one_to_one"]["0.7"] if b in shares[a] else None for b in params.sae] for a in params.sae],
         list(labels.values()), 0.7, paths["stability"],
     )  # fmt: skip
     write_text(paths["report"], render(params, metrics, store.attrs, labels, shares))

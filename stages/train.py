@@ -63,16 +63,34 @@ def _this_ranks_configs(configs: dict[str, SAEConfig], distribute: str) -> dict[
 def _train(
     params: Params, configs: dict[str, SAEConfig], checkpoints: Path, resume: bool, writes: bool
 ) -> dict[str, dict]:
+    """Every config, one hook at a time: the configs at one hook share one read of it."""
+    groups = params.by_hook(configs)
+    details = {}
+    for hook, keys in groups.items():
+        at_hook = {key: configs[key] for key in keys}
+        details |= _train_at_hook(params, hook, at_hook, checkpoints, resume, writes, alone=len(groups) == 1)
+    return details
+
+
+def _train_at_hook(
+    params: Params,
+    hook: str,
+    configs: dict[str, SAEConfig],
+    checkpoints: Path,
+    resume: bool,
+    writes: bool,
+    alone: bool,
+) -> dict[str, dict]:
     cfg = params.train
     store = ActivationStore(params.extract.store)
     device = resolve_device(cfg.device)
     started = time.perf_counter()
     reset_peak_memory(device)
     loader = ActivationLoader(
-        store, cfg.split, cfg.hook, device, cfg.seed, cfg.exclude_bos, cfg.memory_budget_gb
+        store, cfg.split, hook, device, cfg.seed, cfg.exclude_bos, cfg.memory_budget_gb
     )  # fmt: skip
     meta = {
-        "hook": cfg.hook,
+        "hook": hook,
         "store": str(store.path),
         "store_fingerprint": store.fingerprint,
         "model": store.attrs["model"],
@@ -101,7 +119,7 @@ def _train(
         ", ".join(r.name for r in trainer.runs),
         loader.n_tokens,
         cfg.split,
-        cfg.hook,
+        hook,
         "resident in memory" if loader.resident_on_device else loader.order_kind,
         device,
     )
@@ -116,7 +134,7 @@ def _train(
         "loader_order": loader.order_kind,
         "peak_memory_bytes": peak,
         "peak_memory_kind": peak_kind,
-        "peak_memory_scope": "the whole train run (all configs in it)",
+        "peak_memory_scope": "the whole train run (all configs in it)" if alone else "the configs at its hook",
         "device": str(device),
         "hardware": describe(device),
         "amp": str(amp_dtype(cfg.amp, device) or "none (float32)").removeprefix("torch."),

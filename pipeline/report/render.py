@@ -48,10 +48,14 @@ def render(
     """The Markdown text of the report."""
     any_train, any_eval = next(iter(metrics.values()))["train"], next(iter(metrics.values()))["eval"]
     stats = store_attrs.get("split_stats", {})
+    groups: dict[str, dict[str, dict]] = {}  # hook -> the metrics of the configs at it
+    for key, m in metrics.items():
+        groups.setdefault(m["train"]["hook"], {})[key] = m
+    hooks = "hook" + "s" * (len(groups) > 1) + " " + ", ".join(f"`{hook}`" for hook in groups)
     lines = [
         "# SAE training report",
         "",
-        f"Model `{store_attrs['model']}`, hook `{params.train.hook}` (d_in = {fmt(any_train['d_in'])}), "
+        f"Model `{store_attrs['model']}`, {hooks} (d_in = {fmt(any_train['d_in'])}), "
         f"trained on split `{params.train.split}`, evaluated on held-out split `{params.evaluate.split}`. "
         f"Dataset `{store_attrs['dataset']}`"
         + (
@@ -71,22 +75,15 @@ def render(
         "",
     ]
     for key, m in metrics.items():
-        lines += _config_section(params, key, labels[key], m)
-    lines += _comparison(params, metrics, labels)
+        lines += _config_section(params, key, labels[key], m, show_hook=len(groups) > 1)
+    # Configs are compared, and one recommended, among those at one hook: other hooks are other questions.
+    at = {hook: "" if len(groups) == 1 else f" at `{hook}`" for hook in groups}
+    for hook, group in groups.items():
+        lines += _comparison(params, group, labels, at[hook])
     lines += _stability_section(params, labels, shares or {})
     lines += _warnings(metrics, labels)
-    choice, rule = recommend(metrics)
-    lines += ["## Recommendation", "", rule if choice is None else f"Rule: {rule}", ""]
-    if choice is not None:
-        chosen = metrics[choice]["eval"]
-        splice, truth = chosen["splice"] or {}, chosen.get("ground_truth") or {}
-        scores = (f"CE loss score {fmt(splice.get('ce_loss_score'))}, KL score {fmt(splice.get('kl_score'))}"
-                  if splice else f"ground-truth F1 {fmt(truth.get('f1'))}, MCC {fmt(truth.get('mcc'))}")  # fmt: skip
-        lines += [
-            f"**{labels[choice]}**: {scores}, held-out L0 {fmt(chosen['reconstruction']['l0'])}, explained "
-            f"variance {fmt(chosen['reconstruction']['explained_variance'])}.",
-            "",
-        ]
+    for hook, group in groups.items():
+        lines += _recommendation(group, labels, at[hook])
     lines += [
         *_caveats(params),
         "## Reproduce",
@@ -118,6 +115,22 @@ def render(
         "",
     ]
     return "\n".join(lines)
+
+
+def _recommendation(metrics: dict[str, dict], labels: dict[str, str], at: str) -> list[str]:
+    choice, rule = recommend(metrics)
+    lines = [f"## Recommendation{at}", "", rule if choice is None else f"Rule: {rule}", ""]
+    if choice is not None:
+        chosen = metrics[choice]["eval"]
+        splice, truth = chosen["splice"] or {}, chosen.get("ground_truth") or {}
+        scores = (f"CE loss score {fmt(splice.get('ce_loss_score'))}, KL score {fmt(splice.get('kl_score'))}"
+                  if splice else f"ground-truth F1 {fmt(truth.get('f1'))}, MCC {fmt(truth.get('mcc'))}")  # fmt: skip
+        lines += [
+            f"**{labels[choice]}**: {scores}, held-out L0 {fmt(chosen['reconstruction']['l0'])}, explained "
+            f"variance {fmt(chosen['reconstruction']['explained_variance'])}.",
+            "",
+        ]
+    return lines
 
 
 def _splice_definitions(splice: dict) -> list[str]:
@@ -170,10 +183,11 @@ def reproduce_commands(metrics: dict[str, dict], store_attrs: dict, report_comma
     return list(dict.fromkeys(c for c in recorded if c))
 
 
-def _config_section(params: Params, key: str, label: str, m: dict) -> list[str]:
+def _config_section(params: Params, key: str, label: str, m: dict, show_hook: bool) -> list[str]:
     train, rec, splice = m["train"], m["eval"]["reconstruction"], m["eval"]["splice"] or {}
     cfg = train["config"]  # as trained: per-config settings resolved against the train section
     hyper = [
+        *([("hook", f"`{train['hook']}`")] if show_hook else []),
         ("architecture", cfg["architecture"]),
         *[(name, _setting(cfg[name])) for name in sae_class(cfg["architecture"]).settings],
         ("expansion", f"{cfg['expansion']}x"), ("d_sae", fmt(train["d_sae"])), ("parameters", fmt(train["n_params"])),
@@ -226,7 +240,7 @@ GROUND_TRUTH_ROWS = (
 )  # fmt: skip
 
 
-def _comparison(params: Params, metrics: dict[str, dict], labels: dict[str, str]) -> list[str]:
+def _comparison(params: Params, metrics: dict[str, dict], labels: dict[str, str], at: str) -> list[str]:
     keys = list(metrics)
     header = "| | " + " | ".join(labels[k] for k in keys) + " |"
     rule = "| --- |" + " --- |" * len(keys)
@@ -259,7 +273,7 @@ def _comparison(params: Params, metrics: dict[str, dict], labels: dict[str, str]
     eval_fields = [f for f in eval_fields if f[1] == "reconstruction" or spliced]
     truth = [metrics[k]["eval"].get("ground_truth") for k in keys]
     return [
-        "## Comparative analysis",
+        f"## Comparative analysis{at}",
         "",
         header,
         rule,
@@ -306,13 +320,15 @@ def _stability_section(params: Params, labels: dict[str, str], shares: dict) -> 
         def cell(x: str, y: str) -> str:
             if x == y:
                 return "—"
+            if y not in shares[x]:
+                return "other hook"
             return " / ".join(fmt(shares[x][y][method][str(t)]) for t in THRESHOLDS)
 
         return [header, rule, *[f"| {labels[x]} | " + " | ".join(cell(x, y) for y in keys) + " |" for x in keys]]
 
     reseeded = [
         f"{labels[x]} and {labels[y]}" for i, x in enumerate(keys) for y in keys[i + 1 :]
-        if _without_seed(params.sae[x]) == _without_seed(params.sae[y])
+        if _without_seed(params.sae[x]) == _without_seed(params.sae[y]) and y in shares[x]
     ]  # fmt: skip
     seeds = (
         f"Pairs that differ only in their initial weights' seed: {', '.join(reseeded)}."
