@@ -64,7 +64,7 @@ from pipeline.core.device import (
     synchronize,
 )
 from pipeline.core.errors import PipelineError
-from pipeline.corpus import load_documents, padded, plan_batches, tokenize
+from pipeline.corpus import load_documents, padded, plan_batches, start_token, tokenize
 from pipeline.extract.shards import ShardExtractor, extract_pending
 from pipeline.model import capture, check_hooks, load_model
 from pipeline.params import Params, SAEConfig
@@ -117,7 +117,7 @@ def bench_extract(params: Params, model, n_docs: int, workdir: Path) -> dict:
     stop = check_hooks(model, hooks)
     device = next(model.parameters()).device
     docs = load_documents(replace(params.data, max_docs=n_docs), params.data.splits[-1])
-    data = tokenize(docs, model.tokenizer, model.tokenizer.bos_token_id, model.cfg.n_ctx)
+    data = tokenize(docs, model.tokenizer, start_token(model.tokenizer, params.data.bos)[0], model.cfg.n_ctx)
     n_tokens = int(data.doc_offsets[-1])
     lengths = np.diff(data.doc_offsets)
     batch_tokens = extraction_batch_tokens(params.extract.batch_tokens, device)
@@ -147,7 +147,7 @@ def bench_extract(params: Params, model, n_docs: int, workdir: Path) -> dict:
         writer = StoreWriter(workdir / "bench-store", attrs, resume=False)
         writer.add_split("bench", data.tokens, data.doc_offsets)
         extract_pending(writer, extractor, {"bench": data}, writer.all_pending_shards())
-        writer.finalize({"bos_token_id": model.tokenizer.bos_token_id})  # as the stage does: checksums, rename
+        writer.finalize({"bos_token_id": int(data.tokens[0])})  # as the stage does: checksums, rename
 
     naive_docs = min(data.n_docs, NAIVE_DOCS)
 
@@ -312,7 +312,7 @@ def bench_splice(params: Params, model, hook: str) -> dict:
 
     device = next(model.parameters()).device
     docs = load_documents(replace(params.data, max_docs=SPLICE_DOCS), params.data.splits[-1])
-    data = tokenize(docs, model.tokenizer, model.tokenizer.bos_token_id, model.cfg.n_ctx)
+    data = tokenize(docs, model.tokenizer, start_token(model.tokenizer, params.data.bos)[0], model.cfg.n_ctx)
     batch_tokens = params.evaluate.batch_tokens
     lengths = np.diff(data.doc_offsets)
     inputs = [padded(b, data.tokens, data.doc_offsets, device) for b in plan_batches(lengths, np.arange(data.n_docs),

@@ -45,6 +45,25 @@ def load_documents(cfg: DataConfig, split: str) -> list[str]:
     return documents
 
 
+def start_token(tokenizer, policy: str) -> tuple[int, str]:
+    """The token put before every document under `data.bos`, and the policy in words (recorded in the store).
+
+    TransformerLens gives a tokenizer without a BOS token its EOS token as BOS; whether it had one of its own is
+    in the tokenizer's `init_kwargs` (what its files said).
+    """
+    own_bos = getattr(tokenizer, "init_kwargs", {}).get("bos_token", tokenizer.bos_token)
+    bos, eos = tokenizer.bos_token_id, tokenizer.eos_token_id
+    if policy == "bos" or (policy == "auto" and own_bos is not None):
+        if own_bos is None or bos is None:
+            raise PipelineError("the tokenizer has no BOS token; set data.bos to eos (or auto) to start documents "
+                                "with its EOS token")  # fmt: skip
+        return bos, "one BOS token prepended to every document; documents truncated to n_ctx tokens"
+    if eos is None:
+        raise PipelineError("the tokenizer has neither a BOS nor an EOS token to start documents with")
+    why = "the tokenizer has no BOS token" if policy == "auto" else "data.bos: eos"
+    return eos, f"one EOS token prepended to every document ({why}); documents truncated to n_ctx tokens"
+
+
 def tokenize(
     documents: list[str], tokenizer, bos_token_id: int, max_len: int, max_tokens: int | None = None
 ) -> TokenizedSplit:

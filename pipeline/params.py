@@ -45,6 +45,7 @@ class DataConfig:
     max_docs: int | None = None  # per split; None = all
     max_tokens: int | None = None  # per split: the leading documents whose tokens fit; None = all
     template: str = "{question}\n{answer}"  # one row -> one document; {text} for a plain corpus
+    bos: str = "auto"  # the token before every document: auto = the tokenizer's BOS, or its EOS where it has none
     test_fraction: float | None = None  # hold out this share of splits[0]'s documents as splits[1]
     split_seed: int = 0  # which documents test_fraction holds out
 
@@ -344,6 +345,7 @@ def _validate(params: Params) -> None:
          "a URL with a prefix below the bucket, such as s3://bucket/activations"),
         (bool(d.splits), "data.splits", d.splits, "at least one split"),
         (d.max_docs is None or d.max_docs > 0, "data.max_docs", d.max_docs, "null or a positive integer"),
+        (d.bos in ("auto", "bos", "eos"), "data.bos", d.bos, "auto, bos or eos"),
         (d.max_tokens is None or d.max_tokens > 0, "data.max_tokens", d.max_tokens, "null or a positive integer"),
         (d.test_fraction is None or 0 < d.test_fraction < 1, "data.test_fraction", d.test_fraction,
          "null or a number between 0 and 1"),

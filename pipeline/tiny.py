@@ -93,6 +93,35 @@ def save_tiny_gpt2(
     return directory
 
 
+FAMILIES = ("gpt_neox", "llama", "qwen2", "gemma2")  # besides GPT-2, tested end to end (tests/test_families.py)
+
+
+def save_tiny_family(directory: Path, tokenizer, family: str, seed: int = 0) -> Path:
+    """A random checkpoint of another model family (Pythia's GPT-NeoX, Llama, Qwen2, Gemma 2) beside `tokenizer`,
+    3 layers of width 64, with random norm weights so that the final norm's formula matters."""
+    import transformers
+
+    names = {"gpt_neox": "GPTNeoX", "llama": "Llama", "qwen2": "Qwen2", "gemma2": "Gemma2"}
+    config_class = getattr(transformers, f"{names[family]}Config")
+    model_class = getattr(transformers, f"{names[family]}ForCausalLM")
+    grouped = {} if family == "gpt_neox" else {"num_key_value_heads": 2}  # grouped-query attention
+    config = config_class(
+        vocab_size=len(tokenizer), hidden_size=64, num_hidden_layers=3, num_attention_heads=4, intermediate_size=128,
+        max_position_embeddings=256, bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+        **grouped, **({"head_dim": 16} if family == "gemma2" else {}),
+    )  # fmt: skip
+    torch.manual_seed(seed)
+    model = model_class(config)
+    with torch.no_grad():
+        for module in model.modules():
+            if "Norm" in type(module).__name__ and getattr(module, "weight", None) is not None:
+                centre = 0.0 if family == "gemma2" else 1.0  # Gemma scales by 1 + w
+                module.weight.normal_(centre, 0.3)
+    model.save_pretrained(directory)
+    tokenizer.save_pretrained(directory)
+    return directory
+
+
 def write_tiny_assets(
     root: Path,
     shape: str = "tiny",

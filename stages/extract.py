@@ -13,7 +13,7 @@ from pipeline.core import distributed
 from pipeline.core.device import extraction_batch_tokens
 from pipeline.core.location import open_location
 from pipeline.core.progress import progress_bars
-from pipeline.corpus import TokenizedSplit, load_documents, tokenize
+from pipeline.corpus import TokenizedSplit, load_documents, start_token, tokenize
 from pipeline.extract.shards import ShardExtractor, extract_pending
 from pipeline.model import check_hooks, hub_revision, load_model
 from pipeline.params import Params
@@ -41,11 +41,12 @@ def run(params: Params, resume: bool = False, force: bool = False) -> str:
         model = load_model(params.model)
         stop_at_layer = check_hooks(model, params.extract.hooks)
         tokenizer = model.tokenizer
+        start, start_policy = start_token(tokenizer, params.data.bos)
         splits = {
             split: tokenize(
                 load_documents(params.data, split),
                 tokenizer,
-                tokenizer.bos_token_id,
+                start,
                 model.cfg.n_ctx,
                 params.data.max_tokens,
             )
@@ -56,7 +57,7 @@ def run(params: Params, resume: bool = False, force: bool = False) -> str:
                 log.warning(
                     "%s: %d documents longer than %d tokens were truncated", split, data.n_truncated, model.cfg.n_ctx
                 )
-        attrs = _store_attrs(params, model, splits)
+        attrs = _store_attrs(params, model, splits, start, start_policy)
         current, why = distributed.broadcast(status(path, attrs) if main else None)
         if current and not force:
             log.info("%s is up to date (%s): nothing to do; --force recomputes it", path, why)
@@ -87,7 +88,7 @@ def run(params: Params, resume: bool = False, force: bool = False) -> str:
     return path
 
 
-def _store_attrs(params: Params, model, splits: dict[str, TokenizedSplit]) -> dict:
+def _store_attrs(params: Params, model, splits: dict[str, TokenizedSplit], start: int, start_policy: str) -> dict:
     tokenizer = model.tokenizer
     return {
         "model": params.model.name,
@@ -100,8 +101,8 @@ def _store_attrs(params: Params, model, splits: dict[str, TokenizedSplit]) -> di
         "n_ctx": int(model.cfg.n_ctx),
         "dtype": params.extract.dtype,
         "tokenizer": getattr(tokenizer, "name_or_path", None) or params.model.name,
-        "bos_token_id": int(tokenizer.bos_token_id),
-        "bos_policy": "one BOS token prepended to every document; documents truncated to n_ctx tokens",
+        "bos_token_id": start,
+        "bos_policy": start_policy,
         "template": params.data.template,
         "dataset": params.data.dataset,
         "dataset_config": params.data.config,

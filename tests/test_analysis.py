@@ -140,7 +140,7 @@ def test_logit_effects_equal_the_checkpoints_own_weights(tiny_model_dir):
     direction = sae.W_dec.detach() - sae.W_dec.detach().mean(dim=1, keepdim=True)
     with torch.no_grad():
         expected = (direction * reference.transformer.ln_f.weight) @ reference.lm_head.weight.T
-    top_values, top_ids, bottom_values, bottom_ids = logit_effects(sae, vocabulary.unembed, vocabulary.ln_weight, 5)
+    top_values, top_ids, bottom_values, bottom_ids = logit_effects(sae, vocabulary, 5)
     want_top, want_bottom = expected.topk(5, dim=1), expected.topk(5, dim=1, largest=False)
     torch.testing.assert_close(top_values, want_top.values, rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(bottom_values, want_bottom.values, rtol=1e-4, atol=1e-5)

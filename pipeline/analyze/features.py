@@ -6,7 +6,7 @@ from collections.abc import Callable
 
 import numpy as np
 
-from pipeline.analyze.logits import LOGIT_NOTE, Vocabulary, logit_rows
+from pipeline.analyze.logits import Vocabulary, logit_note, logit_rows
 from pipeline.analyze.statistics import (
     Activations,
     activations_at,
@@ -77,7 +77,7 @@ def analyze(
         "window": settings.window,
         "quantiles": settings.quantiles,
         "histogram_bins": settings.histogram_bins,
-        "logit_note": None if vocabulary is None else LOGIT_NOTE,
+        "logit_note": None if vocabulary is None else logit_note(vocabulary),
         "vocab": None if vocabulary is None else {str(t): vocabulary.decode(t) for t in sorted(used)},
         "features": features,
     }
