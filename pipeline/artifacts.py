@@ -48,6 +48,11 @@ def sae_outputs(out_dir: str | Path, key: str, cfg: SAEConfig) -> dict[str, Path
     }
 
 
+def export_folder(out_dir: str | Path, fmt: str, name: str) -> Path:
+    """Where `pipeline export --format fmt` writes one config's files."""
+    return Path(out_dir) / "export" / fmt / name
+
+
 def checkpoint_dir(out_dir: str | Path) -> Path:
     """Periodic checkpoints of runs in progress, and their locks."""
     return Path(out_dir) / "checkpoints"

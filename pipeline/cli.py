@@ -232,6 +232,22 @@ def analyze(
 
 
 @app.command()
+def export(
+    format_: Annotated[str, typer.Option("--format", help="What to write: neuronpedia (SAE-Dashboard's batches).")],
+    config: ConfigOption = "all",
+    model_id: Annotated[
+        str | None, typer.Option(help="The model's id on Neuronpedia (default: the last part of model.name).")
+    ] = None,
+    params: ParamsOption = DEFAULT_PARAMS_FILE,
+    set_: SetOption = None,
+    verbose: VerboseOption = False,
+) -> None:
+    """A config's latents in another tool's format, from its feature browser (run `pipeline analyze` first)."""
+    _run(["export", "--format", format_, "--config", config], verbose, params, set_,
+         lambda p: _stage("export").run(p, which=config, fmt=format_, model_id=model_id))  # fmt: skip
+
+
+@app.command()
 def stability(
     params: ParamsOption = DEFAULT_PARAMS_FILE, set_: SetOption = None, verbose: VerboseOption = False
 ) -> None:

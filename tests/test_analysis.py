@@ -74,7 +74,7 @@ def test_statistics_and_top_contexts_equal_the_dense_computation(case):
 def test_histograms_and_quantile_samples_follow_their_definitions(case):
     sae, loader, _, positions, _, _, dense = case
     maxima = dense.max(0).values.clamp(min=1e-30)
-    histograms, samples = histograms_and_quantile_samples(loader, sae, maxima, SETTINGS, seed=0)
+    histograms, samples, in_interval = histograms_and_quantile_samples(loader, sae, maxima, SETTINGS, seed=0)
     q, k = SETTINGS.quantiles, SETTINGS.per_quantile
     activation_at = {int(p): i for i, p in enumerate(positions)}
     for j in range(D_SAE):
@@ -82,6 +82,7 @@ def test_histograms_and_quantile_samples_follow_their_definitions(case):
         expected = torch.histc(fired / maxima[j], bins=SETTINGS.histogram_bins, min=0, max=1)
         assert histograms[j].tolist() == expected.long().tolist()
         interval = (fired / maxima[j] * q).long().clamp(max=q - 1)
+        assert in_interval[j].tolist() == [int((interval == quantile).sum()) for quantile in range(q)]
         for quantile in range(q):
             chosen = [int(t) for t in samples[j, quantile] if t >= 0]
             assert len(chosen) == min(k, int((interval == quantile).sum())), (j, quantile)
@@ -89,8 +90,8 @@ def test_histograms_and_quantile_samples_follow_their_definitions(case):
             for token in chosen:
                 relative = dense[activation_at[token], j] / maxima[j]
                 assert quantile / q <= relative <= (quantile + 1) / q + 1e-6
-    _, other_seed = histograms_and_quantile_samples(loader, sae, maxima, SETTINGS, seed=1)
-    _, same_seed = histograms_and_quantile_samples(loader, sae, maxima, SETTINGS, seed=0)
+    _, other_seed, _ = histograms_and_quantile_samples(loader, sae, maxima, SETTINGS, seed=1)
+    _, same_seed, _ = histograms_and_quantile_samples(loader, sae, maxima, SETTINGS, seed=0)
     assert torch.equal(samples, same_seed) and not torch.equal(samples, other_seed)
 
 

@@ -148,6 +148,54 @@ def test_saebench_core_output_is_valid_and_holds_our_saelens_convention_values(t
         assert written["sae_cfg_dict"] == json.loads((paths["saelens"] / "cfg.json").read_text())
 
 
+# SAE-Dashboard's NeuronpediaDashboardFeature.to_dict and NeuronpediaDashboardActivation.to_dict
+# (sae_dashboard/neuronpedia/neuronpedia_dashboard.py) and NeuronpediaDashboardBatch.to_dict: every field, in order.
+NEURONPEDIA_FEATURE_FIELDS = [
+    "feature_index", "neuron_alignment_indices", "neuron_alignment_values", "neuron_alignment_l1",
+    "correlated_neurons_indices", "correlated_neurons_l1", "correlated_neurons_pearson", "correlated_features_indices",
+    "correlated_features_l1", "correlated_features_pearson", "neg_str", "neg_values", "pos_str", "pos_values",
+    "frac_nonzero", "freq_hist_data_bar_values", "freq_hist_data_bar_heights", "logits_hist_data_bar_heights",
+    "logits_hist_data_bar_values", "n_prompts_total", "n_tokens_in_prompt", "dataset", "decoder_weights_dist",
+    "activations", "vector",
+]  # fmt: skip
+NEURONPEDIA_ACTIVATION_FIELDS = ["bin_min", "bin_max", "bin_contains", "tokens", "values", "qualifying_token_index"]
+NEURONPEDIA_BATCH_FIELDS = ["model_id", "layer", "sae_set", "sae_id_suffix", "features"]
+
+
+def test_neuronpedia_export_has_the_reference_layout_and_our_top_activations(tiny_run, monkeypatch):
+    from pipeline.analyze.browser import read_browser_data
+
+    monkeypatch.chdir(tiny_run)
+    result = invoke("export", "--format", "neuronpedia", "--config", "c")
+    assert result.exit_code == 0, result.output
+    params = load_params(tiny_run / "params.yaml")
+    browser = read_browser_data(sae_outputs("artifacts", "c", params.sae["c"])["browser"])
+    folder = tiny_run / "artifacts/export/neuronpedia/config_c_8x"
+    batches = [json.loads(path.read_text()) for path in sorted(folder.glob("batch-*.json"))]
+    skipped = json.loads((folder / "skipped_indexes.json").read_text())["skipped_indexes"]
+    features = {f["feature_index"]: f for batch in batches for f in batch["features"]}
+    assert all(list(batch) == NEURONPEDIA_BATCH_FIELDS and batch["layer"] == 2 for batch in batches)
+    assert sorted([*features, *skipped]) == list(range(browser["d_sae"]))  # every latent: exported, or never fired
+    for ours in browser["features"]:
+        if ours["id"] in skipped:
+            assert ours["frequency"] == 0
+            continue
+        exported = features[ours["id"]]
+        assert list(exported) == NEURONPEDIA_FEATURE_FIELDS
+        assert all(list(a) == NEURONPEDIA_ACTIVATION_FIELDS for a in exported["activations"])
+        top = [a for a in exported["activations"] if a["bin_min"] == -1]
+        assert len(top) == len(ours["top"])
+        for example, (_doc, _pos, centre, ids, acts) in zip(top, ours["top"], strict=True):
+            assert example["tokens"] == [browser["vocab"][str(t)] for t in ids]
+            assert example["qualifying_token_index"] == centre
+            assert example["values"] == pytest.approx([a * ours["max"] / 1000 for a in acts], abs=1e-5)
+        assert exported["pos_values"] == [v for _, v in ours["logits"]["top"]]
+        assert exported["frac_nonzero"] == ours["frequency"]
+        intervals = [a["bin_contains"] for a in exported["activations"] if a["bin_min"] != -1]
+        assert sum(q["count"] for q in ours["quantiles"]) == sum(ours["histogram"])  # every firing token, once
+        assert all(0 <= share <= 1 for share in intervals)
+
+
 def test_recommendation_follows_the_stated_rule():
     assert recommend({"a": entry(0.80, 10), "b": entry(0.95, 50), "c": entry(0.90, 5)})[0] == "b"
     assert recommend({"a": entry(0.80, 10), "b": entry(0.95, 50), "c": entry(0.945, 5)})[0] == "c"

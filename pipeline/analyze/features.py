@@ -36,7 +36,9 @@ def analyze(
     token by index), `tokens`/`offsets` the split's token ids and document boundaries.
     """
     stats = latent_statistics(source, sae, settings, on_block)
-    histograms, samples = histograms_and_quantile_samples(source, sae, stats.maxima, settings, seed, on_block)
+    histograms, samples, in_interval = histograms_and_quantile_samples(
+        source, sae, stats.maxima, settings, seed, on_block
+    )
     d_sae = sae.d_sae
     top, sampled = stats.top_tokens.cpu().numpy(), samples.cpu().numpy()
     # Every example as one row, per latent: its valid top tokens, then each interval's samples (valid ones first).
@@ -61,12 +63,14 @@ def analyze(
     counts, sums, maxima_l = stats.counts.tolist(), stats.sums.tolist(), maxima.tolist()
     hist = histograms.tolist()
     n_top, n_sampled = (top >= 0).sum(1).tolist(), (sampled >= 0).sum(2).tolist()
+    interval_counts = in_interval.tolist()
     features, cursor = [], 0
     for j in range(d_sae):
         mine = context[cursor : cursor + n_top[j] + sum(n_sampled[j])]
         cursor += len(mine)
         features.append(feature_record(j, counts[j], sums[j], maxima_l[j], source.n_tokens, mine[: n_top[j]],
-                                       mine[n_top[j] :], n_sampled[j], hist[j], logits[j]))  # fmt: skip
+                                       mine[n_top[j] :], n_sampled[j], interval_counts[j], hist[j],
+                                       logits[j]))  # fmt: skip
     used = set(ids)
     for row in filter(None, logits):
         used |= {t for t, _ in row["top"] + row["bottom"]}
@@ -85,15 +89,15 @@ def analyze(
 
 def feature_record(
     j: int, count: int, total: float, maximum: float, n_tokens: int, top: list, sampled_contexts: list,
-    per_quantile: list[int], histogram: list[int], logits: dict | None,
+    per_quantile: list[int], interval_counts: list[int], histogram: list[int], logits: dict | None,
 ) -> dict:  # fmt: skip
     """One latent: `top` and each quantile's `examples` are [document, position, index of the token in the
     window, window token ids, activations in thousandths of `max`]; `top_token` is the commonest token among the
     top examples' activating tokens, with its share. `per_quantile`: how many of `sampled_contexts` each
-    equal-width interval of [0, max] holds, in order."""
+    equal-width interval of [0, max] holds, in order; `interval_counts`: how many firing tokens each holds."""
     quantiles, cursor, q = [], 0, len(per_quantile)
     for i, n in enumerate(per_quantile):
-        quantiles.append({"range": [maximum * i / q, maximum * (i + 1) / q],
+        quantiles.append({"range": [maximum * i / q, maximum * (i + 1) / q], "count": interval_counts[i],
                           "examples": sampled_contexts[cursor : cursor + n]})  # fmt: skip
         cursor += n
     centres = [example[3][example[2]] for example in top]

@@ -96,12 +96,13 @@ def latent_statistics(
 def histograms_and_quantile_samples(
     source: Activations, sae: SparseAutoencoder, maxima: torch.Tensor, settings: AnalyzeConfig, seed: int,
     on_block: Callable[[int], None] = lambda n: None,
-) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
-    """Pass 2: histograms [d_sae, bins] over [0, max], and sampled tokens [d_sae, quantiles, per_quantile] (-1 where
-    an interval holds fewer tokens)."""
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:  # fmt: skip
+    """Pass 2: histograms [d_sae, bins] over [0, max], sampled tokens [d_sae, quantiles, per_quantile] (-1 where
+    an interval holds fewer tokens), and how many firing tokens each interval holds [d_sae, quantiles]."""
     d_sae, device = sae.d_sae, sae.W_dec.device
     bins, q, k = settings.histogram_bins, settings.quantiles, settings.per_quantile
     histograms = torch.zeros(d_sae * bins, dtype=torch.int64, device=device)
+    in_interval = torch.zeros(d_sae * q, dtype=torch.int64, device=device)
     keys = torch.full((d_sae * q, k), -1.0, device=device)  # random keys of the kept samples; -1 = empty slot
     kept = torch.full((d_sae * q, k), -1, dtype=torch.int64, device=device)
     generator = torch.Generator(device=device).manual_seed(seed)
@@ -111,13 +112,14 @@ def histograms_and_quantile_samples(
         histograms.index_add_(0, latent * bins + (relative * bins).long().clamp(max=bins - 1),
                               torch.ones_like(latent))  # fmt: skip
         group = latent * q + (relative * q).long().clamp(max=q - 1)
+        in_interval.index_add_(0, group, torch.ones_like(group))
         key = torch.rand(len(group), generator=generator, device=device)
         new_keys, new_tokens = _top_per_group(group, key, tokens[row], d_sae * q, k)
         merged_keys, index = torch.cat([keys, new_keys], dim=1).topk(k, dim=1)
         keys, kept = merged_keys, torch.cat([kept, new_tokens], dim=1).gather(1, index)
         on_block(len(tokens))
     kept[keys < 0] = -1
-    return histograms.view(d_sae, bins), kept.view(d_sae, q, k)
+    return histograms.view(d_sae, bins), kept.view(d_sae, q, k), in_interval.view(d_sae, q)
 
 
 def _top_per_group(

@@ -1,0 +1,1 @@
+"""Exporting trained SAEs in the formats other tools read."""
