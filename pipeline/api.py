@@ -9,6 +9,7 @@
     x_hat = sae.decode(f)
     model = load_model(store.attrs["model"])                # the model the store was extracted from
     logits = run_with_sae(model, sae, tokens, cfg["hook_name"])
+    logits = run_with_transcoder(model, transcoder, tokens, cfg["hook_name"], cfg["hook_name_out"])
 
 Everything here is a thin, stable name over the modules the stages use (`pipeline.saes`, `pipeline.store`,
 `pipeline.model`, `pipeline.evaluate`), so a notebook computes exactly what `pipeline evaluate` computes.
@@ -21,20 +22,22 @@ from typing import Any
 
 import torch
 
-from pipeline.evaluate.splice import splice_hook
+from pipeline.evaluate.splice import splice_hook, transcoder_hooks
 from pipeline.model import load_model as _load_model
 from pipeline.params import ModelConfig
 from pipeline.saes.base import SparseAutoencoder
 from pipeline.saes.saelens import load_saelens
 from pipeline.store import ActivationStore
 
-__all__ = ["load_model", "load_sae", "open_store", "run_with_sae"]
+__all__ = ["load_model", "load_sae", "open_store", "run_with_sae", "run_with_transcoder"]
 
 
 def load_sae(path: str | Path, device: str | torch.device = "cpu") -> tuple[SparseAutoencoder, dict[str, Any]]:
-    """An SAE folder (`cfg.json` + `sae_weights.safetensors`), in inference mode on `device`, and its config.
+    """An SAE or transcoder folder (`cfg.json` + `sae_weights.safetensors`), in inference mode on `device`, and
+    its config.
 
-    The config's `hook_name` (top level, and under `metadata` for ours) names the activation it reads.
+    The config's `hook_name` (top level, and under `metadata` for ours) names the activation it reads; a
+    transcoder's `hook_name_out` the one it predicts (`d_out` wide).
     """
     sae, config = load_saelens(path)
     return sae.to(device), {**config.get("metadata", {}), **config}
@@ -57,14 +60,27 @@ def run_with_sae(
 ) -> torch.Tensor:
     """Logits [batch, pos, vocab] of `model` on `tokens` [batch, pos] with the activation at `hook` replaced by
     the SAE's reconstruction at every position but the first (BOS), as `pipeline evaluate` splices it."""
+    reconstruct = sae.to(next(model.parameters()).device)
+    return _run(model, tokens, attention_mask, [(hook, splice_hook(lambda x: reconstruct(x)[0]))])
+
+
+def run_with_transcoder(
+    model,
+    transcoder: SparseAutoencoder,
+    tokens: torch.Tensor,
+    hook: str,
+    target_hook: str,
+    attention_mask: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Logits of `model` with `target_hook`'s activation replaced by the transcoder's prediction from the same
+    pass's `hook` activation (e.g. an MLP replaced by its transcoder), at every position but BOS."""
+    predict = transcoder.to(next(model.parameters()).device)
+    return _run(model, tokens, attention_mask, transcoder_hooks(hook, target_hook, lambda x: predict(x)[0]))
+
+
+def _run(model, tokens: torch.Tensor, attention_mask: torch.Tensor | None, hooks: list) -> torch.Tensor:
     device = next(model.parameters()).device
     tokens = tokens.to(device)
     mask = torch.ones_like(tokens) if attention_mask is None else attention_mask.to(device)
-    reconstruct = sae.to(device)
     with torch.inference_mode():
-        return model.run_with_hooks(
-            tokens,
-            attention_mask=mask,
-            fwd_hooks=[(hook, splice_hook(lambda x: reconstruct(x)[0]))],
-            return_type="logits",
-        )
+        return model.run_with_hooks(tokens, attention_mask=mask, fwd_hooks=hooks, return_type="logits")

@@ -87,10 +87,12 @@ def trained_sae(params: Params, key: str, store: ActivationStore) -> SparseAutoe
     """Config `key`'s trained SAE, in inference mode, checked against its hook (`sae.<key>.hook`) and width."""
     folder = trained_folder(params, key)
     sae, cfg = load_saelens(folder)
-    trained_hook, hook = cfg["metadata"].get("hook_name"), params.hook_of(key)
-    if trained_hook != hook or sae.d_in != store.d_model:
+    trained = (cfg["metadata"].get("hook_name"), cfg["metadata"].get("hook_name_out"))
+    wanted = (params.hook_of(key), params.sae[key].target_hook)
+    if trained != wanted or sae.d_in != store.d_model:
+        names = {reads: " -> ".join(h for h in reads if h) for reads in (trained, wanted)}
         raise PipelineError(
-            f"{folder} was trained on {trained_hook} (d_in={sae.d_in}); this stage reads {hook} of {store.path} "
-            f"(d_model={store.d_model}): retrain it"
+            f"{folder} was trained on {names[trained]} (d_in={sae.d_in}); this stage reads {names[wanted]} of "
+            f"{store.path} (d_model={store.d_model}): retrain it"
         )
     return sae.eval()

@@ -77,6 +77,8 @@ class SAEConfig:
     epochs: int = 3
     architecture: str = "relu"  # a name in pipeline/saes: relu | topk | batchtopk | jumprelu | matryoshka
     init_seed: int | None = None  # seed of the initial weights (mixed with the width); None = train.seed
+    target_hook: str | None = None  # a transcoder: predict this stored hook from `hook`; None = an ordinary SAE
+    skip: bool = False  # a transcoder with a learned linear skip path W_skip x
     # None = the train section's value (see TrainConfig for their meaning).
     hook: str | None = None
     l1_coeff: float | None = None
@@ -209,6 +211,13 @@ class Params:
         groups: dict[str, list[str]] = {}
         for key in keys:
             groups.setdefault(self.hook_of(key), []).append(key)
+        return groups
+
+    def by_reads(self, keys) -> dict[tuple[str, str | None], list[str]]:
+        """`keys` grouped by what each reads: (hook, a transcoder's target hook or None), in order of appearance."""
+        groups: dict[tuple[str, str | None], list[str]] = {}
+        for key in keys:
+            groups.setdefault((self.hook_of(key), self.sae[key].target_hook), []).append(key)
         return groups
 
 
@@ -395,6 +404,7 @@ def _validate(params: Params) -> None:
             (cfg.lr > 0, f"sae.{key}.lr", cfg.lr, "> 0"),
             (cfg.epochs > 0, f"sae.{key}.epochs", cfg.epochs, positive),
             (cfg.architecture in ARCHITECTURES, f"sae.{key}.architecture", cfg.architecture, ", ".join(ARCHITECTURES)),
+            (not cfg.skip or cfg.target_hook, f"sae.{key}.skip", cfg.skip, "true only with a target_hook"),
         ]
     for where, values in [("train", t)] + [(f"sae.{key}", cfg) for key, cfg in params.sae.items()]:
         checks += _setting_checks(where, values)

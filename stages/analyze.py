@@ -42,6 +42,8 @@ def run(params: Params, which: str = "all") -> dict[str, str]:
                 cfg = params.sae[key]
                 payload |= {"config": key, "name": sae_name(key, cfg), "architecture": cfg.architecture,
                             "hook": hook, "split": settings.split}  # fmt: skip
+                if cfg.target_hook:  # a transcoder: contexts of its input, decoder directions in its target's space
+                    payload["target_hook"] = cfg.target_hook
                 pages[key] = str(write_browser(sae_outputs(train.out_dir, key, cfg)["browser"], payload))
                 log.info("sae.%s: feature browser written to %s", key, pages[key])
     return pages

@@ -32,13 +32,13 @@ def run(params: Params, which: str = "all") -> dict[str, dict]:
     n_docs = len(offsets) - 1 if ev.n_docs is None else min(ev.n_docs, len(offsets) - 1)
     device = resolve_device(params.train.device)
     saes = {key: trained_sae(params, key, store).to(device) for key in params.sae_configs(which)}
-    groups = params.by_hook(saes)
+    groups = params.by_reads(saes)  # (hook, a transcoder's target hook or None): one read of each
 
-    def loader_of(hook: str) -> ActivationLoader:
-        loader = ActivationLoader(store, ev.split, hook, device, params.train.seed, params.train.exclude_bos,
-                                  params.train.memory_budget_gb)  # fmt: skip
+    def loader_of(reads: tuple[str, str | None]) -> ActivationLoader:
+        loader = ActivationLoader(store, ev.split, reads[0], device, params.train.seed, params.train.exclude_bos,
+                                  params.train.memory_budget_gb, target_hook=reads[1])  # fmt: skip
         if not loader.resident_on_device:
-            log.info("%s/%s is larger than train.memory_budget_gb: %s", ev.split, hook, loader.order_kind)
+            log.info("%s/%s is larger than train.memory_budget_gb: %s", ev.split, reads, loader.order_kind)
         return loader
 
     loader = loader_of(next(iter(groups)))  # every hook of a split has the same tokens
@@ -49,17 +49,18 @@ def run(params: Params, which: str = "all") -> dict[str, dict]:
         log.info("splicing %s into the model on %d %s documents", ", ".join(saes), n_docs, ev.split)
     splices, reconstructions, latents = {key: None for key in saes}, {}, {}
     with progress_bars(totals) as bars:
-        for hook, keys in groups.items():  # one pass over the hook's activations, one splice of the model per hook
-            loader = loader if loader.hook == hook else loader_of(hook)
-            if not store.is_synthetic:
+        for (hook, target), keys in groups.items():  # one pass over the hook's activations, one splice per hook
+            loader = loader if (loader.hook, loader.target_hook) == (hook, target) else loader_of((hook, target))
+            if not store.is_synthetic:  # a transcoder replaces its target by its prediction from its input hook
                 splices |= splice_scores(
                     model,
                     tokens,
                     offsets[: n_docs + 1],
-                    hook,
+                    target or hook,
                     {key: (lambda x, sae=saes[key]: sae(x)[0]) for key in keys},
                     ev.batch_tokens,
                     on_batch=bars["splice"].advance,
+                    source_hook=hook if target else None,
                 )
             for key in keys:
                 reconstructions[key] = reconstruction_metrics(
@@ -76,6 +77,7 @@ def run(params: Params, which: str = "all") -> dict[str, dict]:
         details[key] = {
             "config": params_to_dict(resolved(cfg, params.train)),
             "hook": params.hook_of(key),
+            **({"target_hook": params.sae[key].target_hook} if params.sae[key].target_hook else {}),
             "split": ev.split,
             "command": params.command,
             "reconstruction": rec,

@@ -18,7 +18,7 @@ log = logging.getLogger(__name__)
 def run(params: Params) -> Path:
     """Compare the saved decoders of every pair of configs at one hook; returns the file written."""
     shares = {}
-    for keys in params.by_hook(params.sae).values():  # latents at different hooks live in different spaces
+    for keys in params.by_reads(params.sae).values():  # latents at different hooks live in different spaces
         decoders = {key: load_saelens(trained_folder(params, key))[0].W_dec.detach() for key in keys}
         shares |= feature_stability(decoders)
     path = stability_path(params.train.out_dir)

@@ -63,18 +63,20 @@ def _this_ranks_configs(configs: dict[str, SAEConfig], distribute: str) -> dict[
 def _train(
     params: Params, configs: dict[str, SAEConfig], checkpoints: Path, resume: bool, writes: bool
 ) -> dict[str, dict]:
-    """Every config, one hook at a time: the configs at one hook share one read of it."""
-    groups = params.by_hook(configs)
+    """Every config, one hook at a time: the configs at one hook share one read of it (a transcoder's, of its
+    input and target hooks together)."""
+    groups = params.by_reads(configs)
     details = {}
-    for hook, keys in groups.items():
+    for (hook, target), keys in groups.items():
         at_hook = {key: configs[key] for key in keys}
-        details |= _train_at_hook(params, hook, at_hook, checkpoints, resume, writes, alone=len(groups) == 1)
+        details |= _train_at_hook(params, hook, target, at_hook, checkpoints, resume, writes, len(groups) == 1)
     return details
 
 
 def _train_at_hook(
     params: Params,
     hook: str,
+    target: str | None,
     configs: dict[str, SAEConfig],
     checkpoints: Path,
     resume: bool,
@@ -87,10 +89,11 @@ def _train_at_hook(
     started = time.perf_counter()
     reset_peak_memory(device)
     loader = ActivationLoader(
-        store, cfg.split, hook, device, cfg.seed, cfg.exclude_bos, cfg.memory_budget_gb
+        store, cfg.split, hook, device, cfg.seed, cfg.exclude_bos, cfg.memory_budget_gb, target_hook=target
     )  # fmt: skip
     meta = {
         "hook": hook,
+        **({"target_hook": target} if target else {}),
         "store": str(store.path),
         "store_fingerprint": store.fingerprint,
         "model": store.attrs["model"],
@@ -119,7 +122,7 @@ def _train_at_hook(
         ", ".join(r.name for r in trainer.runs),
         loader.n_tokens,
         cfg.split,
-        hook,
+        hook if target is None else f"{hook} -> {target}",
         "resident in memory" if loader.resident_on_device else loader.order_kind,
         device,
     )
@@ -139,6 +142,7 @@ def _train_at_hook(
         "hardware": describe(device),
         "amp": str(amp_dtype(cfg.amp, device) or "none (float32)").removeprefix("torch."),
         "scale_factor": trainer.scale,
+        **({"target_scale_factor": trainer.target_scale} if target else {}),
         "n_training_tokens_per_epoch": loader.n_tokens,
         "processes": distributed.world_size(),
         "distribute": cfg.distribute if distributed.world_size() > 1 else None,
@@ -158,11 +162,12 @@ def _write_outputs(params: Params, trainer: Trainer, sae_run: SAERun, shared: di
     state = trainer.state(sae_run)
     save_torch(state, paths["checkpoint"])
     save_saelens(
-        sae_run.sae.folded(trainer.scale).cpu(),
+        sae_run.sae.folded(trainer.scale, trainer.target_scale).cpu(),
         paths["saelens"],
         {
             "model_name": trainer.meta["model"],
             "hook_name": trainer.meta["hook"],
+            **({"hook_name_out": trainer.meta["target_hook"]} if "target_hook" in trainer.meta else {}),
             "hook_head_index": None,
             "prepend_bos": True,
             "context_size": trainer.meta["n_ctx"],
@@ -175,6 +180,7 @@ def _write_outputs(params: Params, trainer: Trainer, sae_run: SAERun, shared: di
         "config": params_to_dict(sae_run.cfg),
         "name": sae_run.name,
         "hook": trainer.meta["hook"],
+        **({"target_hook": trainer.meta["target_hook"]} if "target_hook" in trainer.meta else {}),
         "d_in": sae_run.sae.d_in,
         "d_sae": sae_run.sae.d_sae,
         "n_params": sum(p.numel() for p in sae_run.sae.parameters()),

@@ -100,11 +100,13 @@ def test_resume_with_another_world_size(tmp_path, tiny_model_dir, gsm_dir, refer
     assert_same_store(reference_store, tmp_path / "store")
 
 
-# A relu SAE over two epochs, and a topk SAE whose latents die after two batches, so that AuxK depends on the
-# merged statistics. (Batch-selected SAEs select per rank when data-parallel, so they are not expected to match.)
+# A relu SAE over two epochs, a topk SAE whose latents die after two batches, so that AuxK depends on the merged
+# statistics, and a skip transcoder (of the store's one hook to itself: the input and target pair of rows, their
+# two scales, the skip path). (Batch-selected SAEs select per rank when data-parallel: not expected to match.)
 CONFIGS = {
     "a": {"expansion": 4, "batch_size": 8, "lr": 2e-3, "epochs": 2},
     "b": {"architecture": "topk", "k": 4, "dead_tokens": 512, "expansion": 4, "batch_size": 4, "lr": 2e-3, "epochs": 1},
+    "c": {"expansion": 2, "batch_size": 8, "lr": 2e-3, "epochs": 1, "target_hook": "synthetic", "skip": True},
 }
 
 
@@ -171,7 +173,8 @@ def test_configs_across_ranks_match_one_process(tmp_path, small_store, one_proce
     for key in CONFIGS:
         weights, curve, details = trained(tmp_path / "artifacts", key)
         expected_weights, expected_curve, _ = trained(one_process_saes, key)
-        assert details["trained_with"] == [key] and details["distribute"] == "configs"  # a on rank 0, b on rank 1
+        # a and c on rank 0 (each its own read: c is a transcoder), b on rank 1
+        assert details["trained_with"] == [key] and details["distribute"] == "configs"
         for name, value in expected_weights.items():
             assert torch.equal(weights[name], value), f"{key}.{name}"
         assert curve == expected_curve
@@ -223,15 +226,15 @@ def test_an_error_in_the_processes_is_their_line_and_exit_code(tmp_path, small_s
 def test_work_that_does_not_divide_over_the_ranks_is_one_clear_line(tmp_path, small_store, monkeypatch):
     from pipeline.core import distributed
 
-    monkeypatch.setattr(distributed, "world_size", lambda: 3)
+    monkeypatch.setattr(distributed, "world_size", lambda: 5)
     monkeypatch.setattr(distributed, "rank", lambda: 1)
     params = _train_params(tmp_path, small_store)
     result = invoke("train", "--params", str(params), "-S", "train.distribute=configs")
     assert result.exit_code == 2
-    assert "deals 2 config(s) (a, b) to 3 processes; use at most 2 processes" in result.stderr
+    assert "deals 3 config(s) (a, b, c) to 5 processes; use at most 3 processes" in result.stderr
     result = invoke("train", "--params", str(params))
     assert result.exit_code == 2
-    assert "sae.a: a batch of 512 tokens does not split evenly over 3 processes" in result.stderr
+    assert "sae.a: a batch of 512 tokens does not split evenly over 5 processes" in result.stderr
 
 
 def test_more_processes_than_gpus_is_one_clear_line(monkeypatch, tmp_path):

@@ -37,9 +37,9 @@ def test_one_run_trains_evaluates_and_reports_saes_at_three_hooks(tmp_path, tiny
     loaders = []
     original = stages.train.ActivationLoader
 
-    def recorded(store, split, hook, *args):
+    def recorded(store, split, hook, *args, **kwargs):
         loaders.append(hook)
-        return original(store, split, hook, *args)
+        return original(store, split, hook, *args, **kwargs)
 
     monkeypatch.setattr(stages.train, "ActivationLoader", recorded)
     result = invoke("train", "--params", str(together), "--config", "all")

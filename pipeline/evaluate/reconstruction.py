@@ -28,14 +28,16 @@ def reconstruction_metrics(
     dense_threshold: float,
     on_block: Callable[[int], None] = lambda n_tokens: None,
 ) -> dict[str, float | int | list]:
-    """Reconstruction and sparsity over every activation in `blocks` (accumulated in float64)."""
+    """Reconstruction and sparsity over every activation in `blocks` (accumulated in float64). A transcoder's
+    blocks are [input | target] rows (`ActivationLoader` with a target hook), and x below is the target."""
     sums: dict[str, float] = dict.fromkeys(("sq_err", "mse", "nmse", "cos", "shrink", "l0", "l1"), 0.0)
     total_x = total_xx = None
     fires = torch.zeros(sae.d_sae, dtype=torch.float64)
     n = 0
-    for x in blocks:
+    for block in blocks:
+        source, x = (block[:, : sae.d_in], block[:, sae.d_in :]) if sae.transcoder else (block, block)
         with torch.no_grad():
-            x_hat, f = sae(x)
+            x_hat, f = sae(source)
         x, x_hat, f = x.double(), x_hat.double(), f.double()
         err = (x - x_hat).pow(2).sum(dim=1)
         norm = x.norm(dim=1)

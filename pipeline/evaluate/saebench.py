@@ -49,9 +49,10 @@ def latent_statistics(
     documents = torch.zeros(sae.d_sae, dtype=torch.float64)  # documents each latent fires in
     open_doc, open_fired = -1, torch.zeros(sae.d_sae, dtype=torch.bool)  # the last document, maybe continued
     n = 0
-    for positions, x in blocks:
+    for positions, block in blocks:
+        source, x = (block[:, : sae.d_in], block[:, sae.d_in :]) if sae.transcoder else (block, block)
         with torch.no_grad():
-            x_hat, f = sae(x)
+            x_hat, f = sae(source)
         x, x_hat, fired = x.double(), x_hat.double(), (f > 0).cpu()
         sums["norm_in"] += x.norm(dim=1).sum().item()
         sums["norm_out"] += x_hat.norm(dim=1).sum().item()

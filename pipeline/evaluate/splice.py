@@ -21,6 +21,7 @@ from collections.abc import Callable
 import numpy as np
 import torch
 
+from pipeline.core.errors import PipelineError
 from pipeline.corpus import padded, plan_batches
 
 Reconstruct = Callable[[torch.Tensor], torch.Tensor]
@@ -41,11 +42,13 @@ def splice_scores(
     reconstructions: dict[str, Reconstruct],
     batch_tokens: int,
     on_batch: Callable[[int], None] = lambda n_tokens: None,
+    source_hook: str | None = None,
 ) -> dict[str, dict]:
     """Per entry of `reconstructions`: CE and KL of the model with `hook` replaced by it, by zeros, and untouched.
 
     Returns our convention's values, with SAELens's under "saelens_compatible". The clean and zero-ablated passes
-    do not depend on the SAE, so each batch runs them once for all SAEs.
+    do not depend on the SAE, so each batch runs them once for all SAEs. Transcoders (`source_hook`): `hook` is
+    their target, replaced by their prediction from the same pass's `source_hook` activation (an earlier hook).
     """
     device = next(model.parameters()).device
     lengths = np.diff(offsets)
@@ -58,7 +61,7 @@ def splice_scores(
             zero = clean.per_token(_log_probs(model, ids, mask, hook, torch.zeros_like, replace_bos=zero_bos))
             totals[convention].add_reference(clean.nll, zero, rows[convention])
         for key, reconstruct in reconstructions.items():
-            spliced = clean.per_token(_log_probs(model, ids, mask, hook, reconstruct))  # BOS kept in both
+            spliced = clean.per_token(_log_probs(model, ids, mask, hook, reconstruct, source_hook=source_hook))
             for convention in CONVENTIONS:
                 totals[convention].add_sae(key, spliced, rows[convention])
         on_batch(int(mask.sum()))
@@ -198,6 +201,22 @@ def _standard_error(mean_square: float, mean: float, n: int) -> float:
     return max(mean_square - mean * mean, 0.0) ** 0.5 / max(n - 1, 1) ** 0.5
 
 
+def transcoder_hooks(source_hook: str, target_hook: str, predict: Reconstruct, replace_bos: bool = False) -> list:
+    """TransformerLens forward hooks that replace `target_hook` by `predict` of the same pass's `source_hook`
+    activation (which the model computes first), BOS untouched unless `replace_bos`."""
+    seen: dict[str, torch.Tensor] = {}
+
+    def keep(activation: torch.Tensor, hook=None) -> None:
+        seen["source"] = activation
+
+    def predicted(_target: torch.Tensor) -> torch.Tensor:
+        if "source" not in seen:
+            raise PipelineError(f"{target_hook} runs before {source_hook}: a transcoder reads an earlier hook")
+        return predict(seen["source"].float())
+
+    return [(source_hook, keep), (target_hook, splice_hook(predicted, replace_bos))]
+
+
 def splice_hook(replace: Reconstruct, replace_bos: bool = False) -> Callable:
     """A TransformerLens forward hook that swaps a [batch, pos, d] activation for `replace` of it (computed in fp32),
     leaving position 0 (BOS) untouched unless `replace_bos`."""
@@ -212,14 +231,20 @@ def splice_hook(replace: Reconstruct, replace_bos: bool = False) -> Callable:
 
 
 def _log_probs(
-    model, ids: torch.Tensor, mask: torch.Tensor, hook: str, replace: Reconstruct | None, replace_bos: bool = False
-) -> torch.Tensor:
-    """Next-token log-probabilities [n_real_positions, vocab] with `hook` replaced by `replace` (or not).
+    model, ids: torch.Tensor, mask: torch.Tensor, hook: str, replace: Reconstruct | None, replace_bos: bool = False,
+    source_hook: str | None = None,
+) -> torch.Tensor:  # fmt: skip
+    """Next-token log-probabilities [n_real_positions, vocab] with `hook` replaced by `replace` (or not), of
+    `source_hook`'s activation for a transcoder.
 
     The BOS position is replaced only if `replace_bos` (SAEs are never trained on it).
     """
-
-    hooks = [] if replace is None else [(hook, splice_hook(replace, replace_bos))]
+    if replace is None:
+        hooks = []
+    elif source_hook is None:
+        hooks = [(hook, splice_hook(replace, replace_bos))]
+    else:
+        hooks = transcoder_hooks(source_hook, hook, replace, replace_bos)
     with torch.inference_mode():
         logits = model.run_with_hooks(ids, attention_mask=mask, fwd_hooks=hooks, return_type="logits")
     return logits[mask.bool()].float().log_softmax(-1)

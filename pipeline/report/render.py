@@ -49,8 +49,8 @@ def render(
     any_train, any_eval = next(iter(metrics.values()))["train"], next(iter(metrics.values()))["eval"]
     stats = store_attrs.get("split_stats", {})
     groups: dict[str, dict[str, dict]] = {}  # hook -> the metrics of the configs at it
-    for key, m in metrics.items():
-        groups.setdefault(m["train"]["hook"], {})[key] = m
+    for key, m in metrics.items():  # a transcoder's group is its input -> target
+        groups.setdefault(" -> ".join(filter(None, (m["train"]["hook"], m["train"].get("target_hook")))), {})[key] = m
     hooks = "hook" + "s" * (len(groups) > 1) + " " + ", ".join(f"`{hook}`" for hook in groups)
     lines = [
         "# SAE training report",
@@ -188,6 +188,8 @@ def _config_section(params: Params, key: str, label: str, m: dict, show_hook: bo
     cfg = train["config"]  # as trained: per-config settings resolved against the train section
     hyper = [
         *([("hook", f"`{train['hook']}`")] if show_hook else []),
+        *([("transcoder", f"`{train['hook']}` → `{train['target_hook']}`")] if "target_hook" in train else []),
+        *([("skip path", "W_skip x, learned")] if cfg.get("skip") else []),
         ("architecture", cfg["architecture"]),
         *[(name, _setting(cfg[name])) for name in sae_class(cfg["architecture"]).settings],
         ("expansion", f"{cfg['expansion']}x"), ("d_sae", fmt(train["d_sae"])), ("parameters", fmt(train["n_params"])),

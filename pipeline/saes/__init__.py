@@ -31,6 +31,8 @@ def sae_class(name: str) -> type[SparseAutoencoder]:
     return getattr(importlib.import_module(module), cls)
 
 
-def build_sae(cfg: SAEConfig, d_in: int, generator: torch.Generator | None = None) -> SparseAutoencoder:
-    """A new SAE as a resolved config describes it, on inputs of width `d_in`."""
-    return sae_class(cfg.architecture).from_config(d_in, cfg, generator)
+def build_sae(
+    cfg: SAEConfig, d_in: int, generator: torch.Generator | None = None, d_out: int | None = None
+) -> SparseAutoencoder:
+    """A new SAE as a resolved config describes it, on inputs of width `d_in` (a transcoder's targets `d_out`)."""
+    return sae_class(cfg.architecture).from_config(d_in, cfg, generator, d_out)

@@ -36,25 +36,45 @@ class SparseAutoencoder(nn.Module):
     reconstruction_term: ClassVar[str] = "mse"  # the loss term that measures reconstruction
     penalty: ClassVar[tuple[str, str]]  # (loss term, the setting that weights it)
 
-    def __init__(self, d_in: int, d_sae: int, generator: torch.Generator | None = None) -> None:
+    def __init__(
+        self, d_in: int, d_sae: int, generator: torch.Generator | None = None, d_out: int | None = None,
+        skip: bool = False,
+    ) -> None:  # fmt: skip
         super().__init__()
         self.d_in, self.d_sae = d_in, d_sae
-        w_dec = torch.randn(d_sae, d_in, generator=generator)
+        self.transcoder = d_out is not None  # reads one activation and predicts another (`d_out` wide)
+        self.d_out = d_in if d_out is None else d_out
+        w_dec = torch.randn(d_sae, self.d_out, generator=generator)
         w_dec /= w_dec.norm(dim=1, keepdim=True)
         self.W_dec = nn.Parameter(w_dec)
-        self.W_enc = nn.Parameter(w_dec.T * self.encoder_scale())
+        if self.d_out == d_in:
+            self.W_enc = nn.Parameter(w_dec.T * self.encoder_scale())
+        else:  # no decoder to mirror: random directions of the same norm
+            w_enc = torch.randn(d_in, d_sae, generator=generator)
+            self.W_enc = nn.Parameter(w_enc / w_enc.norm(dim=0, keepdim=True) * self.encoder_scale())
         self.b_enc = nn.Parameter(torch.zeros(d_sae))
-        self.b_dec = nn.Parameter(torch.zeros(d_in))
+        self.b_dec = nn.Parameter(torch.zeros(self.d_out))
+        self.skip = skip
+        if skip:  # a skip transcoder's linear path, [d_out, d_in] as SAELens stores it; starts at zero
+            self.W_skip = nn.Parameter(torch.zeros(self.d_out, d_in))
 
     @classmethod
-    def from_config(cls, d_in: int, cfg: SAEConfig, generator: torch.Generator | None = None) -> SparseAutoencoder:
-        """The SAE a resolved config describes, on inputs of width `d_in`."""
+    def from_config(
+        cls, d_in: int, cfg: SAEConfig, generator: torch.Generator | None = None, d_out: int | None = None
+    ) -> SparseAutoencoder:
+        """The SAE a resolved config describes, on inputs of width `d_in` (predicting `d_out`-wide targets for a
+        transcoder)."""
         options = {name: getattr(cfg, name) for name in cls.options}
-        return cls(d_in, d_in * cfg.expansion, generator=generator, **options)
+        shape = {"d_out": d_out, "skip": cfg.skip} if cfg.target_hook else {}
+        return cls(d_in, d_in * cfg.expansion, generator=generator, **options, **shape)
 
     def option_values(self) -> dict[str, Any]:
         """The constructor settings this SAE was built with (what a copy of it needs)."""
         return {name: getattr(self, name) for name in self.options}
+
+    def shape(self) -> dict[str, Any]:
+        """A transcoder's constructor arguments beyond an SAE's (what a copy of it needs too)."""
+        return {"d_out": self.d_out, "skip": self.skip} if self.transcoder else {}
 
     def encoder_scale(self) -> float:
         """The encoder starts as the decoder's transpose times this: d_sae half-active random directions
@@ -64,6 +84,8 @@ class SparseAutoencoder(nn.Module):
     # addmm fuses the bias into the matrix product: one pass fewer over [tokens, d_sae] than `@` then `+`.
     # It takes 2-D inputs, so any leading dimensions ([batch, pos, d]) are flattened and restored.
     def pre_activations(self, x: torch.Tensor) -> torch.Tensor:
+        if self.transcoder:  # b_dec lives in the target's space: the input is not centred by it
+            return torch.addmm(self.b_enc, x.reshape(-1, self.d_in), self.W_enc)
         return torch.addmm(self.b_enc, (x - self.b_dec).reshape(-1, self.d_in), self.W_enc)
 
     def activate(self, pre: torch.Tensor) -> torch.Tensor:
@@ -74,30 +96,49 @@ class SparseAutoencoder(nn.Module):
         return self.activate(self.pre_activations(x)).reshape(*x.shape[:-1], self.d_sae)
 
     def decode(self, f: torch.Tensor) -> torch.Tensor:
-        return torch.addmm(self.b_dec, f.reshape(-1, self.d_sae), self.W_dec).reshape(*f.shape[:-1], self.d_in)
+        return torch.addmm(self.b_dec, f.reshape(-1, self.d_sae), self.W_dec).reshape(*f.shape[:-1], self.d_out)
+
+    def skip_path(self, x: torch.Tensor) -> torch.Tensor:
+        """A skip transcoder's linear prediction W_skip x."""
+        return x @ self.W_skip.T
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Reconstruction and latent activations."""
+        """Reconstruction (a transcoder's prediction of its target) and latent activations."""
         f = self.encode(x)
-        return self.decode(f), f
+        out = self.decode(f)
+        return (out + self.skip_path(x) if self.skip else out), f
 
     def training_loss(
-        self, x: torch.Tensor, cfg: SAEConfig, logged: bool = True, over_ranks: bool = False
+        self,
+        x: torch.Tensor,
+        cfg: SAEConfig,
+        logged: bool = True,
+        over_ranks: bool = False,
+        target: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """The loss to minimise and its terms (fp32): the architecture's own (`loss_terms`), decorrelation, and
         on a `logged` step the diagnostics every architecture reports (mse per element, L1 per token, L0).
 
         Updates the SAE's training statistics (`observe`). A term the loss does not use costs a pass over the
         [batch, d_sae] latents or the decoder, so it is computed only for a step that is `logged`. `over_ranks`:
-        `x` is this rank's share of a batch split over ranks (see `observe`).
+        `x` is this rank's share of a batch split over ranks (see `observe`). A transcoder predicts `target` from
+        `x` (an SAE reconstructs `x`); a skip transcoder's dictionary explains what its linear path does not,
+        `target - W_skip x`, which is the same loss with every architecture's terms unchanged.
         """
+        target = x if target is None else target
         pre = self.pre_activations(x)
         f = self.activate(pre)
         x_hat = self.decode(f)
         self.observe(f.detach(), over_ranks)
-        terms = self.loss_terms(x, pre, f, x_hat, cfg)
+        terms = {}
+        if self.skip:
+            skipped = self.skip_path(x)
+            if logged:  # what the linear path alone leaves unexplained
+                terms["skip_mse"] = mse(skipped + self.b_dec, target).detach()
+            target = target - skipped
+        terms |= self.loss_terms(target, pre, f, x_hat, cfg)
         if logged:
-            terms.setdefault("mse", mse(x_hat, x))
+            terms.setdefault("mse", mse(x_hat, target))
             terms.setdefault("l1", l1(f))
         if cfg.decorrelation_coeff or logged:
             terms["decorrelation"] = decorrelation(self.W_dec.float())
@@ -126,13 +167,17 @@ class SparseAutoencoder(nn.Module):
         self.W_dec /= self.W_dec.norm(dim=1, keepdim=True).clamp_min(1e-8)
 
     @torch.no_grad()
-    def folded(self, scale: float) -> SparseAutoencoder:
-        """The same SAE expressed on raw inputs x, when it was trained on scale * x (in inference mode)."""
-        raw = type(self)(self.d_in, self.d_sae, **self.option_values()).eval()
+    def folded(self, scale: float, target_scale: float | None = None) -> SparseAutoencoder:
+        """The same SAE expressed on raw inputs x, when it was trained on scale * x (and a transcoder on
+        target_scale * y, default `scale`), in inference mode."""
+        target_scale = scale if target_scale is None else target_scale
+        raw = type(self)(self.d_in, self.d_sae, **self.option_values(), **self.shape()).eval()
         raw.load_state_dict(self.state_dict())
         raw.W_enc.mul_(scale)
-        raw.W_dec.div_(scale)
-        raw.b_dec.div_(scale)
+        raw.W_dec.div_(target_scale)
+        raw.b_dec.div_(target_scale)
+        if self.skip:
+            raw.W_skip.mul_(scale / target_scale)
         return raw
 
 

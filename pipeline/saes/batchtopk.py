@@ -19,8 +19,8 @@ class BatchTopKSAE(TopKSAE):
     name = "batchtopk"
     saelens_architecture = "jumprelu"
 
-    def __init__(self, d_in: int, d_sae: int, k: int, generator: torch.Generator | None = None) -> None:
-        super().__init__(d_in, d_sae, k, generator)
+    def __init__(self, d_in: int, d_sae: int, k: int, generator: torch.Generator | None = None, **shape) -> None:
+        super().__init__(d_in, d_sae, k, generator, **shape)
         self.register_buffer("threshold", torch.zeros(d_sae))
         self.register_buffer("threshold_updates", torch.zeros((), dtype=torch.long))  # training state
 

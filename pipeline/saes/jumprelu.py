@@ -25,8 +25,9 @@ class JumpReLUSAE(SparseAutoencoder):
         jumprelu_bandwidth: float,
         jumprelu_initial_threshold: float,
         generator: torch.Generator | None = None,
+        **shape,
     ) -> None:
-        super().__init__(d_in, d_sae, generator)
+        super().__init__(d_in, d_sae, generator, **shape)
         self.jumprelu_bandwidth = jumprelu_bandwidth
         self.jumprelu_initial_threshold = jumprelu_initial_threshold
         self.threshold = nn.Parameter(torch.full((d_sae,), jumprelu_initial_threshold))

@@ -20,9 +20,9 @@ class MatryoshkaSAE(BatchTopKSAE):
 
     def __init__(
         self, d_in: int, d_sae: int, k: int, matryoshka_prefixes: Sequence[float],
-        generator: torch.Generator | None = None,
+        generator: torch.Generator | None = None, **shape,
     ) -> None:  # fmt: skip
-        super().__init__(d_in, d_sae, k, generator)
+        super().__init__(d_in, d_sae, k, generator, **shape)
         self.matryoshka_prefixes = tuple(matryoshka_prefixes)
 
     def prefix_ends(self) -> list[int]:

@@ -21,8 +21,12 @@ from pipeline.saes.base import SparseAutoencoder
 
 SAELENS_WEIGHTS = "sae_weights.safetensors"
 SAELENS_CONFIG = "cfg.json"
-SAVED = ("W_enc", "b_enc", "W_dec", "b_dec", "threshold")  # tensors saved for users, where the SAE has them
-SAELENS_NAMES = {"standard": "relu", "topk": "topk", "jumprelu": "jumprelu"}  # SAELens's name -> ours, to load
+SAVED = ("W_enc", "b_enc", "W_dec", "b_dec", "threshold", "W_skip")  # tensors saved for users, where the SAE has them
+SAELENS_NAMES = {  # SAELens's name -> ours, to load a folder SAELens wrote
+    "standard": "relu", "topk": "topk", "jumprelu": "jumprelu", "transcoder": "relu", "skip_transcoder": "relu",
+    "jumprelu_transcoder": "jumprelu", "jumprelu_skip_transcoder": "jumprelu",
+}  # fmt: skip
+TRANSCODER_PREFIXES = {"standard": "", "jumprelu": "jumprelu_"}  # SAELens's transcoder classes, by formula
 
 
 def save_saelens(sae: SparseAutoencoder, directory: str | Path, metadata: dict[str, Any]) -> None:
@@ -36,12 +40,13 @@ def save_saelens(sae: SparseAutoencoder, directory: str | Path, metadata: dict[s
     metadata = {**metadata, "architecture": sae.name, **options}
     config = {
         **metadata,
-        "architecture": sae.saelens_architecture,
+        "architecture": saelens_architecture(sae),
         "d_in": sae.d_in,
         "d_sae": sae.d_sae,
+        **({"d_out": sae.d_out} if sae.transcoder else {}),
         "dtype": "float32",
         "device": "cpu",
-        "apply_b_dec_to_input": True,
+        "apply_b_dec_to_input": not sae.transcoder,
         "normalize_activations": "none",
         "reshape_activations": "none",
         "metadata": metadata,
@@ -54,6 +59,17 @@ def save_saelens(sae: SparseAutoencoder, directory: str | Path, metadata: dict[s
         tmp.mkdir()
         save_file(weights, tmp / SAELENS_WEIGHTS)
         (tmp / SAELENS_CONFIG).write_text(json.dumps(config, indent=2) + "\n")
+
+
+def saelens_architecture(sae: SparseAutoencoder) -> str:
+    """The SAELens class that loads `sae`'s folder: its formula's, or for a transcoder SAELens's transcoder of
+    that formula (transcoder, skip_transcoder, jumprelu_transcoder, jumprelu_skip_transcoder). A top-k transcoder
+    has no SAELens class: its folder says `topk_transcoder`, which this project loads and SAELens does not."""
+    if not sae.transcoder:
+        return sae.saelens_architecture
+    skip = "skip_" if sae.skip else ""
+    prefix = TRANSCODER_PREFIXES.get(sae.saelens_architecture, f"{sae.saelens_architecture}_")
+    return f"{prefix}{skip}transcoder"
 
 
 def is_saelens_folder(path: Path) -> bool:
@@ -76,8 +92,9 @@ def load_saelens(directory: str | Path) -> tuple[SparseAutoencoder, dict[str, An
     for name in cls.options:
         recorded = [v for v in (config.get(name), metadata.get(name)) if v is not None]
         options[name] = recorded[0] if recorded else getattr(defaults, name)
-    sae = cls(config["d_in"], config["d_sae"], **options).eval()
     saved = load_file(directory / SAELENS_WEIGHTS)
+    shape = {"d_out": config["d_out"], "skip": "W_skip" in saved} if "d_out" in config else {}
+    sae = cls(config["d_in"], config["d_sae"], **options, **shape).eval()
     expected = {name for name in SAVED if name in sae.state_dict()}
     if set(saved) != expected:
         raise PipelineError(

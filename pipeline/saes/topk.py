@@ -21,10 +21,10 @@ class TopKSAE(SparseAutoencoder):
     saelens_architecture = "topk"
     penalty = ("auxk", "aux_coeff")
 
-    def __init__(self, d_in: int, d_sae: int, k: int, generator: torch.Generator | None = None) -> None:
+    def __init__(self, d_in: int, d_sae: int, k: int, generator: torch.Generator | None = None, **shape) -> None:
         if k > d_sae:
             raise PipelineError(f"k={k} is more than its {d_sae} latents")
-        super().__init__(d_in, d_sae, generator)
+        super().__init__(d_in, d_sae, generator, **shape)
         self.k = k
         # training state: tokens since each latent last fired (AuxK's definition of dead); not saved for users
         self.register_buffer("tokens_since_fired", torch.zeros(d_sae, dtype=torch.long))

@@ -36,7 +36,11 @@ SAMPLE_EPOCH = -1  # the stream `sample` draws from: not any training epoch's
 
 
 class ActivationLoader:
-    """Shuffled [block_tokens, d_model] float32 blocks of one split and hook, on `device`."""
+    """Shuffled [block_tokens, d_model] float32 blocks of one split and hook, on `device`.
+
+    With a `target_hook` (a transcoder's), each row is a token's `hook` activation followed by its `target_hook`
+    activation: the two are read, shuffled and handed out together (`widths` says where one ends).
+    """
 
     def __init__(
         self,
@@ -47,25 +51,30 @@ class ActivationLoader:
         seed: int,
         exclude_bos: bool = True,
         memory_budget_gb: float = 8.0,
+        target_hook: str | None = None,
     ) -> None:
-        array = store.activations(split, hook)
-        self.store, self.split, self.hook = store, split, hook
+        self.hooks = [hook] if target_hook is None else [hook, target_hook]
+        arrays = [store.activations(split, name) for name in self.hooks]
+        array = arrays[0]
+        self.store, self.split, self.hook, self.target_hook = store, split, hook, target_hook
         self.device = device
         self.seed = seed
-        self.d_model = array.shape[1]
+        self.widths = [a.shape[1] for a in arrays]
+        self.d_model = sum(self.widths)
         self.n_rows = array.shape[0]
         self.excluded = _excluded_positions(store, split, exclude_bos)
         self.n_tokens = self.n_rows - len(self.excluded)  # training tokens per epoch
         if self.n_tokens == 0:
             raise PipelineError(f"split {split!r} of {store.path} holds no training tokens")
         self.dtype = array.dtype  # as stored
-        self.resident_on_device = array.nbytes <= memory_budget_gb * 2**30
+        self.resident_on_device = sum(a.nbytes for a in arrays) <= memory_budget_gb * 2**30
         self.chunk_tokens = store.attrs["chunk_tokens"]
         chunk_bytes = self.chunk_tokens * self.d_model * self.dtype.itemsize
         self.window_chunks = max(1, int(memory_budget_gb * 2**30 // (WINDOW_BUFFERS * chunk_bytes)))
         if self.resident_on_device:
             self.positions = np.setdiff1d(np.arange(self.n_rows), self.excluded, assume_unique=True)
-            self.data = torch.from_numpy(_read_checked(store, split, hook)).to(device)
+            self.data = torch.from_numpy(self._joined_rows(*(_read_checked(store, split, h) for h in self.hooks)))
+            self.data = self.data.to(device)
         self.stall_seconds = 0.0  # time the consumer spent waiting for a block
 
     @property
@@ -116,8 +125,7 @@ class ActivationLoader:
         gathered = 0
         for chunk in range(math.ceil(self.n_rows / self.chunk_tokens)):
             start, end = self._rows_of(chunk)  # chunk by chunk: zarr's reads of more need several times the bytes
-            read = self.store.read_rows(self.split, self.hook, start, end)
-            _check_finite(self.store, self.split, self.hook, start, read)
+            read = self._read_rows(start, end)
             kept = self._kept(start, end)
             positions, rows = np.arange(start, end)[kept], read[kept]
             while len(positions):
@@ -145,7 +153,7 @@ class ActivationLoader:
         for group in np.split(np.arange(len(wanted)), np.flatnonzero(np.diff(chunks)) + 1):
             if len(group):
                 start, end = self._rows_of(int(chunks[group[0]]))
-                found[group] = self.store.read_rows(self.split, self.hook, start, end)[wanted[group] - start]
+                found[group] = self._read_rows(start, end)[wanted[group] - start]
         return torch.from_numpy(found).to(self.device).float()
 
     def windows(self, epoch: int) -> list[np.ndarray]:
@@ -202,13 +210,25 @@ class ActivationLoader:
         places = np.random.default_rng([self.seed, epoch + 1, index]).permutation(self._training_tokens(window))
         filled = 0
         for start, end in sorted(map(self._rows_of, window)):
-            rows = self.store.read_rows(self.split, self.hook, start, end)
-            _check_finite(self.store, self.split, self.hook, start, rows)
+            rows = self._read_rows(start, end)
             keep = self._kept(start, end)
             n_kept = int(keep.sum())
             buffer[places[filled : filled + n_kept]] = rows[keep]
             filled += n_kept
         return torch.from_numpy(buffer[:filled])
+
+    def _read_rows(self, start: int, end: int) -> np.ndarray:
+        """Rows start..end-1 of every hook, checked, side by side."""
+        parts = []
+        for hook in self.hooks:
+            rows = self.store.read_rows(self.split, hook, start, end)
+            _check_finite(self.store, self.split, hook, start, rows)
+            parts.append(rows)
+        return self._joined_rows(*parts)
+
+    @staticmethod
+    def _joined_rows(*parts: np.ndarray) -> np.ndarray:
+        return parts[0] if len(parts) == 1 else np.concatenate(parts, axis=1)
 
     def _new_window_buffer(self) -> np.ndarray:
         return np.empty((self.window_chunks * self.chunk_tokens, self.d_model), dtype=self.dtype)

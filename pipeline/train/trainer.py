@@ -105,15 +105,20 @@ class Trainer:
         self.checkpoint_dir = checkpoint_dir
         self.meta = meta
         self.scale = 1.0
+        self.target_scale: float | None = None  # a transcoder group's: its targets' own scale
+        self.d_in = loader.widths[0]  # a transcoder group's blocks are [input | target]
         self.runs = [self._new_run(key, resolved(cfg, train)) for key, cfg in configs.items()]
         self.block_tokens = _shared_block(self.runs)
 
     def estimate_scale(self) -> float:
-        """The constant that makes E||scale * x||^2 = d_in on a fixed sample of the training split."""
+        """The constant that makes E||scale * x||^2 = d_in on a fixed sample of the training split (and, for a
+        transcoder group, the same for its targets, `target_scale`)."""
         sample = self.loader.sample(self.train.scale_sample_tokens)
-        self.scale = math.sqrt(self.loader.d_model / sample.pow(2).sum(dim=1).mean().item())
-        if self.data_parallel:  # rank 0's figure, so that no rounding difference can make the ranks diverge
-            self.scale = distributed.broadcast(self.scale)
+        scales = [_unit_scale(part) for part in sample.split(self.loader.widths, dim=1)]
+        if self.data_parallel:  # rank 0's figures, so that no rounding difference can make the ranks diverge
+            scales = distributed.broadcast(scales)
+        self.scale = scales[0]
+        self.target_scale = scales[1] if len(scales) > 1 else None
         return self.scale
 
     def resume(self) -> list[str]:
@@ -141,7 +146,7 @@ class Trainer:
                 for run in self.runs:
                     bars[run.name].advance(run.step * run.batch_tokens)
                 for epoch, block_index, block in self._remaining_blocks():
-                    block.mul_(self.scale)  # once per block (a fresh tensor from the loader), not once per batch
+                    self._scaled(block)  # once per block (a fresh tensor from the loader), not once per batch
                     for run in self.runs:
                         self._train_on_block(run, epoch, block_index, block, bars[run.name])
                     if (block_index + 1) % self.train.checkpoint_every == 0:
@@ -150,6 +155,13 @@ class Trainer:
                         break
         for run in self.runs:
             self._check_finite(run)
+
+    def _scaled(self, block: torch.Tensor) -> None:
+        if self.target_scale is None:
+            block.mul_(self.scale)
+        else:
+            block[:, : self.d_in].mul_(self.scale)
+            block[:, self.d_in :].mul_(self.target_scale)
 
     def _remaining_blocks(self) -> Iterator[tuple[int, int, torch.Tensor]]:
         """(epoch, block index, block) of the shared stream, from the earliest point an unfinished run needs."""
@@ -187,13 +199,22 @@ class Trainer:
             # the bar never makes the host wait for the device.
             bar.advance(n_trained * run.batch_tokens, seconds=time.perf_counter() - started, **run.shown)
 
-    def _step(self, run: SAERun, x: torch.Tensor) -> None:
+    def _step(self, run: SAERun, batch: torch.Tensor) -> None:
+        x, target = (batch, None) if self.target_scale is None else (batch[:, : self.d_in], batch[:, self.d_in :])
         lr = run.cfg.lr * lr_factor(run.step, run.total_steps, run.cfg.warmup_frac, run.cfg.decay_frac)
         for group in run.optimizer.param_groups:
             group["lr"] = lr
         logging = (run.step + 1) % self.train.log_every == 0 or run.step + 1 == run.total_steps
         loss, terms, skipped = train_step(
-            run.sae, run.optimizer, run.scaler, x, self.amp, run.cfg, logging, average_over_ranks=self.data_parallel
+            run.sae,
+            run.optimizer,
+            run.scaler,
+            x,
+            self.amp,
+            run.cfg,
+            logging,
+            average_over_ranks=self.data_parallel,
+            target=target,
         )
         run.skipped_steps += skipped
         if not run.scaler.is_enabled():  # with fp16's GradScaler a non-finite loss is a skipped step: no harm done
@@ -231,13 +252,15 @@ class Trainer:
 
     def state(self, run: SAERun) -> dict[str, Any]:
         """Everything needed to resume `run` or to use its SAE; loadable with weights_only=True."""
-        return checkpoint_state(run, self.train, self.scale, self.meta)
+        state = checkpoint_state(run, self.train, self.scale, self.meta)
+        return state if self.target_scale is None else state | {"target_scale": self.target_scale}
 
     def load_state(self, run: SAERun, state: dict[str, Any]) -> None:
         """Continue from `state`; refuses (naming every difference) a checkpoint trained with other settings."""
         check_resumable(state, run, self.train, self.meta, self.checkpoint_path(run))
         restore(run, state)
         self.scale = state["scale"]
+        self.target_scale = state.get("target_scale")
 
     def _new_run(self, key: str, cfg: SAEConfig) -> SAERun:
         batch_tokens = cfg.batch_size * self.train.seq_len
@@ -251,10 +274,11 @@ class Trainer:
                 f"sae.{key}: a batch of {batch_tokens} tokens does not split evenly over {self.ranks} processes; "
                 "choose a batch_size or a process count that divides it"
             )
-        d_in = self.loader.d_model
+        d_in = self.d_in
+        d_out = self.loader.widths[1] if cfg.target_hook else None
         seed = self.train.seed if cfg.init_seed is None else cfg.init_seed
         try:
-            sae = build_sae(cfg, d_in, init_generator(seed, d_in * cfg.expansion)).to(self.device)
+            sae = build_sae(cfg, d_in, init_generator(seed, d_in * cfg.expansion), d_out).to(self.device)
         except PipelineError as exc:  # a setting that does not fit this width, e.g. k above d_sae
             raise PipelineError(f"sae.{key}: {exc}") from None
         return SAERun(
@@ -280,6 +304,7 @@ def train_step(
     cfg: SAEConfig,
     logged: bool,
     average_over_ranks: bool = False,
+    target: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor], torch.Tensor]:
     """One optimiser step; returns the loss, its terms (detached, on device) and 1 if the scaler skipped it.
 
@@ -288,7 +313,7 @@ def train_step(
     the SAE's batch statistics are the whole batch's.
     """
     with autocast(x.device, amp):
-        loss, terms = sae.training_loss(x, cfg, logged=logged, over_ranks=average_over_ranks)
+        loss, terms = sae.training_loss(x, cfg, logged=logged, over_ranks=average_over_ranks, target=target)
     optimizer.zero_grad(set_to_none=True)
     scaler.scale(loss).backward()
     loss, terms = loss.detach(), {k: v.detach() for k, v in terms.items()}
@@ -304,6 +329,11 @@ def train_step(
     scaler.update()
     sae.after_step()
     return loss, terms, skipped
+
+
+def _unit_scale(x: torch.Tensor) -> float:
+    """The constant c with E||c * x||^2 = width."""
+    return math.sqrt(x.shape[1] / x.pow(2).sum(dim=1).mean().item())
 
 
 def init_generator(seed: int, d_sae: int) -> torch.Generator:
