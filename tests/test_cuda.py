@@ -109,3 +109,31 @@ def test_cuda_analysis_equals_cpu(tmp_path, memory_budget_gb):
         assert b["max"] == pytest.approx(a["max"], rel=1e-5) and b["mean"] == pytest.approx(a["mean"], rel=1e-5)
         assert [e[:4] for e in a["top"]] == [e[:4] for e in b["top"]]
         assert [len(q["examples"]) for q in a["quantiles"]] == [len(q["examples"]) for q in b["quantiles"]]
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float16"])
+def test_fused_attention_on_cuda_equals_the_bridge_s_own(tiny_model_dir, dtype):
+    """SDPA's CUDA kernels (not the CPU's) against TransformerLens's attention on the same GPU, padded batches."""
+    from test_attention import padded_batch
+
+    ids, mask = (t.to(CUDA) for t in padded_batch())
+    fused, eager = (load_model(ModelConfig(name=str(tiny_model_dir), device="cuda", dtype=dtype,
+                                           attn_implementation=a)) for a in ("sdpa", "eager"))  # fmt: skip
+    with torch.inference_mode():
+        out, own = fused(ids, attention_mask=mask), eager(ids, attention_mask=mask)
+    real = mask.bool()
+    error = (out[real] - own[real]).float().norm() / own[real].float().norm()
+    assert error < (1e-5 if dtype == "float32" else 2e-3), error.item()
+
+
+def test_a_transcoder_trains_on_cuda(tmp_path):
+    """fp16 autocast, fused Adam and the input/target pair loader on the GPU; the saved folder read on the CPU."""
+    from test_transcoders import TRANSCODER, recovered, transcoder_params, write_transcoder_store
+
+    d_out = write_transcoder_store(tmp_path / "store", None)
+    params = transcoder_params(tmp_path, tmp_path / "store", {"t": TRANSCODER | {"epochs": 8}})
+    result = invoke("train", "--params", str(params), "-S", "train.device=cuda")
+    assert result.exit_code == 0, result.output
+    assert recovered(tmp_path / "params/sae/config_t_4x", d_out) >= 0.9
+    state = torch.load(tmp_path / "params/sae/config_t_4x_final.pt", weights_only=True)
+    assert all(group["fused"] for group in state["optimizer"]["param_groups"])
