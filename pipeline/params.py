@@ -64,8 +64,9 @@ class ExtractConfig:
 
 # Loss and optimiser settings a config may set for itself; where it does not, the train section's value applies.
 PER_CONFIG_SETTINGS = (
-    "hook", "l1_coeff", "decorrelation_coeff", "warmup_frac", "decay_frac", "k", "k_aux", "aux_coeff", "dead_tokens",
-    "l0_coeff", "jumprelu_bandwidth", "jumprelu_initial_threshold", "matryoshka_prefixes",
+    "hook", "target_l0", "target_l0_frac", "l1_coeff", "decorrelation_coeff", "warmup_frac", "decay_frac", "k",
+    "k_aux", "aux_coeff", "dead_tokens", "l0_coeff", "jumprelu_bandwidth", "jumprelu_initial_threshold",
+    "matryoshka_prefixes",
 )  # fmt: skip
 
 
@@ -81,6 +82,8 @@ class SAEConfig:
     skip: bool = False  # a transcoder with a learned linear skip path W_skip x
     # None = the train section's value (see TrainConfig for their meaning).
     hook: str | None = None
+    target_l0: float | None = None
+    target_l0_frac: float | None = None
     l1_coeff: float | None = None
     decorrelation_coeff: float | None = None
     warmup_frac: float | None = None
@@ -100,6 +103,8 @@ class TrainConfig:
     hook: str = "blocks.6.hook_resid_post"
     split: str = "train"
     seq_len: int = 512  # tokens per "sequence" of batch_size: batch = batch_size * seq_len token activations
+    target_l0: float | None = None  # relu, jumprelu: adapt the sparsity coefficient toward this L0; None = fixed
+    target_l0_frac: float = 0.5  # share of each config's steps during which it adapts (then frozen)
     l1_coeff: float = 5e-3  # relu: L1 penalty on the latents
     decorrelation_coeff: float = 1.0  # every architecture: mean squared cosine between decoder rows
     warmup_frac: float = 0.05
@@ -415,6 +420,8 @@ def _validate(params: Params) -> None:
 
 SETTING_RANGES = {  # per-config setting -> (allowed, description); None (unset) is always allowed in sae.<key>
     "hook": (lambda v: bool(v), "a stored hook's name, one of extract.hooks"),
+    "target_l0": (lambda v: v > 0, "null or > 0"),
+    "target_l0_frac": (lambda v: 0 < v <= 1, "0 < value <= 1"),
     "l1_coeff": (lambda v: v >= 0, ">= 0"),
     "decorrelation_coeff": (lambda v: v >= 0, ">= 0"),
     "warmup_frac": (lambda v: 0 <= v < 1, "0 <= value < 1"),

@@ -196,6 +196,7 @@ def _write_outputs(params: Params, trainer: Trainer, sae_run: SAERun, shared: di
             total / sae_run.steps_per_epoch for total in state["epoch_loss_sums"]
         ],  # mean of the training loss over each epoch's steps
         "skipped_fp16_steps": state["skipped_steps"],
+        **({"sparsity_coefficient": state["sparsity_coefficient"]} if "sparsity_coefficient" in state else {}),
         **shared,
     }
     write_json(paths["train_details"], details)

@@ -351,3 +351,56 @@ def test_resume_refuses_a_checkpoint_for_another_width(tmp_path, synthetic):
     result = invoke("train", "--params", str(params), "--resume")
     assert result.exit_code == 2
     assert "d_in=64" in result.stderr and "d_in=128" in result.stderr
+
+
+@pytest.mark.parametrize(("architecture", "target"), [("relu", 3.0), ("relu", 8.0), ("jumprelu", 3.0)])
+def test_a_target_l0_run_lands_within_one_of_its_target(tmp_path, synthetic, architecture, target):
+    """The data's true L0 is about 4: relu is steered below and above it; jumprelu below it (its L0 cannot be
+    pushed above what reconstruction wants by lowering a penalty: at target 8 it stays near 4)."""
+    store, _ = synthetic
+    config = {"expansion": 4, "batch_size": 4, "lr": 1e-2, "epochs": 6, "architecture": architecture,
+              "target_l0": target, "target_l0_frac": 0.9}  # fmt: skip
+    params = synthetic_params(tmp_path, store, {"x": config})
+    assert invoke("train", "--params", str(params), "--config", "x").exit_code == 0
+    sae, _ = load_saelens(tmp_path / "artifacts/sae/config_x_4x")
+    x = torch.from_numpy(ActivationStore(store).activations("test", "synthetic")[:])
+    with torch.no_grad():
+        held_out_l0 = (sae.encode(x) > 0).sum(dim=1).float().mean().item()
+    details = json.loads((tmp_path / "artifacts/details/train_x.json").read_text())
+    assert abs(held_out_l0 - target) <= 1, held_out_l0
+    assert details["sparsity_coefficient"] != (3e-3 if architecture == "relu" else 1e-3)  # it was adapted
+
+
+def test_a_target_l0_run_resumes_exactly_mid_adaptation(tmp_path, synthetic, monkeypatch):
+    store, _ = synthetic
+    config = {"x": {"expansion": 2, "batch_size": 4, "lr": 1e-2, "epochs": 2, "target_l0": 5.0}}
+    reference = synthetic_params(tmp_path, store, config, out_dir=str(tmp_path / "reference"), checkpoint_every=3)
+    assert invoke("train", "--params", str(reference)).exit_code == 0
+
+    from pipeline.train.trainer import Trainer
+
+    original, seen = Trainer._train_on_block, []
+
+    def killed(self, run, epoch, block_index, block, bar):
+        seen.append(block_index)
+        if len(seen) == 8:  # after the checkpoint at block 5, within the first half's adaptation
+            raise KeyboardInterrupt
+        return original(self, run, epoch, block_index, block, bar)
+
+    monkeypatch.setattr(Trainer, "_train_on_block", killed)
+    params = synthetic_params(tmp_path, store, config, out_dir=str(tmp_path / "resumed"), checkpoint_every=3)
+    assert invoke("train", "--params", str(params)).exit_code == 130
+    monkeypatch.undo()
+    assert invoke("train", "--params", str(params), "--resume").exit_code == 0
+    for key, value in final_weights(tmp_path / "resumed", "config_x_2x").items():
+        assert torch.equal(value, final_weights(tmp_path / "reference", "config_x_2x")[key]), key
+    coefficients = [json.loads((tmp_path / f"{out}/details/train_x.json").read_text())["sparsity_coefficient"]
+                    for out in ("reference", "resumed")]  # fmt: skip
+    assert coefficients[0] == coefficients[1]
+
+
+def test_target_l0_is_refused_where_k_sets_l0(tmp_path, synthetic):
+    store, _ = synthetic
+    config = {"x": {"expansion": 2, "batch_size": 4, "lr": 1e-2, "architecture": "topk", "k": 4, "target_l0": 5.0}}
+    result = invoke("train", "--params", str(synthetic_params(tmp_path, store, config)), "--config", "x")
+    assert result.exit_code == 2 and "sae.x.target_l0: a topk SAE's L0 is set by k" in result.stderr

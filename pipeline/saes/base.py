@@ -35,6 +35,7 @@ class SparseAutoencoder(nn.Module):
     saelens_architecture: ClassVar[str]  # the SAELens architecture whose formula its saved tensors follow
     reconstruction_term: ClassVar[str] = "mse"  # the loss term that measures reconstruction
     penalty: ClassVar[tuple[str, str]]  # (loss term, the setting that weights it)
+    sets_l0_by_penalty: ClassVar[bool] = False  # its penalty's weight decides L0 (so a target L0 can steer it)
 
     def __init__(
         self, d_in: int, d_sae: int, generator: torch.Generator | None = None, d_out: int | None = None,
@@ -115,6 +116,7 @@ class SparseAutoencoder(nn.Module):
         logged: bool = True,
         over_ranks: bool = False,
         target: torch.Tensor | None = None,
+        coefficient: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """The loss to minimise and its terms (fp32): the architecture's own (`loss_terms`), decorrelation, and
         on a `logged` step the diagnostics every architecture reports (mse per element, L1 per token, L0).
@@ -123,7 +125,9 @@ class SparseAutoencoder(nn.Module):
         [batch, d_sae] latents or the decoder, so it is computed only for a step that is `logged`. `over_ranks`:
         `x` is this rank's share of a batch split over ranks (see `observe`). A transcoder predicts `target` from
         `x` (an SAE reconstructs `x`); a skip transcoder's dictionary explains what its linear path does not,
-        `target - W_skip x`, which is the same loss with every architecture's terms unchanged.
+        `target - W_skip x`, which is the same loss with every architecture's terms unchanged. `coefficient`, when
+        given, weights the penalty instead of the config's setting (a target-L0 run's adapted value), and L0 is then
+        computed on every step.
         """
         target = x if target is None else target
         pre = self.pre_activations(x)
@@ -145,9 +149,9 @@ class SparseAutoencoder(nn.Module):
         loss = terms[self.reconstruction_term]
         if cfg.decorrelation_coeff:
             loss = loss + cfg.decorrelation_coeff * terms["decorrelation"]
-        term, coefficient = self.penalty
-        loss = loss + getattr(cfg, coefficient) * terms[term]
-        if logged:
+        term, setting = self.penalty
+        loss = loss + (getattr(cfg, setting) if coefficient is None else coefficient) * terms[term]
+        if logged or coefficient is not None:
             terms["l0"] = (f > 0).sum(dim=1).float().mean().detach()
         return loss, terms
 
@@ -156,6 +160,11 @@ class SparseAutoencoder(nn.Module):
     ) -> dict[str, torch.Tensor]:
         """The terms this architecture's loss is made of: its `reconstruction_term` and its `penalty` term."""
         raise NotImplementedError
+
+    @torch.no_grad()
+    def start_near_l0(self, x: torch.Tensor, target_l0: float) -> None:
+        """Before training toward `target_l0`: an architecture whose initial L0 can be set from data does so on the
+        sample `x` (none by default)."""
 
     @torch.no_grad()
     def observe(self, f: torch.Tensor, over_ranks: bool = False) -> None:

@@ -17,6 +17,7 @@ class JumpReLUSAE(SparseAutoencoder):
     options = ("jumprelu_bandwidth", "jumprelu_initial_threshold")
     saelens_architecture = "jumprelu"
     penalty = ("l0_penalty", "l0_coeff")
+    sets_l0_by_penalty = True
 
     def __init__(
         self,
@@ -40,6 +41,15 @@ class JumpReLUSAE(SparseAutoencoder):
     def loss_terms(self, x, pre, f, x_hat, cfg: SAEConfig) -> dict[str, torch.Tensor]:
         l0 = _Step.apply(pre, self.threshold, self.jumprelu_bandwidth).float().sum(dim=1).mean()
         return {"mse": mse(x_hat, x), "l0_penalty": l0}
+
+    @torch.no_grad()
+    def start_near_l0(self, x: torch.Tensor, target_l0: float) -> None:
+        """Each threshold at the quantile of its latent's pre-activations on `x` above which a share
+        target_l0 / d_sae of tokens lie, so that training starts at about the target L0 rather than wherever a
+        constant threshold puts it (never below 0)."""
+        share = min(1.0, target_l0 / self.d_sae)
+        quantiles = torch.quantile(self.pre_activations(x).float(), 1.0 - share, dim=0)
+        self.threshold.copy_(quantiles.clamp_min(0.0))
 
     @torch.no_grad()
     def after_step(self) -> None:

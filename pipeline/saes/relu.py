@@ -13,6 +13,7 @@ class ReLUSAE(SparseAutoencoder):
     settings = ("l1_coeff",)
     saelens_architecture = "standard"
     penalty = ("l1", "l1_coeff")
+    sets_l0_by_penalty = True
 
     def activate(self, pre: torch.Tensor) -> torch.Tensor:
         return torch.relu(pre)

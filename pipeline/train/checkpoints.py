@@ -83,6 +83,7 @@ def checkpoint_state(run: SAERun, train: TrainConfig, scale: float, meta: dict[s
         "skipped_steps": int(run.skipped_steps.item()),
         "epoch_loss_sums": [float(v) for v in run.epoch_loss_sums],
         "curve": run.curve,
+        **({} if run.coefficient is None else {"sparsity_coefficient": float(run.coefficient)}),
     }
 
 
@@ -125,6 +126,8 @@ def restore(run: SAERun, state: dict[str, Any]) -> None:
     run.skipped_steps = torch.tensor(state["skipped_steps"], device=device)
     run.epoch_loss_sums = list(state["epoch_loss_sums"])
     run.curve = list(state["curve"])
+    if run.coefficient is not None:
+        run.coefficient.fill_(state["sparsity_coefficient"])
 
 
 def _differences(section: str, saved: dict, now: dict, ignored: tuple[str, ...]) -> list[str]:

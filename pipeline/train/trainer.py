@@ -43,6 +43,9 @@ from pipeline.train.checkpoints import (
 from pipeline.train.loader import ActivationLoader
 
 MAX_BLOCK_FACTOR = 16  # the shared block may be at most this many times the largest batch
+# Target L0: each step multiplies the sparsity coefficient by exp(L0_GAIN * (L0 - target) / target), at most
+# exp(+-L0_MAX_STEP): a proportional controller in log space, slow next to the optimiser so that L0 can follow.
+L0_GAIN, L0_MAX_STEP = 0.02, 0.05
 CURVE_COLUMNS = ("step", "tokens", "lr", "loss", "mse", "l1", "decorrelation", "l0")
 
 
@@ -64,6 +67,7 @@ class SAERun:
     epoch_loss_sums: list[float] = field(default_factory=list)
     curve: list[dict[str, float]] = field(default_factory=list)
     shown: dict[str, float] = field(default_factory=dict)  # the last logged loss and L0, for the progress bar
+    coefficient: torch.Tensor | None = None  # a target-L0 run's sparsity coefficient (on device), adapted then frozen
 
     @property
     def train_seconds(self) -> float:
@@ -119,6 +123,10 @@ class Trainer:
             scales = distributed.broadcast(scales)
         self.scale = scales[0]
         self.target_scale = scales[1] if len(scales) > 1 else None
+        inputs = sample[:, : self.d_in] * self.scale
+        for run in self.runs:  # a fresh run toward a target L0 starts near it, where its architecture can
+            if run.cfg.target_l0 is not None and run.step == 0:
+                run.sae.start_near_l0(inputs, run.cfg.target_l0)
         return self.scale
 
     def resume(self) -> list[str]:
@@ -202,6 +210,7 @@ class Trainer:
     def _step(self, run: SAERun, batch: torch.Tensor) -> None:
         x, target = (batch, None) if self.target_scale is None else (batch[:, : self.d_in], batch[:, self.d_in :])
         lr = run.cfg.lr * lr_factor(run.step, run.total_steps, run.cfg.warmup_frac, run.cfg.decay_frac)
+        adapting = run.coefficient is not None and run.step < round(run.cfg.target_l0_frac * run.total_steps)
         for group in run.optimizer.param_groups:
             group["lr"] = lr
         logging = (run.step + 1) % self.train.log_every == 0 or run.step + 1 == run.total_steps
@@ -215,7 +224,11 @@ class Trainer:
             logging,
             average_over_ranks=self.data_parallel,
             target=target,
+            coefficient=run.coefficient,
         )
+        if adapting:  # toward the target L0, on the device: the host never waits for this batch's L0
+            error = (terms["l0"] - run.cfg.target_l0) / run.cfg.target_l0
+            run.coefficient.mul_(torch.exp((L0_GAIN * error).clamp(-L0_MAX_STEP, L0_MAX_STEP)))
         run.skipped_steps += skipped
         if not run.scaler.is_enabled():  # with fp16's GradScaler a non-finite loss is a skipped step: no harm done
             run.diverged |= ~torch.isfinite(loss)
@@ -281,6 +294,9 @@ class Trainer:
             sae = build_sae(cfg, d_in, init_generator(seed, d_in * cfg.expansion), d_out).to(self.device)
         except PipelineError as exc:  # a setting that does not fit this width, e.g. k above d_sae
             raise PipelineError(f"sae.{key}: {exc}") from None
+        if cfg.target_l0 is not None and not sae.sets_l0_by_penalty:
+            raise PipelineError(f"sae.{key}.target_l0: a {cfg.architecture} SAE's L0 is set by k, not by a sparsity "
+                                "coefficient; target_l0 steers relu and jumprelu")  # fmt: skip
         return SAERun(
             key=key,
             cfg=cfg,
@@ -290,6 +306,9 @@ class Trainer:
             batch_tokens=batch_tokens,
             steps_per_epoch=self.loader.n_tokens // batch_tokens,
             timer=StepTimer(self.device),
+            coefficient=None
+            if cfg.target_l0 is None
+            else torch.tensor(float(getattr(cfg, sae.penalty[1])), device=self.device),
             skipped_steps=torch.zeros((), dtype=torch.long, device=self.device),
             diverged=torch.zeros((), dtype=torch.bool, device=self.device),
         )
@@ -305,6 +324,7 @@ def train_step(
     logged: bool,
     average_over_ranks: bool = False,
     target: torch.Tensor | None = None,
+    coefficient: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor], torch.Tensor]:
     """One optimiser step; returns the loss, its terms (detached, on device) and 1 if the scaler skipped it.
 
@@ -313,7 +333,7 @@ def train_step(
     the SAE's batch statistics are the whole batch's.
     """
     with autocast(x.device, amp):
-        loss, terms = sae.training_loss(x, cfg, logged=logged, over_ranks=average_over_ranks, target=target)
+        loss, terms = sae.training_loss(x, cfg, logged, average_over_ranks, target=target, coefficient=coefficient)
     optimizer.zero_grad(set_to_none=True)
     scaler.scale(loss).backward()
     loss, terms = loss.detach(), {k: v.detach() for k, v in terms.items()}
