@@ -104,7 +104,7 @@ class TrainConfig:
     split: str = "train"
     seq_len: int = 512  # tokens per "sequence" of batch_size: batch = batch_size * seq_len token activations
     target_l0: float | None = None  # relu, jumprelu: adapt the sparsity coefficient toward this L0; None = fixed
-    target_l0_frac: float = 0.5  # share of each config's steps during which it adapts (then frozen)
+    target_l0_frac: float = 0.9  # share of each config's steps during which it adapts (then frozen)
     l1_coeff: float = 5e-3  # relu: L1 penalty on the latents
     decorrelation_coeff: float = 1.0  # every architecture: mean squared cosine between decoder rows
     warmup_frac: float = 0.05

@@ -359,7 +359,7 @@ def test_a_target_l0_run_lands_within_one_of_its_target(tmp_path, synthetic, arc
     pushed above what reconstruction wants by lowering a penalty: at target 8 it stays near 4)."""
     store, _ = synthetic
     config = {"expansion": 4, "batch_size": 4, "lr": 1e-2, "epochs": 6, "architecture": architecture,
-              "target_l0": target, "target_l0_frac": 0.9}  # fmt: skip
+              "target_l0": target}  # fmt: skip
     params = synthetic_params(tmp_path, store, {"x": config})
     assert invoke("train", "--params", str(params), "--config", "x").exit_code == 0
     sae, _ = load_saelens(tmp_path / "artifacts/sae/config_x_4x")

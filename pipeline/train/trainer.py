@@ -43,9 +43,10 @@ from pipeline.train.checkpoints import (
 from pipeline.train.loader import ActivationLoader
 
 MAX_BLOCK_FACTOR = 16  # the shared block may be at most this many times the largest batch
-# Target L0: each step multiplies the sparsity coefficient by exp(L0_GAIN * (L0 - target) / target), at most
-# exp(+-L0_MAX_STEP): a proportional controller in log space, slow next to the optimiser so that L0 can follow.
-L0_GAIN, L0_MAX_STEP = 0.02, 0.05
+# Target L0: each step multiplies the sparsity coefficient by exp(L0_GAIN * clamp(log(L0 / target), -1, 1)): a
+# proportional controller in log space, slow next to the optimiser so that L0 can follow. (A faster one, on
+# (L0 - target) / target, drove relu into dead latents on the synthetic profile: L0 starts in the hundreds.)
+L0_GAIN = 0.01
 CURVE_COLUMNS = ("step", "tokens", "lr", "loss", "mse", "l1", "decorrelation", "l0")
 
 
@@ -227,8 +228,8 @@ class Trainer:
             coefficient=run.coefficient,
         )
         if adapting:  # toward the target L0, on the device: the host never waits for this batch's L0
-            error = (terms["l0"] - run.cfg.target_l0) / run.cfg.target_l0
-            run.coefficient.mul_(torch.exp((L0_GAIN * error).clamp(-L0_MAX_STEP, L0_MAX_STEP)))
+            error = torch.log(terms["l0"].clamp_min(1e-3) / run.cfg.target_l0).clamp(-1.0, 1.0)
+            run.coefficient.mul_(torch.exp(L0_GAIN * error))
         run.skipped_steps += skipped
         if not run.scaler.is_enabled():  # with fp16's GradScaler a non-finite loss is a skipped step: no harm done
             run.diverged |= ~torch.isfinite(loss)
