@@ -156,8 +156,8 @@ def _ground_truth_definitions() -> list[str]:
         "precision = P(feature active | latent fires), recall = P(latent fires | feature active), F1 their "
         "harmonic mean, averaged over latents that fired; uniqueness = distinct best-matching features / latents "
         "that fired. Measured on fresh samples from the store's generator. L0 was matched by k for topk, batchtopk "
-        "and matryoshka, and by the sparsity coefficient set in the params for relu and jumprelu: compare rows at "
-        "their measured L0.",
+        "and matryoshka, and by the sparsity coefficient for relu and jumprelu (set in the params, or adapted toward "
+        "`target_l0` and then frozen): compare rows at their measured L0.",
     ]
 
 
