@@ -137,3 +137,33 @@ def test_a_transcoder_trains_on_cuda(tmp_path):
     assert recovered(tmp_path / "params/sae/config_t_4x", d_out) >= 0.9
     state = torch.load(tmp_path / "params/sae/config_t_4x_final.pt", weights_only=True)
     assert all(group["fused"] for group in state["optimizer"]["param_groups"])
+
+
+@pytest.mark.parametrize("correlation_scale", [0.0, 0.1])
+def test_the_cuda_generator_keeps_the_cpu_generator_s_feature_statistics(correlation_scale):
+    """The same synthetic model sampled on the GPU (its own random streams) and on the CPU: every feature's firing
+    rate, the co-firing of parents and children, and the mean true L0 agree within binomial noise."""
+    from test_synthetic import SMALL
+
+    from pipeline.params import SynthConfig
+    from pipeline.synth import generator as synthetic
+
+    cfg = SynthConfig(**{**SMALL.__dict__, "correlation_scale": correlation_scale})
+    on_cpu = synthetic.build(cfg, torch.device("cpu"))
+    on_gpu = synthetic.SyntheticModel.from_arrays(on_cpu.arrays(), CUDA)
+    n = 100_000
+    drawn = {
+        name: torch.cat([model.sample(4096, synthetic.sample_generator(0, "train", i, device))[1].cpu()
+                         for i in range(math.ceil(n / 4096))])[:n] > 0
+        for name, model, device in (("cpu", on_cpu, torch.device("cpu")), ("cuda", on_gpu, CUDA))
+    }  # fmt: skip
+    rates = {name: fired.double().mean(dim=0) for name, fired in drawn.items()}
+    expected = on_cpu.expected_rates.double()
+    tolerance = 5 * (2 * expected * (1 - expected) / n).sqrt() + 1e-4  # the difference of two binomial means
+    assert ((rates["cuda"] - rates["cpu"]).abs() <= tolerance).all()
+    l0 = {name: fired.sum(dim=1).double() for name, fired in drawn.items()}
+    assert abs(l0["cuda"].mean() - l0["cpu"].mean()) <= 5 * l0["cpu"].std() * math.sqrt(2 / n)
+    children = on_cpu.parents >= 0  # a child fires only with its parent, on either device
+    for fired in drawn.values():
+        parent_fired = fired[:, on_cpu.parents[children]]
+        assert not (fired[:, children] & ~parent_fired).any()
