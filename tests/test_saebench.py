@@ -13,7 +13,10 @@ from pipeline.saes.relu import ReLUSAE
 class Identity:
     """An 'SAE' whose latents are its input and whose reconstruction is half of it: every count is readable."""
 
-    d_sae, d_in, transcoder = 3, 3, False
+    d_sae = 3
+
+    def input_and_target(self, block: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return block, block
 
     def __call__(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return x / 2, x

@@ -35,7 +35,7 @@ def reconstruction_metrics(
     fires = torch.zeros(sae.d_sae, dtype=torch.float64)
     n = 0
     for block in blocks:
-        source, x = (block[:, : sae.d_in], block[:, sae.d_in :]) if sae.transcoder else (block, block)
+        source, x = sae.input_and_target(block)
         with torch.no_grad():
             x_hat, f = sae(source)
         x, x_hat, f = x.double(), x_hat.double(), f.double()

@@ -50,7 +50,7 @@ def latent_statistics(
     open_doc, open_fired = -1, torch.zeros(sae.d_sae, dtype=torch.bool)  # the last document, maybe continued
     n = 0
     for positions, block in blocks:
-        source, x = (block[:, : sae.d_in], block[:, sae.d_in :]) if sae.transcoder else (block, block)
+        source, x = sae.input_and_target(block)
         with torch.no_grad():
             x_hat, f = sae(source)
         x, x_hat, fired = x.double(), x_hat.double(), (f > 0).cpu()

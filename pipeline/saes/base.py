@@ -99,6 +99,11 @@ class SparseAutoencoder(nn.Module):
     def decode(self, f: torch.Tensor) -> torch.Tensor:
         return torch.addmm(self.b_dec, f.reshape(-1, self.d_sae), self.W_dec).reshape(*f.shape[:-1], self.d_out)
 
+    def input_and_target(self, block: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """What it reads and what it should give back, from a loader block: a transcoder's blocks are [input |
+        target] rows (`ActivationLoader` with a target hook); an SAE's input is its target."""
+        return (block[:, : self.d_in], block[:, self.d_in :]) if self.transcoder else (block, block)
+
     def skip_path(self, x: torch.Tensor) -> torch.Tensor:
         """A skip transcoder's linear prediction W_skip x."""
         return x @ self.W_skip.T
