@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import itertools
 import math
+import warnings
 from dataclasses import dataclass
 
 import numpy as np
@@ -82,8 +83,12 @@ class SyntheticModel:
         g = torch.randn(n, u.shape[1], generator=generator, device=device)
         noise = torch.randn(n, self.n_features, generator=generator, device=device)
         z = torch.addmm(noise * (1 - u.pow(2).sum(dim=1)).clamp_min(0).sqrt(), g, u.T)
-        firing = torch.nonzero((z < torch.special.ndtri(self.base_rates)).view(-1)).flatten()  # flat [n * F] ids
+        fires = z < torch.special.ndtri(self.base_rates)
         del noise, z
+        for level in self.levels[1:]:  # a child whose parent's own draw failed never fires: drop it before the work
+            fires[:, level] &= fires[:, self.parents[level]]
+        firing = torch.nonzero(fires.view(-1)).flatten()  # flat [n * F] ids
+        del fires
         # Flat ids and torch.take: on CPU, indexing with two index tensors is several times slower.
         features = firing % self.n_features
         magnitudes = torch.randn(len(firing), generator=generator, device=device)  # only where firing
@@ -93,7 +98,10 @@ class SyntheticModel:
         depths = self.depths.take(features)
         for depth in range(1, len(self.levels)):
             self._apply_level(a, firing.masked_select(depths == depth), depth, generator)
-        return a @ self.directions + self.bias, a
+        with warnings.catch_warnings():  # "sparse CSR support is in beta": the product below is all this uses
+            warnings.filterwarnings("ignore", "Sparse CSR tensor support", UserWarning)
+            mixed = a.to_sparse_csr() @ self.directions  # ~L0 of n_features nonzero: 5x a dense product on CPU
+        return mixed + self.bias, a
 
     def _apply_level(self, a: torch.Tensor, entries: torch.Tensor, depth: int, generator: torch.Generator) -> None:
         """The firing children at `depth` (flat ids into `a`), in place: each fires only with its parent, one
