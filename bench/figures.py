@@ -198,11 +198,10 @@ def _reference_agreement(model, hf_forward: Callable, batch: tuple, hooks: list[
     return {"hook": hook, "compared": True, "max_abs_diff": diff, "max_abs_activation": ours.abs().max().item()}
 
 
-def bench_train_step(device: torch.device, amp: str, d_in: int, expansion: int, batch_tokens: int) -> dict:
+def bench_train_step(device: torch.device, amp: str, d_in: int, d_sae: int, batch_tokens: int) -> dict:
     """Figures 3 and 7: one SAE step against its six matrix products, and the decorrelation term's share."""
     dtype = amp_dtype(amp, device)
-    d_sae = d_in * expansion
-    cfg = bench_config(expansion, l1_coeff=1e-3)
+    cfg = bench_config(d_sae, l1_coeff=1e-3)
     torch.manual_seed(0)
     sae = build_sae(cfg, d_in).to(device)
     optimizer = torch.optim.Adam(sae.parameters(), lr=1e-4)
@@ -240,14 +239,13 @@ def bench_train_step(device: torch.device, amp: str, d_in: int, expansion: int, 
     }
 
 
-def bench_architectures(device: torch.device, amp: str, d_in: int, expansion: int, batch_tokens: int, k: int) -> dict:
+def bench_architectures(device: torch.device, amp: str, d_in: int, d_sae: int, batch_tokens: int, k: int) -> dict:
     """Figure 8: each architecture's training step against the ReLU step, and what TopK's selection costs."""
     dtype = amp_dtype(amp, device)
-    d_sae = d_in * expansion
     x = torch.randn(batch_tokens, d_in, device=device)
 
     def step_of(name: str) -> Callable[[], object]:
-        cfg = bench_config(expansion, name, k=k, dead_tokens=1)  # every latent is dead: AuxK always runs (worst case)
+        cfg = bench_config(d_sae, name, k=k, dead_tokens=1)  # every latent is dead: AuxK always runs (worst case)
         sae = build_sae(cfg, d_in).to(device)
         optimizer = torch.optim.Adam(sae.parameters(), lr=1e-4)
         scaler = grad_scaler(device, dtype)
@@ -265,7 +263,7 @@ def bench_architectures(device: torch.device, amp: str, d_in: int, expansion: in
     }
 
 
-def bench_analyze_vs_evaluate(params: Params, model, store: ActivationStore, split: str, expansion: int) -> dict:
+def bench_analyze_vs_evaluate(params: Params, model, store: ActivationStore, split: str, d_sae: int) -> dict:
     """Figure 9 on the extraction figures' store: a random SAE of config C's width whose encoder biases make each
     latent fire on its share of `L0_OF_BENCH_SAE` per token (about what a trained SAE fires; a random one with zero
     biases fires half its latents), analysed and evaluated on the same tokens."""
@@ -277,7 +275,7 @@ def bench_analyze_vs_evaluate(params: Params, model, store: ActivationStore, spl
     device = next(model.parameters()).device
     hooks = store.attrs["hooks"]
     hook = params.train.hook if params.train.hook in hooks else hooks[-1]
-    sae = build_sae(bench_config(expansion), store.d_model, generator=torch.Generator().manual_seed(0))
+    sae = build_sae(bench_config(d_sae), store.d_model, generator=torch.Generator().manual_seed(0))
     sample = torch.from_numpy(store.read_rows(split, hook, 0, min(4096, store.activations(split, hook).shape[0])))
     with torch.no_grad():
         pre = (sample.float() - sae.b_dec) @ sae.W_enc
@@ -321,9 +319,9 @@ def bench_splice(params: Params, model, hook: str) -> dict:
     plain = AutoModelForCausalLM.from_pretrained(params.model.name, revision=params.model.revision, dtype=dtype)
     plain = plain.to(device).eval()
     d_model = int(model.cfg.d_model)
-    widths = [cfg.expansion for cfg in params.sae.values()][:3]
-    saes = {f"x{i}": build_sae(bench_config(e), d_model, torch.Generator().manual_seed(i)).to(device).eval()
-            for i, e in enumerate(widths)}  # fmt: skip
+    widths = [cfg.width(d_model) for cfg in params.sae.values()][:3]
+    saes = {f"x{i}": build_sae(bench_config(w), d_model, torch.Generator().manual_seed(i)).to(device).eval()
+            for i, w in enumerate(widths)}  # fmt: skip
     reconstructions = {key: (lambda x, sae=sae: sae(x)[0]) for key, sae in saes.items()}
 
     def six_forwards() -> None:
@@ -364,7 +362,8 @@ def bench_training_runs(params: Params, store: ActivationStore, device: torch.de
     """Figures 4 and 5: loader stall when streaming, and one shared read against three separate runs."""
     train = replace(params.train, hook="bench", device=str(device), exclude_bos=False, checkpoint_every=10**9)
     configs = {
-        k: SAEConfig(expansion=c.expansion, batch_size=c.batch_size, lr=c.lr, epochs=1) for k, c in params.sae.items()
+        k: SAEConfig(batch_size=c.batch_size, lr=c.lr, expansion=c.expansion, d_sae=c.d_sae, epochs=1)
+        for k, c in params.sae.items()
     }
 
     def fit(which: list[str], budget_gb: float) -> tuple[float, float]:
@@ -380,12 +379,12 @@ def bench_training_runs(params: Params, store: ActivationStore, device: torch.de
     wall_all, _ = fit(list(configs), 1e9)
     singles = {k: fit([k], 1e9)[0] for k in configs}
     wall_streamed, stall = fit(list(configs), streaming_budget_gb(store))
-    widest, _ = reference_config(params)
+    widest, _ = reference_config(params, width)
     cfg = configs[widest]
     loader = ActivationLoader(store, "train", "bench", device, train.seed, False, 1e9)
     batch = cfg.batch_size * train.seq_len
     minimal_s = minimal_sae_training(
-        loader.data, width * cfg.expansion, batch, loader.n_tokens // batch, cfg.lr, train.l1_coeff,
+        loader.data, cfg.width(width), batch, loader.n_tokens // batch, cfg.lr, train.l1_coeff,
         train.decorrelation_coeff, amp_dtype(train.amp, device),
     )  # fmt: skip
     return {
@@ -476,14 +475,15 @@ def run(params: Params, n_docs: int, n_tokens: int, width: int | None, workdir: 
     device = resolve_device(params.train.device)
     model = load_model(params.model)
     extract = bench_extract(params, model, n_docs, workdir)
-    _, c = reference_config(params)
-    analysis = bench_analyze_vs_evaluate(params, model, ActivationStore(workdir / "bench-store"), "bench", c.expansion)
+    d_model = extract["d_model"]
+    _, c = reference_config(params, d_model)
+    d_sae = c.width(d_model)
+    analysis = bench_analyze_vs_evaluate(params, model, ActivationStore(workdir / "bench-store"), "bench", d_sae)
     splice = bench_splice(params, model, analysis["hook"])
     del model  # the model's memory is not the training figures' to share
-    d_model = extract["d_model"]
-    step = bench_train_step(device, params.train.amp, d_model, c.expansion, c.batch_size * params.train.seq_len)
-    arch = bench_architectures(device, params.train.amp, d_model, c.expansion, c.batch_size * params.train.seq_len,
-                               min(params.train.k, d_model * c.expansion))  # fmt: skip
+    step = bench_train_step(device, params.train.amp, d_model, d_sae, c.batch_size * params.train.seq_len)
+    arch = bench_architectures(device, params.train.amp, d_model, d_sae, c.batch_size * params.train.seq_len,
+                               min(params.train.k, d_sae))  # fmt: skip
     width = width or d_model
     store = write_random_store(workdir / "random-store", n_tokens, width)
     runs = bench_training_runs(params, store, device, width)

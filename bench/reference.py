@@ -17,17 +17,17 @@ from pipeline.core.device import synchronize
 from pipeline.params import Params, SAEConfig, TrainConfig, resolved
 
 
-def reference_config(params: Params) -> tuple[str, SAEConfig]:
+def reference_config(params: Params, d_in: int) -> tuple[str, SAEConfig]:
     """The config the figures are measured at: C (the reference report's widest SAE) where params define it, else
-    the widest config."""
-    key = "c" if "c" in params.sae else max(params.sae, key=lambda k: params.sae[k].expansion)
+    the widest config over `d_in` dimensions."""
+    key = "c" if "c" in params.sae else max(params.sae, key=lambda k: params.sae[k].width(d_in))
     return key, params.sae[key]
 
 
-def bench_config(expansion: int, architecture: str = "relu", **settings) -> SAEConfig:
-    """A resolved config for a timed SAE step: the params' defaults but for `settings` (a timed step does not use
-    the batch size, the learning rate schedule or the epochs)."""
-    cfg = SAEConfig(expansion=expansion, batch_size=1, lr=1e-4, architecture=architecture, **settings)
+def bench_config(d_sae: int, architecture: str = "relu", **settings) -> SAEConfig:
+    """A resolved config of `d_sae` latents for a timed SAE step: the params' defaults but for `settings` (a timed
+    step does not use the batch size, the learning rate schedule or the epochs)."""
+    cfg = SAEConfig(d_sae=d_sae, batch_size=1, lr=1e-4, architecture=architecture, **settings)
     return resolved(cfg, TrainConfig())
 
 

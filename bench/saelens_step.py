@@ -51,7 +51,7 @@ def saelens_step(d_in: int, d_sae: int, batch: int, device: torch.device):
 
 def our_step(d_in: int, d_sae: int, batch: int, device: torch.device):
     """A callable running one step of this project's trainer (fp32, not a logging step) on a fixed batch."""
-    cfg = bench_config(d_sae // d_in, l1_coeff=5e-3)
+    cfg = bench_config(d_sae, l1_coeff=5e-3)
     sae = build_sae(cfg, d_in, generator=torch.Generator().manual_seed(0)).to(device)
     optimizer = torch.optim.Adam(sae.parameters(), lr=1e-4)
     scaler = torch.amp.GradScaler(device.type, enabled=False)

@@ -50,7 +50,7 @@ def run(params: Params, n_docs: int, n_tokens: int, store: ActivationStore, work
     devices = {resolve_device(params.model.device), resolve_device(params.train.device)}
     if any(d.type == "cuda" for d in devices) and torch.cuda.device_count() < PROCESSES:
         return {}
-    key, cfg = reference_config(params)
+    key, cfg = reference_config(params, store.d_model)
     extract_s = {}
     for nproc in (1, PROCESSES):
         data = replace(params.data, splits=params.data.splits[-1:], max_docs=n_docs)  # the extraction figures' docs
@@ -63,14 +63,14 @@ def run(params: Params, n_docs: int, n_tokens: int, store: ActivationStore, work
         out_dir = workdir / f"scaling-train-{nproc}"
         train = replace(params.train, hook="bench", exclude_bos=False, nproc=nproc, distribute="data",
                         out_dir=str(out_dir), checkpoint_every=10**9)  # fmt: skip
-        config = SAEConfig(expansion=cfg.expansion, batch_size=cfg.batch_size, lr=cfg.lr, epochs=1)
+        config = SAEConfig(batch_size=cfg.batch_size, lr=cfg.lr, expansion=cfg.expansion, d_sae=cfg.d_sae, epochs=1)
         bench_params = replace(params, extract=replace(params.extract, store=str(store.path)), train=train,
                                sae={key: config})  # fmt: skip
         pipeline_seconds(workdir, bench_params, "train", "--config", key)
         details = json.loads(sae_outputs(out_dir, key, config)["train_details"].read_text())
         tokens_per_s[nproc] = details["tokens_per_s"]
-    communication = communication_share(workdir, params.train.device, params.train.amp, store.d_model, cfg.expansion,
-                                        cfg.batch_size * params.train.seq_len)  # fmt: skip
+    communication = communication_share(workdir, params.train.device, params.train.amp, store.d_model,
+                                        cfg.width(store.d_model), cfg.batch_size * params.train.seq_len)  # fmt: skip
     return {
         "cores": os.cpu_count(),
         "processes": PROCESSES,
@@ -97,13 +97,13 @@ def _shards(store: ActivationStore) -> int:
 
 
 def communication_share(
-    workdir: Path, device: str, amp: str, d_in: int, expansion: int, batch_tokens: int
+    workdir: Path, device: str, amp: str, d_in: int, d_sae: int, batch_tokens: int
 ) -> dict[str, float]:
     """Figure 12, measured by `PROCESSES` processes under torchrun (this module's `__main__`)."""
     out = workdir / "communication.json"
     command = [
         sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={PROCESSES}",
-        "-m", "bench.scaling", str(out), device, amp, str(d_in), str(expansion), str(batch_tokens),
+        "-m", "bench.scaling", str(out), device, amp, str(d_in), str(d_sae), str(batch_tokens),
     ]  # fmt: skip
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(CHECKOUT), os.environ.get("PYTHONPATH")])))
     env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // PROCESSES)))
@@ -113,12 +113,12 @@ def communication_share(
     return json.loads(out.read_text())
 
 
-def _measure_communication(out: Path, device: str, amp: str, d_in: int, expansion: int, batch_tokens: int) -> None:
+def _measure_communication(out: Path, device: str, amp: str, d_in: int, d_sae: int, batch_tokens: int) -> None:
     """On every rank: config C's step on 1/W of the batch, with and without averaging the gradients."""
     with distributed.process_group():
         where = resolve_device(device)
         dtype = amp_dtype(amp, where)
-        cfg = bench_config(expansion, l1_coeff=1e-3)
+        cfg = bench_config(d_sae, l1_coeff=1e-3)
         sae = build_sae(cfg, d_in).to(where)
         optimizer = torch.optim.Adam(sae.parameters(), lr=1e-4)
         scaler = grad_scaler(where, dtype)

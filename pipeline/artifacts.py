@@ -25,8 +25,8 @@ from pipeline.store import ActivationStore
 
 
 def sae_name(key: str, cfg: SAEConfig) -> str:
-    """The file stem every artifact of one SAE config uses, e.g. `config_c_8x`."""
-    return f"config_{key}_{cfg.expansion}x"
+    """The file stem every artifact of one SAE config uses: `config_c_8x`, or `config_w_4096` for `d_sae: 4096`."""
+    return f"config_{key}_{cfg.width_label}"
 
 
 def sae_outputs(out_dir: str | Path, key: str, cfg: SAEConfig) -> dict[str, Path]:

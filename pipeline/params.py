@@ -72,9 +72,10 @@ PER_CONFIG_SETTINGS = (
 
 @dataclass
 class SAEConfig:
-    expansion: int
     batch_size: int  # in sequences of train.seq_len tokens
     lr: float
+    expansion: int | None = None  # latents = expansion * d_in; or...
+    d_sae: int | None = None  # ...exactly this many latents (one of the two)
     epochs: int = 3
     architecture: str = "relu"  # a name in pipeline/saes: relu | topk | batchtopk | jumprelu | matryoshka
     init_seed: int | None = None  # seed of the initial weights (mixed with the width); None = train.seed
@@ -96,6 +97,15 @@ class SAEConfig:
     jumprelu_bandwidth: float | None = None
     jumprelu_initial_threshold: float | None = None
     matryoshka_prefixes: list[float] | None = None
+
+    def width(self, d_in: int) -> int:
+        """The number of latents over `d_in` input dimensions."""
+        return self.d_sae if self.d_sae is not None else self.expansion * d_in
+
+    @property
+    def width_label(self) -> str:
+        """The width in artifact names: `8x` (an expansion) or `4096` (latents)."""
+        return f"{self.expansion}x" if self.d_sae is None else str(self.d_sae)
 
 
 @dataclass
@@ -159,6 +169,7 @@ class SynthConfig:
     n_features: int = 16384
     d_model: int = 768
     n_train: int = 10_000_000  # samples in the train split (a store of n * d_model * 2 bytes in float16)
+    stream: bool = False  # generate the train split while training instead of storing it (pipeline/synth/stream.py)
     n_test: int = 200_000
     firing_max: float = 0.4  # Zipfian firing probabilities, from the most frequent feature...
     firing_min: float = 5e-4  # ...to the rarest
@@ -404,13 +415,16 @@ def _validate(params: Params) -> None:
     ]  # fmt: skip
     for key, cfg in params.sae.items():
         checks += [
-            (cfg.expansion > 0, f"sae.{key}.expansion", cfg.expansion, positive),
+            ((cfg.expansion is None) != (cfg.d_sae is None), f"sae.{key}.expansion, d_sae",
+             (cfg.expansion, cfg.d_sae), "exactly one of them"),
+            (cfg.expansion is None or cfg.expansion > 0, f"sae.{key}.expansion", cfg.expansion, positive),
+            (cfg.d_sae is None or cfg.d_sae > 0, f"sae.{key}.d_sae", cfg.d_sae, positive),
             (cfg.batch_size > 0, f"sae.{key}.batch_size", cfg.batch_size, positive),
             (cfg.lr > 0, f"sae.{key}.lr", cfg.lr, "> 0"),
             (cfg.epochs > 0, f"sae.{key}.epochs", cfg.epochs, positive),
             (cfg.architecture in ARCHITECTURES, f"sae.{key}.architecture", cfg.architecture, ", ".join(ARCHITECTURES)),
             (not cfg.skip or cfg.target_hook, f"sae.{key}.skip", cfg.skip, "true only with a target_hook"),
-        ]
+        ]  # fmt: skip
     for where, values in [("train", t)] + [(f"sae.{key}", cfg) for key, cfg in params.sae.items()]:
         checks += _setting_checks(where, values)
     for ok, key, value, allowed in checks:

@@ -3,6 +3,7 @@
 The store has the layout of an extracted one (one hook, `synthetic`; every sample its own token, with no BOS), so
 train and evaluate read it unchanged; its `truth` group holds the true features, for evaluate's ground-truth
 metrics. Generation is chunked and seeded per shard, so --resume gives the same store as an uninterrupted run.
+With `synth.stream`, the train split is not written: the trainer generates the same rows (pipeline/synth/stream.py).
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from pipeline.params import Params, params_to_dict
 from pipeline.store.ranks import finish, open_writer
 from pipeline.store.writer import StoreWriter, status, writing
 from pipeline.synth import generator
+from pipeline.synth.stream import STREAMED_SPLIT
 
 log = logging.getLogger(__name__)
 
@@ -31,6 +33,7 @@ def run(params: Params, resume: bool = False, force: bool = False) -> str:
     cfg = params.synth
     device = resolve_device(cfg.device)
     sizes = {"train": cfg.n_train, "test": cfg.n_test}
+    stored = {split: n for split, n in sizes.items() if not (cfg.stream and split == STREAMED_SPLIT)}
     attrs = {
         "model": "synthetic",
         "dataset": "synthetic",
@@ -39,7 +42,7 @@ def run(params: Params, resume: bool = False, force: bool = False) -> str:
         "n_ctx": 1,
         "dtype": params.extract.dtype,
         "bos_token_id": None,
-        "splits": list(sizes),
+        "splits": list(stored),
         "shard_tokens": params.extract.shard_tokens,
         "chunk_tokens": params.extract.chunk_tokens,
         "synthetic": {**params_to_dict(cfg), "device": device.type},
@@ -62,7 +65,7 @@ def run(params: Params, resume: bool = False, force: bool = False) -> str:
 
         def add_splits(writer: StoreWriter) -> None:
             writer.add_truth(model.arrays())
-            for split, n in sizes.items():
+            for split, n in stored.items():
                 writer.add_split(split, np.zeros(n, np.int32), np.array([0, n], dtype=np.int64))
 
         writer, shards = open_writer(path, attrs, resume, add_splits)
@@ -70,11 +73,12 @@ def run(params: Params, resume: bool = False, force: bool = False) -> str:
         with progress_bars({"synthesize": sum(end - start for _, _, start, end in shards)}) as bars:
             for split, index, start, end in shards:  # each shard from its own seed: any rank may compute it
                 chunks_from = generator.sample_generator(cfg.seed, split, index, device)
-                x = generator.samples(model, end - start, chunks_from)
+                x = generator.samples(model, end - start, chunks_from).cpu().numpy()
                 writer.write_shard(split, index, start, {HOOK: x.astype(dtype)})
                 bars["synthesize"].advance(end - start)
         finish(writer, {
-            "split_stats": {split: {"n_docs": 1, "n_tokens": n} for split, n in sizes.items()},
+            "split_stats": {split: {"n_docs": 1, "n_tokens": n, "streamed": split not in stored}
+                            for split, n in sizes.items()},
             "true_l0": generator.mean_true_l0(model),
             "command": params.command,
         })  # fmt: skip

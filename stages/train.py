@@ -15,6 +15,8 @@ import time
 from contextlib import ExitStack
 from pathlib import Path
 
+import torch
+
 from pipeline.artifacts import checkpoint_dir, sae_name, sae_outputs
 from pipeline.core import distributed
 from pipeline.core.atomic import check_replaceable, save_torch, write_json, write_text
@@ -24,8 +26,9 @@ from pipeline.core.locks import exclusive_lock
 from pipeline.params import Params, SAEConfig, params_to_dict
 from pipeline.saes.saelens import is_saelens_folder, save_saelens
 from pipeline.store import ActivationStore
+from pipeline.synth.stream import SyntheticStream, is_streamed
 from pipeline.train.checkpoints import checkpoint_files, remove_checkpoints
-from pipeline.train.loader import ActivationLoader
+from pipeline.train.loader import ActivationLoader, TrainingBlocks
 from pipeline.train.trainer import CURVE_COLUMNS, SAERun, Trainer
 
 log = logging.getLogger(__name__)
@@ -88,9 +91,7 @@ def _train_at_hook(
     device = resolve_device(cfg.device)
     started = time.perf_counter()
     reset_peak_memory(device)
-    loader = ActivationLoader(
-        store, cfg.split, hook, device, cfg.seed, cfg.exclude_bos, cfg.memory_budget_gb, target_hook=target
-    )  # fmt: skip
+    loader = _loader(store, params, hook, target, device)
     meta = {
         "hook": hook,
         **({"target_hook": target} if target else {}),
@@ -155,6 +156,20 @@ def _train_at_hook(
     for sae_run in trainer.runs:  # the final outputs now hold everything the periodic checkpoints held
         remove_checkpoints(trainer.checkpoint_dir, sae_run.name)
     return details
+
+
+def _loader(
+    store: ActivationStore, params: Params, hook: str, target: str | None, device: torch.device
+) -> TrainingBlocks:
+    """What the configs at `hook` train on: the store's split, or a streamed synthetic split's generator."""
+    cfg = params.train
+    if not is_streamed(store, cfg.split):
+        return ActivationLoader(
+            store, cfg.split, hook, device, cfg.seed, cfg.exclude_bos, cfg.memory_budget_gb, target_hook=target
+        )  # fmt: skip
+    if target is not None:
+        raise PipelineError(f"{store.path} streams synthetic samples of one hook; a transcoder needs two")
+    return SyntheticStream(store, device, cfg.seed)
 
 
 def _write_outputs(params: Params, trainer: Trainer, sae_run: SAERun, shared: dict) -> dict:

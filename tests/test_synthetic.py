@@ -92,3 +92,69 @@ def test_synth_train_evaluate_report_on_a_small_store(tmp_path):
     assert "Recovery of the 256 true features" in report and "| architecture | topk |" in report
     again = invoke("synth", "--params", str(params))
     assert again.exit_code == 0 and "up to date" in again.output
+
+
+def small_store_params(tmp_path, name: str, stream: bool, **train) -> str:
+    """Params of a small generated store (3 train shards, the last one short) and one SAE on it."""
+    return str(write_params(
+        tmp_path / f"params-{name}.yaml",
+        extract={"source": "synthetic", "store": str(tmp_path / name), "shard_tokens": 8192, "chunk_tokens": 1024},
+        synth={**SMALL.__dict__, "n_train": 20_000, "n_test": 2_000, "eval_samples": 4_000, "device": "cpu",
+               "stream": stream},
+        sae={"s": {"expansion": 2, "batch_size": 1, "lr": 1e-3, "epochs": 2, "architecture": "relu"}},
+        train={"hook": "synthetic", "seq_len": 1000, "device": "cpu", "checkpoint_every": 3,
+               "out_dir": str(tmp_path / f"artifacts-{name}"), **train},
+    ))  # fmt: skip
+
+
+def test_a_streamed_train_split_is_the_stored_one(tmp_path):
+    from pipeline.store import ActivationStore
+    from pipeline.synth.stream import SyntheticStream
+
+    for name, stream in (("stored", False), ("streamed", True)):
+        assert invoke("synth", "--params", small_store_params(tmp_path, name, stream)).exit_code == 0
+    stored, streamed = ActivationStore(tmp_path / "stored"), ActivationStore(tmp_path / "streamed")
+    assert streamed.splits == ["test"] and streamed.attrs["split_stats"]["train"]["streamed"]
+    test_rows = [store.activations("test", "synthetic")[:] for store in (stored, streamed)]
+    np.testing.assert_array_equal(*test_rows)
+    rows = torch.from_numpy(stored.activations("train", "synthetic")[:]).float()
+    source = SyntheticStream(streamed, CPU, seed=0)
+    for index in range(3):  # in order, bit for bit: same seeds, rounded to the store's float16
+        assert torch.equal(source.shard(index), rows[index * 8192 : (index + 1) * 8192])
+    epochs = [torch.cat(list(source.epoch(e, 3000))) for e in (0, 1)]
+    for epoch in epochs:  # every sample once per epoch (same multiset of rows)...
+        assert torch.equal(epoch[np.lexsort(epoch.T.numpy())], rows[np.lexsort(rows.T.numpy())])
+    assert not torch.equal(epochs[0], epochs[1])  # ...in an order of its own
+    resumed = torch.cat(list(source.epoch(1, 3000, start_block=4)))  # blocks 4.. without generating shards before
+    assert torch.equal(resumed, epochs[1][4 * 3000 :])
+
+
+def test_training_on_a_stream_resumes_exactly(tmp_path, monkeypatch):
+    reference = small_store_params(tmp_path, "streamed", True)
+    for stage in (["synth"], ["train", "-c", "s"], ["evaluate", "-c", "s"]):
+        assert invoke(*stage, "--params", reference).exit_code == 0
+    details = json.loads((tmp_path / "artifacts-streamed/details/train_s.json").read_text())
+    assert details["n_training_tokens_per_epoch"] == 20_000 and details["loader_order"].startswith("generated")
+    assert json.loads((tmp_path / "artifacts-streamed/details/eval_s.json").read_text())["ground_truth"]["mcc"] > 0
+    not_stored = invoke("evaluate", "-c", "s", "--params", reference, "-S", "evaluate.split=train")
+    assert not_stored.exit_code == 2 and "synth.stream generates it while training" in not_stored.stderr
+
+    from pipeline.train.trainer import Trainer
+
+    original, seen = Trainer._train_on_block, []
+
+    def killed(self, run, epoch, block_index, block, bar):
+        seen.append(block_index)
+        if len(seen) == 26:  # in the second epoch, after its checkpoint at block 5
+            raise KeyboardInterrupt
+        return original(self, run, epoch, block_index, block, bar)
+
+    monkeypatch.setattr(Trainer, "_train_on_block", killed)
+    resumed = small_store_params(tmp_path, "streamed", True, out_dir=str(tmp_path / "resumed"))
+    assert invoke("train", "-c", "s", "--params", resumed).exit_code == 130
+    monkeypatch.undo()
+    assert invoke("train", "-c", "s", "--params", resumed, "--resume").exit_code == 0
+    weights = [torch.load(tmp_path / out / "sae/config_s_2x_final.pt", weights_only=True)["sae"]
+               for out in ("artifacts-streamed", "resumed")]  # fmt: skip
+    for key, value in weights[0].items():
+        assert torch.equal(value, weights[1][key]), key

@@ -323,6 +323,7 @@ def test_non_finite_activations_are_found_before_training(tmp_path):
         ("train.split=validation", "split 'validation' is not in store"),
         ("sae.a.batch_size=1000", "larger than the 40000 training tokens"),
         ("sae.a.expansion=0", "invalid sae.a.expansion: 0"),
+        ("sae.a.d_sae=300", "invalid sae.a.expansion, d_sae: (2, 300) (allowed: exactly one of them)"),
         ("sae.a.lr=-1", "invalid sae.a.lr: -1.0"),
     ],
 )
@@ -332,6 +333,14 @@ def test_bad_train_input_is_one_clear_line(tmp_path, synthetic, override, messag
     assert result.exit_code == 2, result.output
     assert message in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1
+
+
+def test_an_exact_width_names_and_sizes_the_sae(tmp_path, synthetic):
+    params = synthetic_params(tmp_path, synthetic[0], {"w": {"d_sae": 300, "batch_size": 4, "lr": 1e-3, "epochs": 1}})
+    assert invoke("train", "--params", str(params), "--config", "w").exit_code == 0
+    sae, _ = load_saelens(tmp_path / "artifacts/sae/config_w_300")  # 300 latents over 128 dimensions
+    assert (sae.d_in, sae.d_sae) == (128, 300)
+    assert json.loads((tmp_path / "artifacts/details/train_w.json").read_text())["d_sae"] == 300
 
 
 def test_missing_store_and_unknown_config(tmp_path, synthetic):

@@ -128,6 +128,9 @@ class ActivationStore:
             ) from exc
 
     def _split(self, split: str) -> zarr.Group:
+        if self.attrs.get("split_stats", {}).get(split, {}).get("streamed"):
+            raise PipelineError(f"split {split!r} of {self.path} is not stored: synth.stream generates it while "
+                                f"training; evaluate and analyze read {', '.join(self.splits)}")  # fmt: skip
         if split not in self.splits:
             raise PipelineError(f"split {split!r} is not in store {self.path}; it holds: {', '.join(self.splits)}")
         return self.group[split]

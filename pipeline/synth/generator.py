@@ -229,13 +229,11 @@ def sample_generator(seed: int, purpose: str, index: int, device: torch.device) 
     return generator(seed, PURPOSES[purpose], index, device=device)
 
 
-def samples(model: SyntheticModel, n: int, chunks_from: torch.Generator) -> np.ndarray:
-    """n samples [n, d_model] as a float32 array, generated SAMPLE_CHUNK at a time from one generator."""
-    chunks = []
-    for start in range(0, n, SAMPLE_CHUNK):
-        x, _ = model.sample(min(SAMPLE_CHUNK, n - start), chunks_from)
-        chunks.append(x.float().cpu().numpy())
-    return np.concatenate(chunks)
+def samples(model: SyntheticModel, n: int, chunks_from: torch.Generator) -> torch.Tensor:
+    """n samples [n, d_model] in float32 on the model's device, generated SAMPLE_CHUNK at a time from one
+    generator: one shard of a split (written to the store, or streamed to the trainer)."""
+    chunks = [model.sample(min(SAMPLE_CHUNK, n - start), chunks_from)[0] for start in range(0, n, SAMPLE_CHUNK)]
+    return torch.cat(chunks)
 
 
 def mean_true_l0(model: SyntheticModel) -> float:

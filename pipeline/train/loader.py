@@ -22,6 +22,7 @@ import queue
 import threading
 import time
 from collections.abc import Iterator
+from typing import Protocol
 
 import numpy as np
 import torch
@@ -33,6 +34,24 @@ from pipeline.store import ActivationStore
 
 WINDOW_BUFFERS = 3  # the window being copied into blocks, one queued, one being read
 SAMPLE_EPOCH = -1  # the stream `sample` draws from: not any training epoch's
+
+
+class TrainingBlocks(Protocol):
+    """What the trainer reads blocks from: an `ActivationLoader`, or a streamed synthetic split
+    (pipeline/synth/stream.py)."""
+
+    device: torch.device
+    widths: list[int]  # a row's parts: [d_model], or a transcoder's [input width, target width]
+    n_tokens: int  # training tokens per epoch
+    resident_on_device: bool
+    stall_seconds: float
+
+    @property
+    def order_kind(self) -> str: ...
+
+    def sample(self, n_tokens: int) -> torch.Tensor: ...
+
+    def epoch(self, epoch: int, block_tokens: int, start_block: int = 0) -> Iterator[torch.Tensor]: ...
 
 
 class ActivationLoader:

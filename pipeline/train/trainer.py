@@ -40,7 +40,7 @@ from pipeline.train.checkpoints import (
     restore,
     save_checkpoint,
 )
-from pipeline.train.loader import ActivationLoader
+from pipeline.train.loader import TrainingBlocks
 
 MAX_BLOCK_FACTOR = 16  # the shared block may be at most this many times the largest batch
 # Target L0: each step multiplies the sparsity coefficient by exp(L0_GAIN * clamp(log(L0 / target), -1, 1)): a
@@ -93,7 +93,7 @@ class Trainer:
     def __init__(
         self,
         configs: dict[str, SAEConfig],
-        loader: ActivationLoader,
+        loader: TrainingBlocks,
         train: TrainConfig,
         checkpoint_dir: Path,
         meta: dict[str, Any],
@@ -292,7 +292,7 @@ class Trainer:
         d_out = self.loader.widths[1] if cfg.target_hook else None
         seed = self.train.seed if cfg.init_seed is None else cfg.init_seed
         try:
-            sae = build_sae(cfg, d_in, init_generator(seed, d_in * cfg.expansion), d_out).to(self.device)
+            sae = build_sae(cfg, d_in, init_generator(seed, cfg.width(d_in)), d_out).to(self.device)
         except PipelineError as exc:  # a setting that does not fit this width, e.g. k above d_sae
             raise PipelineError(f"sae.{key}: {exc}") from None
         if cfg.target_l0 is not None and not sae.sets_l0_by_penalty:
