@@ -67,7 +67,7 @@ class SparseAutoencoder(nn.Module):
         transcoder)."""
         options = {name: getattr(cfg, name) for name in cls.options}
         shape = {"d_out": d_out, "skip": cfg.skip} if cfg.target_hook else {}
-        return cls(d_in, d_in * cfg.expansion, generator=generator, **options, **shape)
+        return cls(d_in, cfg.width(d_in), generator=generator, **options, **shape)
 
     def option_values(self) -> dict[str, Any]:
         """The constructor settings this SAE was built with (what a copy of it needs)."""
@@ -170,6 +170,11 @@ class SparseAutoencoder(nn.Module):
     def start_near_l0(self, x: torch.Tensor, target_l0: float) -> None:
         """Before training toward `target_l0`: an architecture whose initial L0 can be set from data does so on the
         sample `x` (none by default)."""
+
+    @torch.no_grad()
+    def steer_l0(self, error: torch.Tensor) -> None:
+        """While a target-L0 run adapts, after each step: `error` = clamp(log(L0 / target), -1, 1) of the batch.
+        An architecture whose L0 follows its sparsity coefficient too slowly moves it directly (none by default)."""
 
     @torch.no_grad()
     def observe(self, f: torch.Tensor, over_ranks: bool = False) -> None:

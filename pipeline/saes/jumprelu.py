@@ -10,6 +10,8 @@ from torch import nn
 from pipeline.params import SAEConfig
 from pipeline.saes.base import SparseAutoencoder, mse
 
+THRESHOLD_GAIN = 0.01  # steer_l0: thresholds move by at most 1% a step toward the target L0
+
 
 class JumpReLUSAE(SparseAutoencoder):
     name = "jumprelu"
@@ -40,6 +42,8 @@ class JumpReLUSAE(SparseAutoencoder):
 
     def loss_terms(self, x, pre, f, x_hat, cfg: SAEConfig) -> dict[str, torch.Tensor]:
         l0 = _Step.apply(pre, self.threshold, self.jumprelu_bandwidth).float().sum(dim=1).mean()
+        if cfg.target_l0 is not None:  # target-relative: pulls toward the target from both sides
+            return {"mse": mse(x_hat, x), "l0_penalty": (l0 / cfg.target_l0 - 1).square()}
         return {"mse": mse(x_hat, x), "l0_penalty": l0}
 
     @torch.no_grad()
@@ -50,6 +54,13 @@ class JumpReLUSAE(SparseAutoencoder):
         share = min(1.0, target_l0 / self.d_sae)
         quantiles = torch.quantile(self.pre_activations(x).float(), 1.0 - share, dim=0)
         self.threshold.copy_(quantiles.clamp_min(0.0))
+
+    @torch.no_grad()
+    def steer_l0(self, error: torch.Tensor) -> None:
+        """Every threshold scaled by exp(THRESHOLD_GAIN * error). Adam moves a threshold by about lr a step
+        whatever the penalty's weight, and the encoder moves the pre-activations faster than that: on the
+        synthetic profile L0 followed the same path for coefficients 100x apart (docs/training.md)."""
+        self.threshold.mul_(torch.exp(THRESHOLD_GAIN * error))
 
     @torch.no_grad()
     def after_step(self) -> None:

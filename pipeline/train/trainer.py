@@ -230,6 +230,7 @@ class Trainer:
         if adapting:  # toward the target L0, on the device: the host never waits for this batch's L0
             error = torch.log(terms["l0"].clamp_min(1e-3) / run.cfg.target_l0).clamp(-1.0, 1.0)
             run.coefficient.mul_(torch.exp(L0_GAIN * error))
+            run.sae.steer_l0(error)
         run.skipped_steps += skipped
         if not run.scaler.is_enabled():  # with fp16's GradScaler a non-finite loss is a skipped step: no harm done
             run.diverged |= ~torch.isfinite(loss)
