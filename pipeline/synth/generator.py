@@ -8,13 +8,15 @@ the description leaves a detail open, this module's choice is stated here:
 - Correlations: a Gaussian copula with a low-rank factor. Feature i fires when z_i < Φ^-1(q_i), where
   z_i = u_i · g + sqrt(1 - |u_i|²) e_i with g ~ N(0, I_rank), e ~ N(0, I): each z_i is standard normal, so the
   marginal rate is q_i, and features i, j correlate through u_i · u_j. U's entries are N(0, correlation_scale²).
-- Hierarchy: `roots` trees of branching `branching`, `depth` levels below the roots. The nodes are a random subset
-  of the features, assigned in order of frequency (the roots are the most frequent of them). A child fires only
-  when its parent does, siblings are mutually exclusive (when several would fire, one chosen uniformly at random
-  does), and a child's magnitude is multiplied by its parent's magnitude over the parent's mean magnitude.
-  Base rates are compensated: q_i is raised so that parent rate × q_i × P(chosen among siblings) = p_i, solved by
-  fixed-point iteration; where that needs q_i > 1 it is capped, and the feature fires less than p_i.
-  `expected_rates` holds every feature's resulting rate, computed with siblings independent.
+- Hierarchy: `roots` trees of branching `branching`, `depth` levels below the roots, on the most frequent
+  features in breadth-first order (the roots are features 0..roots-1, their children the next roots × branching,
+  each parent's children together), as SynthSAEBench builds it. A child fires only when its parent does, siblings
+  are mutually exclusive (when several would fire, one chosen uniformly at random does), and a child's magnitude
+  is multiplied by its parent's magnitude over the parent's mean magnitude. Base rates are compensated as
+  SynthSAEBench compensates them: q_i = p_i / p_parent × (1 + Σ_{siblings j ≠ i} p_j / p_parent), capped at 1,
+  with p the uncompensated rates. That is an approximation that leaves hierarchical features below p_i (for the
+  16k recipe the mean true L0 is 34.5 where Σ p_i = 59.1; SynthSAEBench-16k's published true L0 is about 34);
+  `expected_rates` holds every feature's resulting rate, computed exactly with siblings independent.
 - Magnitudes: |N(mean_i, std_i)| when firing; mean_i linear from `magnitude_start` (feature 0) to `magnitude_end`;
   std_i = |N(std_mean, std_std)|, drawn once per feature.
 - Directions: random unit vectors, then `orthogonalize_steps` Adam steps at `orthogonalize_lr` on their mean
@@ -127,7 +129,7 @@ def build(cfg: SynthConfig, device: torch.device) -> SyntheticModel:
     rank = np.arange(1, n + 1, dtype=np.float64) ** -cfg.zipf_exponent
     shares = (rank - rank[-1]) / (rank[0] - rank[-1]) if n > 1 else np.ones(1)
     rates = cfg.firing_min + (cfg.firing_max - cfg.firing_min) * shares
-    parents, depths = _hierarchy(cfg, rng)
+    parents, depths = _hierarchy(cfg)
     base, expected = _compensated_rates(rates, parents, depths)
     magnitude_mean = np.linspace(cfg.magnitude_start, cfg.magnitude_end, n)
     magnitude_std = np.abs(rng.normal(cfg.magnitude_std_mean, cfg.magnitude_std_std, n))
@@ -152,10 +154,10 @@ def hierarchy_size(cfg: SynthConfig) -> int:
     return cfg.hierarchy_roots * sum(cfg.hierarchy_branching**level for level in range(cfg.hierarchy_depth + 1))
 
 
-def _hierarchy(cfg: SynthConfig, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+def _hierarchy(cfg: SynthConfig) -> tuple[np.ndarray, np.ndarray]:
     parents = np.full(cfg.n_features, -1, dtype=np.int64)
     depths = np.full(cfg.n_features, -1, dtype=np.int64)
-    nodes = np.sort(rng.choice(cfg.n_features, size=hierarchy_size(cfg), replace=False))  # most frequent first
+    nodes = np.arange(hierarchy_size(cfg))  # the most frequent features, breadth first
     level = nodes[: cfg.hierarchy_roots]
     depths[level] = 0
     start = len(level)
@@ -168,17 +170,15 @@ def _hierarchy(cfg: SynthConfig, rng: np.random.Generator) -> tuple[np.ndarray, 
 
 
 def _compensated_rates(target: np.ndarray, parents: np.ndarray, depths: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Base rates q and resulting rates, so that hierarchical features fire at their target rate where possible."""
+    """Base rates q (SynthSAEBench's compensation, see the module's docstring) and the rates they result in."""
     base, expected = target.copy(), target.copy()
     levels = [level.numpy() for level in hierarchy_levels(torch.from_numpy(parents), torch.from_numpy(depths))]
     for above, level in itertools.pairwise(levels):
         groups = level.reshape(len(above), -1)  # [n_parents, branching]
-        parent_rate = expected[parents[groups[:, 0]]][:, None]
-        q = target[groups]
-        for _ in range(50):  # fixed point of q = target / (parent rate * P(chosen | active))
-            q = np.minimum(1.0, target[groups] / (parent_rate * _chosen_probability(q)))
+        p, parent_target = target[groups], target[above][:, None]
+        q = np.minimum(1.0, p / parent_target * (1 + (p.sum(axis=1, keepdims=True) - p) / parent_target))
         base[groups] = q
-        expected[groups] = parent_rate * q * _chosen_probability(q)
+        expected[groups] = expected[above][:, None] * q * _chosen_probability(q)
     return base, expected
 
 
