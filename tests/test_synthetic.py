@@ -9,6 +9,7 @@ import math
 import numpy as np
 import pytest
 import torch
+import yaml
 from conftest import invoke, write_params
 
 from pipeline.evaluate.ground_truth import abs_cosines, mcc
@@ -95,16 +96,19 @@ def test_synth_train_evaluate_report_on_a_small_store(tmp_path):
 
 
 def small_store_params(tmp_path, name: str, stream: bool, **train) -> str:
-    """Params of a small generated store (3 train shards, the last one short) and one SAE on it."""
-    return str(write_params(
+    """Params of a small generated store (3 train shards, the last one short) and one SAE on it, alone."""
+    path = write_params(
         tmp_path / f"params-{name}.yaml",
         extract={"source": "synthetic", "store": str(tmp_path / name), "shard_tokens": 8192, "chunk_tokens": 1024},
         synth={**SMALL.__dict__, "n_train": 20_000, "n_test": 2_000, "eval_samples": 4_000, "device": "cpu",
                "stream": stream},
-        sae={"s": {"expansion": 2, "batch_size": 1, "lr": 1e-3, "epochs": 2, "architecture": "relu"}},
         train={"hook": "synthetic", "seq_len": 1000, "device": "cpu", "checkpoint_every": 3,
                "out_dir": str(tmp_path / f"artifacts-{name}"), **train},
-    ))  # fmt: skip
+    )  # fmt: skip
+    params = yaml.safe_load(path.read_text())
+    params["sae"] = {"s": {"expansion": 2, "batch_size": 1, "lr": 1e-3, "epochs": 2, "architecture": "relu"}}
+    path.write_text(yaml.safe_dump(params))
+    return str(path)
 
 
 def test_a_streamed_train_split_is_the_stored_one(tmp_path):
@@ -136,6 +140,10 @@ def test_training_on_a_stream_resumes_exactly(tmp_path, monkeypatch):
     details = json.loads((tmp_path / "artifacts-streamed/details/train_s.json").read_text())
     assert details["n_training_tokens_per_epoch"] == 20_000 and details["loader_order"].startswith("generated")
     assert json.loads((tmp_path / "artifacts-streamed/details/eval_s.json").read_text())["ground_truth"]["mcc"] > 0
+    assert invoke("stability", "--params", reference).exit_code == 0
+    assert invoke("report", "--params", reference).exit_code == 0
+    report = (tmp_path / "artifacts-streamed/report.md").read_text()
+    assert "| train (generated while training) | 1 | 20,000 |" in report
     not_stored = invoke("evaluate", "-c", "s", "--params", reference, "-S", "evaluate.split=train")
     assert not_stored.exit_code == 2 and "synth.stream generates it while training" in not_stored.stderr
 
@@ -158,3 +166,31 @@ def test_training_on_a_stream_resumes_exactly(tmp_path, monkeypatch):
                for out in ("artifacts-streamed", "resumed")]  # fmt: skip
     for key, value in weights[0].items():
         assert torch.equal(value, weights[1][key]), key
+
+
+def test_published_rows_sit_beside_ours_at_the_matching_l0():
+    from pipeline.report import published
+    from pipeline.report.render import fmt
+
+    def run(architecture: str, l0: float) -> dict:
+        return {"train": {"config": {"architecture": architecture}},
+                "eval": {"reconstruction": {"l0": l0, "explained_variance": 0.5},
+                         "ground_truth": {"f1": 0.25, "mcc": 0.75}}}  # fmt: skip
+
+    assert published.applies({"n_features": 16384, "d_model": 768, "seed": 1})
+    assert not published.applies({"n_features": 4096, "d_model": 256}) and not published.applies(None)
+    lines = published.comparison_lines({"m": run("matryoshka", 24.1), "j": run("jumprelu", 20.9),
+                                        "t": run("topk", 25.0), "r": run("relu", 31.0)}, fmt)  # fmt: skip
+    rows = {line.split(" | ")[0].strip("| "): line for line in lines if line.startswith("| ") and "---" not in line}
+    assert "| 25 | 0.2500 / 0.8790 | 0.7500 / 0.7930 | 0.5000 / 0.7790 |" in rows["m"]
+    assert "| 20 | 0.2500 / 0.8240 | 0.7500 / 0.7430 | 0.5000 / 0.7910 |" in rows["j"]
+    assert "| none | 0.2500 / n/a |" in rows["t"] and "| none |" in rows["r"]  # no published TopK; L0 31 is off
+
+
+def test_the_16k_recipe_has_the_published_true_l0():
+    """SynthSAEBench-16k's published data: a mean true L0 of about 34, about 25 of it within the 4,096 most
+    frequent features (the SAE width's worth)."""
+    model = synthetic.build(SynthConfig(orthogonalize_steps=0), CPU)  # the params defaults: the recipe
+    assert (model.n_features, model.directions.shape[1]) == (16384, 768)
+    assert synthetic.mean_true_l0(model) == pytest.approx(34, abs=1)
+    assert float(model.expected_rates[:4096].sum()) == pytest.approx(25, abs=1)

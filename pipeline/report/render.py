@@ -7,6 +7,7 @@ from pathlib import Path
 
 from pipeline.artifacts import report_paths, sae_outputs
 from pipeline.params import Params, params_to_dict
+from pipeline.report import published
 from pipeline.report.rules import recommend
 from pipeline.report.stability import THRESHOLDS
 from pipeline.saes import sae_class
@@ -67,7 +68,8 @@ def render(
         "| split | documents | tokens (incl. BOS) | truncated documents |",
         "| --- | --- | --- | --- |",
         *[
-            f"| {s} | {fmt(v['n_docs'])} | {fmt(v['n_tokens'])} | {fmt(v.get('n_truncated_docs', 0))} |"
+            f"| {s}{' (generated while training)' * bool(v.get('streamed'))} | {fmt(v['n_docs'])} | "
+            f"{fmt(v['n_tokens'])} | {fmt(v.get('n_truncated_docs', 0))} |"
             for s, v in stats.items()
         ],
         "",
@@ -80,6 +82,8 @@ def render(
     at = {hook: "" if len(groups) == 1 else f" at `{hook}`" for hook in groups}
     for hook, group in groups.items():
         lines += _comparison(params, group, labels, at[hook])
+        if published.applies(store_attrs.get("synthetic")) and all(m["eval"]["ground_truth"] for m in group.values()):
+            lines += published.comparison_lines(group, fmt)
     lines += _stability_section(params, labels, shares or {})
     lines += _warnings(metrics, labels)
     for hook, group in groups.items():
