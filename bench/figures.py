@@ -30,6 +30,9 @@
                            many as the splice's passes / evaluate's splice scores for the configs' widths (up to
                            three SAEs: six passes, clean, two zero-ablations and three spliced) on the first
                            SPLICE_DOCS documents
+9c. synthetic generation   generating one batch of the SynthSAEBench-16k recipe's samples (1,024 of 16,384
+                           features in 768 dimensions) on the training device / one training step of a ReLU SAE of
+                           4,096 latents on such a batch: below 1, a streamed run's generator keeps up with one SAE
 10-12. scaling             several processes against one (`bench/scaling.py`; skipped by --no-scaling,
                            and on CUDA with fewer GPUs than processes)
 Start-up (seconds, not a ratio): each stage's fixed cost, `pipeline <stage>` on a run too small for its own work to
@@ -67,7 +70,7 @@ from pipeline.core.errors import PipelineError
 from pipeline.corpus import load_documents, padded, plan_batches, start_token, tokenize
 from pipeline.extract.shards import ShardExtractor, extract_pending
 from pipeline.model import capture, check_hooks, load_model
-from pipeline.params import Params, SAEConfig
+from pipeline.params import Params, SAEConfig, SynthConfig
 from pipeline.saes import ARCHITECTURES, build_sae
 from pipeline.saes.base import decorrelation, keep_top
 from pipeline.store import ActivationStore
@@ -88,6 +91,7 @@ STORE_WRITE_BYTES = 2**28  # figure 6c writes at most this much a run
 SCALING_FIGURES = ("extract_2proc_vs_1proc", "train_2proc_vs_1proc", "ddp_communication_share")
 LOWER_IS_BETTER = {
     "bridge_overhead", "ddp_communication_share", "loader_stall", "decorrelation_cost", "analyze_vs_evaluate",
+    "synth_generation_vs_step",
 }  # fmt: skip
 
 
@@ -342,6 +346,23 @@ def bench_splice(params: Params, model, hook: str) -> dict:
     }  # fmt: skip
 
 
+def bench_synth_generation(device: torch.device, amp: str) -> dict:
+    """Figure 9c: the 16k recipe's generator against the SAE step that consumes its batch."""
+    from pipeline.synth import generator
+
+    recipe = SynthConfig(orthogonalize_steps=0)  # the directions' values do not change the generator's speed
+    model = generator.build(recipe, device)
+    drawn_with = generator.sample_generator(recipe.seed, "train", 0, device)
+    d_sae, batch = 4096, 1024
+    generate = timed(lambda: generator.samples(model, batch, drawn_with), device)
+    step = bench_train_step(device, amp, recipe.d_model, d_sae, batch)
+    return {
+        "n_features": recipe.n_features, "d_model": recipe.d_model, "batch": batch, "d_sae": d_sae,
+        "generate_s": generate, "samples_per_s": batch / generate, "step_s": step["step_s"],
+        "synth_generation_vs_step": generate / step["step_s"],
+    }  # fmt: skip
+
+
 def write_random_store(path: Path, n_tokens: int, d: int) -> ActivationStore:
     """A store of random float16 activations (content does not matter for speed)."""
     shard = 65536
@@ -480,6 +501,7 @@ def run(params: Params, n_docs: int, n_tokens: int, width: int | None, workdir: 
     d_sae = c.width(d_model)
     analysis = bench_analyze_vs_evaluate(params, model, ActivationStore(workdir / "bench-store"), "bench", d_sae)
     splice = bench_splice(params, model, analysis["hook"])
+    synth = bench_synth_generation(device, params.train.amp)
     del model  # the model's memory is not the training figures' to share
     step = bench_train_step(device, params.train.amp, d_model, d_sae, c.batch_size * params.train.seq_len)
     arch = bench_architectures(device, params.train.amp, d_model, d_sae, c.batch_size * params.train.seq_len,
@@ -508,6 +530,7 @@ def run(params: Params, n_docs: int, n_tokens: int, width: int | None, workdir: 
         "topk_selection_share": arch["topk_selection_share"],
         "analyze_vs_evaluate": analysis["analyze_vs_evaluate"],
         "splice_efficiency": splice["splice_efficiency"],
+        "synth_generation_vs_step": synth["synth_generation_vs_step"],
         **{name: scaled[name] for name in SCALING_FIGURES if scaled},
     }
     return {
@@ -523,6 +546,7 @@ def run(params: Params, n_docs: int, n_tokens: int, width: int | None, workdir: 
             "architectures": arch,
             "analysis": analysis,
             "splice": splice,
+            "synth_generation": synth,
             "scaling": scaled,
             "startup_s": startup,
         },

@@ -17,7 +17,7 @@ FIGURES = {
     "decorrelation_cost",
     "topk_step_cost", "batchtopk_step_cost", "jumprelu_step_cost", "matryoshka_step_cost", "topk_selection_share",
     "analyze_vs_evaluate", "splice_efficiency", "extract_2proc_vs_1proc", "train_2proc_vs_1proc",
-    "ddp_communication_share",
+    "ddp_communication_share", "synth_generation_vs_step",
 }  # fmt: skip
 
 
@@ -64,6 +64,9 @@ def test_bench_reports_every_figure(tmp_path, tiny_model_dir, gsm_dir):
     assert math.isclose(report["figures"]["topk_step_cost"], arch["step_s"]["topk"] / arch["step_s"]["relu"])
     splice = details["splice"]
     assert splice["passes"] == 6 and splice["n_tokens"] > 0  # three SAEs (a, b, c): clean, two zeroed, three spliced
+    synth = details["synth_generation"]  # the generator against the step that consumes its batch
+    assert (synth["n_features"], synth["d_model"], synth["d_sae"]) == (16384, 768, 4096)
+    assert math.isclose(report["figures"]["synth_generation_vs_step"], synth["generate_s"] / synth["step_s"])
     startup = details["startup_s"]  # each stage in a fresh process, on a small run
     assert list(startup) == ["extract", "train", "evaluate", "analyze", "stability", "report"]
     assert all(seconds > 0 for seconds in startup.values()) and "start-up" in result.stderr

@@ -167,3 +167,21 @@ def test_the_cuda_generator_keeps_the_cpu_generator_s_feature_statistics(correla
     for fired in drawn.values():
         parent_fired = fired[:, on_cpu.parents[children]]
         assert not (fired[:, children] & ~parent_fired).any()
+
+
+def test_a_stream_drawn_on_cuda_is_the_split_a_cuda_store_holds(tmp_path):
+    """synth.device=cuda: the streamed train split, generated on the GPU while training, equals the rows of a store
+    written on the GPU, and a streamed run trains on CUDA."""
+    from test_synthetic import small_store_params
+
+    from pipeline.synth.stream import SyntheticStream
+
+    for name, stream in (("stored", False), ("streamed", True)):
+        params = small_store_params(tmp_path, name, stream, device="cuda")
+        assert invoke("synth", "--params", params, "-S", "synth.device=cuda").exit_code == 0
+    rows = torch.from_numpy(ActivationStore(tmp_path / "stored").activations("train", "synthetic")[:]).float()
+    source = SyntheticStream(ActivationStore(tmp_path / "streamed"), CUDA, seed=0)
+    for index in range(3):
+        assert torch.equal(source.shard(index).cpu(), rows[index * 8192 : (index + 1) * 8192])
+    result = invoke("train", "--params", params, "-S", "synth.device=cuda")
+    assert result.exit_code == 0, result.output
