@@ -275,3 +275,20 @@ def test_fewer_shards_than_processes_is_a_warning(tmp_path, monkeypatch, caplog)
         _, mine = open_writer(tmp_path / "store", attrs, False, prepare)
     assert len(mine) == 1  # rank 0 of 3 takes the first of the 2 shards
     assert "2 shard(s) to write for 3 processes: 1 of them have nothing to do" in caplog.text
+
+
+def test_data_parallel_training_on_a_stream_matches_one_process(tmp_path):
+    """Every rank generates the whole streamed synthetic split, so two data-parallel processes train on the
+    batches one process does."""
+    from test_synthetic import small_store_params
+
+    params = small_store_params(tmp_path, "streamed", True)
+    assert invoke("synth", "--params", params).exit_code == 0
+    assert invoke("train", "--params", params).exit_code == 0
+    two = tmp_path / "two-processes"
+    pipeline_command("train", "--params", params, "-S", "train.nproc=2", "-S", f"train.out_dir={two}", cwd=tmp_path)
+    one_process = torch.load(tmp_path / "artifacts-streamed/sae/config_s_2x_final.pt", weights_only=True)["sae"]
+    data_parallel = torch.load(two / "sae/config_s_2x_final.pt", weights_only=True)["sae"]
+    assert json.loads((two / "details/train_s.json").read_text())["processes"] == 2
+    for name, value in one_process.items():
+        torch.testing.assert_close(data_parallel[name], value, rtol=1e-4, atol=1e-5, msg=name)
