@@ -253,7 +253,11 @@ def test_a_locked_prefix_stops_a_second_extraction_and_a_dead_holders_lock_goes_
     assert not s3fs.S3FileSystem().exists(lock)  # released when the run ended
 
 
-def test_a_lock_is_kept_alive_and_a_holder_that_lost_it_stops(bucket, monkeypatch):
+@pytest.mark.parametrize("sigint", ["handled", "ignored"])
+def test_a_lock_is_kept_alive_and_a_holder_that_lost_it_stops(bucket, monkeypatch, sigint):
+    """Also where the run started with SIGINT ignored, as `nohup pipeline extract &` starts it."""
+    import signal
+
     import s3fs
 
     from pipeline.core import locks
@@ -262,16 +266,21 @@ def test_a_lock_is_kept_alive_and_a_holder_that_lost_it_stops(bucket, monkeypatc
     monkeypatch.setattr(locks, "LOCK_HEARTBEAT_S", 0.1)
     url, fs = f"{bucket}/activations", s3fs.S3FileSystem()
     lock = f"{url.removeprefix('s3://')}.lock"
-    with open_location(url).lock():
-        first = json.loads(fs.cat_file(lock))["heartbeat"]
-        time.sleep(0.5)
-        assert json.loads(fs.cat_file(lock))["heartbeat"] > first  # refreshed while the run lives
-    with pytest.raises(KeyboardInterrupt), open_location(url).lock():
-        fs.pipe_file(lock, json.dumps({"host": "elsewhere", "pid": 1, "heartbeat": time.time()}).encode())
-        deadline = time.monotonic() + 30  # another run took the lock over: the next refresh finds it changed and
-        while time.monotonic() < deadline:  # stops this run (within 0.1 s, unless a loaded machine slows the beat)
-            time.sleep(0.05)
+    started_with = signal.signal(signal.SIGINT, signal.default_int_handler if sigint == "handled" else signal.SIG_IGN)
+    try:
+        with open_location(url).lock():
+            first = json.loads(fs.cat_file(lock))["heartbeat"]
+            time.sleep(0.5)
+            assert json.loads(fs.cat_file(lock))["heartbeat"] > first  # refreshed while the run lives
+        with pytest.raises(KeyboardInterrupt), open_location(url).lock():
+            fs.pipe_file(lock, json.dumps({"host": "elsewhere", "pid": 1, "heartbeat": time.time()}).encode())
+            deadline = time.monotonic() + 30  # another run took the lock over: the next refresh finds it changed
+            while time.monotonic() < deadline:  # and stops this run (within 0.1 s, unless the machine is loaded)
+                time.sleep(0.05)
+    finally:
+        left = signal.signal(signal.SIGINT, started_with)
     assert json.loads(fs.cat_file(lock))["host"] == "elsewhere"  # the new holder's lock is left to it
+    assert left == (signal.default_int_handler if sigint == "handled" else signal.SIG_IGN)  # restored on release
 
 
 def test_replacing_an_s3_store_keeps_the_old_one_readable_until_the_new_one_is_complete(

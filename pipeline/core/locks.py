@@ -20,6 +20,7 @@ import _thread
 import json
 import logging
 import os
+import signal
 import socket
 import threading
 import time
@@ -84,19 +85,38 @@ class _ObjectLock:
         self.fs, self.path, self.target = fs, path, target
         self.etag: str | None = None
         self.stopped = threading.Event()
+        self.lost = threading.Event()
         self.thread = threading.Thread(target=self._beat, daemon=True, name="lock-heartbeat")
+        self.previous_handler: Any = None
 
     def acquire(self) -> None:
         try:
             self.etag = self.fs.pipe_file(self.path, self._record(), mode="create")["ETag"]
         except FileExistsError:
             self._take_over_if_stale()
+        self._make_stoppable()
         self.thread.start()
+
+    def _make_stoppable(self) -> None:
+        """A run started with SIGINT ignored (`nohup ... &`: background jobs ignore it) has no Python SIGINT
+        handler, and the heartbeat's interrupt_main would do nothing: for the lock's lifetime, a handler that
+        stops the run once the lock is lost and otherwise ignores SIGINT as before."""
+        in_main = threading.current_thread() is threading.main_thread()
+        if not in_main or signal.getsignal(signal.SIGINT) != signal.SIG_IGN:
+            return
+
+        def stop_if_lost(signum: int, frame: Any) -> None:
+            if self.lost.is_set():
+                raise KeyboardInterrupt
+
+        self.previous_handler = signal.signal(signal.SIGINT, stop_if_lost)
 
     def release(self) -> None:
         self.stopped.set()
         if self.thread.is_alive():
             self.thread.join()
+        if self.previous_handler is not None:
+            signal.signal(signal.SIGINT, self.previous_handler)
         bucket, key, _ = self.fs.split_path(self.path)
         try:
             self.fs.call_s3("delete_object", Bucket=bucket, Key=key, IfMatch=self.etag)
@@ -132,6 +152,7 @@ class _ObjectLock:
                     log.error(
                         "%s: another run took over the lock (this one could not refresh it): stopping", self.target
                     )
+                    self.lost.set()
                     _thread.interrupt_main()
                     return
                 log.warning("%s: could not refresh the lock (%s); trying again", self.target, exc)
