@@ -47,7 +47,6 @@ class SyntheticStream:
         self.shard_tokens = store.shard_tokens
         self.stored_dtype = getattr(torch, store.attrs["dtype"])
         self.widths = [store.d_model]
-        self.d_model = store.d_model
         self.device, self.seed = device, seed
         self.stall_seconds = 0.0  # host time spent generating (on CUDA the device runs it asynchronously)
 
@@ -55,12 +54,14 @@ class SyntheticStream:
     def n_shards(self) -> int:
         return -(-self.n_tokens // self.shard_tokens)
 
+    def shard_size(self, index: int) -> int:
+        return min(self.shard_tokens, self.n_tokens - index * self.shard_tokens)
+
     def shard(self, index: int) -> torch.Tensor:
         """The rows shard `index` of the train split holds in a stored store, in order, as float32 on the device."""
         started = time.perf_counter()
-        start = index * self.shard_tokens
         drawn_with = sample_generator(self.synth_seed, STREAMED_SPLIT, index, self.model.directions.device)
-        rows = samples(self.model, min(self.shard_tokens, self.n_tokens - start), drawn_with)
+        rows = samples(self.model, self.shard_size(index), drawn_with)
         rows = rows.to(self.stored_dtype).to(self.device, torch.float32)  # rounded as the store rounds them
         self.stall_seconds += time.perf_counter() - started
         return rows
@@ -83,7 +84,7 @@ class SyntheticStream:
         pieces: list[torch.Tensor] = []
         gathered = 0
         for index in self.shard_order(epoch):
-            size = min(self.shard_tokens, self.n_tokens - index * self.shard_tokens)
+            size = self.shard_size(int(index))
             if skip >= size:
                 skip -= size
                 continue
