@@ -30,7 +30,12 @@ app = typer.Typer(
 ParamsOption = Annotated[str, typer.Option("--params", help="Parameters file.")]
 SetOption = Annotated[
     list[str] | None,
-    typer.Option("--set", "-S", help="Override a parameter: -S section.key=value (repeatable)."),
+    typer.Option(
+        "--set",
+        "-S",
+        help="Override a parameter: -S section.key=value, the value as YAML (a string parameter "
+        "takes it as typed: -S 'data.template={text}'); repeatable.",
+    ),
 ]
 VerboseOption = Annotated[bool, typer.Option("--verbose", "-v", help="Debug logs and full tracebacks.")]
 ConfigOption = Annotated[
@@ -236,7 +241,8 @@ def export(
     format_: Annotated[str, typer.Option("--format", help="What to write: neuronpedia (SAE-Dashboard's batches).")],
     config: ConfigOption = "all",
     model_id: Annotated[
-        str | None, typer.Option(help="The model's id on Neuronpedia (default: the last part of model.name).")
+        str | None,
+        typer.Option(help="The model's id on Neuronpedia (default: TransformerLens's alias, e.g. gpt2-small)."),
     ] = None,
     params: ParamsOption = DEFAULT_PARAMS_FILE,
     set_: SetOption = None,

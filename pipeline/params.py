@@ -276,6 +276,16 @@ def params_to_dict(params: Any) -> Any:
     return dataclasses.asdict(params) if dataclasses.is_dataclass(params) else params
 
 
+@dataclass(frozen=True)
+class _Override:
+    """A `-S` value: its text as typed, and that text read as YAML. A string parameter takes the text as typed
+    where YAML would read something else (`-S 'data.template={text}'` is the template `{text}`, not the mapping
+    {text: null}); a quoted string, null, and every other parameter take the YAML value."""
+
+    text: str
+    value: Any
+
+
 def _apply_override(raw: dict, item: str) -> None:
     key, sep, text = item.partition("=")
     if not sep or not key:
@@ -287,10 +297,12 @@ def _apply_override(raw: dict, item: str) -> None:
     node = raw
     parts = key.split(".")
     for part in parts[:-1]:
+        if isinstance(node.get(part), _Override):  # an earlier -S set this whole section
+            node[part] = node[part].value
         node = node.setdefault(part, {})
         if not isinstance(node, dict):
             raise PipelineError(f"override {key!r}: {part!r} is not a section")
-    node[parts[-1]] = value
+    node[parts[-1]] = _Override(text, value)
 
 
 def _build(cls: type, raw: Any, where: str) -> Any:
@@ -315,6 +327,10 @@ def _build(cls: type, raw: Any, where: str) -> Any:
 def _coerce(hint: Any, value: Any, key: str) -> Any:
     origin = typing.get_origin(hint)
     args = typing.get_args(hint)
+    if isinstance(value, _Override):
+        takes_text = str in (args if origin in (typing.Union, types.UnionType) else (hint,))
+        as_text = takes_text and not isinstance(value.value, str | None)  # a quoted string is YAML's to unquote
+        return _coerce(hint, value.text if as_text else value.value, key)
     if origin in (typing.Union, types.UnionType):
         if value is None and type(None) in args:
             return None
@@ -339,6 +355,12 @@ def _coerce(hint: Any, value: Any, key: str) -> Any:
             if not math.isfinite(number):
                 raise PipelineError(f"{key} must be a finite number, got {value!r}")
             return number
+    if hint is str and isinstance(value, dict | list):  # YAML read `{text}` or `[a]` as a mapping or a list
+        raise PipelineError(
+            f"{key} must be a string, got {value!r}: YAML reads an unquoted {{...}} or [...] as a mapping or a list; "
+            f'quote the value, e.g. {key.rsplit(".", 1)[-1]}: "{{text}}" in a params file, or '
+            f"-S '{key}=\"{{text}}\"' with dvc exp run"
+        )
     if not isinstance(value, hint) or (hint is int and isinstance(value, bool)):
         raise PipelineError(f"{key} must be {hint.__name__}, got {value!r}")
     return value

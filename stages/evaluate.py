@@ -11,7 +11,7 @@ from pipeline.core.device import resolve_device
 from pipeline.core.progress import progress_bars
 from pipeline.evaluate.ground_truth import ground_truth_metrics
 from pipeline.evaluate.reconstruction import reconstruction_metrics
-from pipeline.evaluate.saebench import core_output, latent_statistics, weight_statistics
+from pipeline.evaluate.saebench import core_output, latent_statistics, saebench_cfg, weight_statistics
 from pipeline.evaluate.splice import splice_scores
 from pipeline.model import model_of_store
 from pipeline.params import Params, params_to_dict, resolved
@@ -90,7 +90,8 @@ def run(params: Params, which: str = "all") -> dict[str, dict]:
         paths = sae_outputs(params.train.out_dir, key, cfg)
         write_json(paths["eval_details"], details[key])
         saelens_cfg = json.loads((paths["saelens"] / SAELENS_CONFIG).read_text())
-        saebench = core_output(details[key], latents[key], weight_statistics(saes[key]), saelens_cfg,
+        saebench = core_output(details[key], latents[key], weight_statistics(saes[key]),
+                               saebench_cfg(saelens_cfg, saes[key]),
                                _saebench_config(store, n_docs, params.train.exclude_bos))  # fmt: skip
         write_json(paths["saebench_core"], saebench)
         write_json(paths["eval_metrics"], {

@@ -7,7 +7,6 @@ the config's feature browser, its SAE and the model, into `<train.out_dir>/expor
 from __future__ import annotations
 
 import logging
-from pathlib import Path
 
 from pipeline.analyze.browser import is_browser_folder, read_browser_data
 from pipeline.analyze.logits import vocabulary_of
@@ -15,7 +14,13 @@ from pipeline.artifacts import export_folder, sae_name, sae_outputs, trained_sae
 from pipeline.core.atomic import atomic_path, check_replaceable
 from pipeline.core.device import resolve_device
 from pipeline.core.errors import PipelineError
-from pipeline.export.neuronpedia import dashboard_batches, is_export_folder, layer_of, write_batches
+from pipeline.export.neuronpedia import (
+    dashboard_batches,
+    is_export_folder,
+    layer_of,
+    neuronpedia_model_id,
+    write_batches,
+)
 from pipeline.model import model_of_store
 from pipeline.params import Params
 from pipeline.store import ActivationStore
@@ -46,7 +51,7 @@ def run(params: Params, which: str, fmt: str, model_id: str | None = None) -> li
         name, hook = sae_name(key, cfg), params.hook_of(key)
         browser = read_browser_data(sae_outputs(params.train.out_dir, key, cfg)["browser"])
         meta = {
-            "model_id": model_id or Path(store.attrs["model"]).name,
+            "model_id": model_id or neuronpedia_model_id(store.attrs["model"]),
             "layer": layer_of(hook),
             "sae_set": name,
             "dataset": store.attrs["dataset"],

@@ -187,6 +187,7 @@ def _write_outputs(params: Params, trainer: Trainer, sae_run: SAERun, shared: di
             "prepend_bos": True,
             "context_size": trainer.meta["n_ctx"],
             "dataset_path": trainer.meta["dataset"],
+            "training_tokens": sae_run.step * sae_run.batch_tokens,
         },
     )
     tokens = sae_run.step * sae_run.batch_tokens

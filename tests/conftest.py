@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import os
+import shlex
 import socket
 import subprocess
 import sys
@@ -143,6 +145,41 @@ def interrupt_extraction_after(n_shards: int, monkeypatch) -> dict[str, int]:
 
     monkeypatch.setattr(ShardExtractor, "extract", interrupted)
     return calls
+
+
+# SAEBench's names for the architectures it plots (TRAINER_LABELS in sae_bench/sae_bench_utils/graphing_utils.py,
+# SAEBench 0.6.0), by ours.
+SAEBENCH_ARCHITECTURES = {
+    "relu": "standard", "topk": "topk", "batchtopk": "batch_topk", "jumprelu": "jumprelu",
+    "matryoshka": "matryoshka_batch_topk",
+}  # fmt: skip
+
+
+def saebench_accepted(path: Path) -> dict:
+    """The SAEBench core JSON at `path`, checked with SAEBench's own JSON schema and pydantic classes, with the
+    fields SAEBench's plots read (`sae_cfg_dict`: architecture by SAEBench's name, training tokens)."""
+    saebench = pytest.importorskip("sae_bench.evals.core.eval_output", reason="pip install --no-deps sae-bench")
+    import jsonschema
+    from pydantic import TypeAdapter
+
+    schema = json.loads((Path(saebench.__file__).parent / "eval_output_schema_core.json").read_text())
+    written = json.loads(path.read_text())
+    jsonschema.validate(written, schema)
+    TypeAdapter(saebench.CoreEvalOutput).validate_python(written)
+    cfg = written["sae_cfg_dict"]
+    assert cfg["architecture"] == SAEBENCH_ARCHITECTURES[cfg["metadata"]["architecture"]], path
+    assert cfg["training_tokens"] > 0, path
+    return written
+
+
+def readme_command(start: str) -> list[str]:
+    """The README's command line that begins with `start` (continuation lines joined, comments dropped), as the
+    arguments of `pipeline`: a test runs it as a user copies it."""
+    text = (PROJECT_ROOT / "README.md").read_text().replace("\\\n", " ")
+    (line,) = [line for line in text.splitlines() if line.startswith(start)]
+    words = shlex.split(line, comments=True)
+    assert words[0] == "pipeline", line
+    return words[1:]
 
 
 def invoke(*args: str):

@@ -17,6 +17,7 @@ import torch
 import zarr
 from conftest import PROJECT_ROOT, interrupt_extraction_after, invoke, write_params, write_synthetic_store
 
+from pipeline.core.errors import PipelineError
 from pipeline.core.location import partial_path
 from pipeline.params import load_params
 from pipeline.store import ActivationStore
@@ -71,6 +72,15 @@ def test_extract_refuses_a_directory_that_is_not_a_store(tmp_path, tiny_params):
     empty.mkdir()  # nothing to lose: an empty directory may become the store
     assert invoke("extract", "--params", str(tiny_params), "-S", f"extract.store={empty}").exit_code == 0
     assert ActivationStore(empty).splits == ["train", "test"]
+
+
+@pytest.mark.parametrize("command", ["train", "verify"])
+def test_a_store_path_that_is_a_file_is_named_as_one(tmp_path, tiny_params, command):
+    notes = tmp_path / "notes.txt"
+    notes.write_text("mine")
+    one_line_error(invoke(command, "--params", str(tiny_params), "-S", f"extract.store={notes}"),
+                   f"{notes} is a file, not an activation store: set extract.store to a directory")  # fmt: skip
+    assert notes.read_text() == "mine"
 
 
 @pytest.mark.parametrize("store", [".", "..", "./"])
@@ -361,6 +371,16 @@ def test_a_diverging_loss_stops_training_without_saving_nan_weights(tmp_path):
 )
 def test_bad_values_are_one_line(tiny_params, override, message):
     one_line_error(invoke("extract", "--params", str(tiny_params), "-S", override), message)
+
+
+def test_a_string_override_is_taken_as_typed_and_a_yaml_mapping_says_how_to_quote(tmp_path):
+    path = PROJECT_ROOT / "params.yaml"
+    typed = load_params(path, ["data.template={text}", 'data.config="{x}"', "model.revision=null"])
+    assert (typed.data.template, typed.data.config, typed.model.revision) == ("{text}", "{x}", None)
+    assert load_params(path, ["sae.a.lr=5e-5"]).sae["a"].lr == 5e-5  # other types still read as YAML
+    unquoted = write_params(tmp_path / "params.yaml", data={"template": {"text": None}})  # template: {text}
+    with pytest.raises(PipelineError, match=r"data.template must be a string.*quote the value.*template: \"\{text\}\""):
+        load_params(unquoted)
 
 
 def test_an_empty_split_file_is_one_line(tmp_path, tiny_params, gsm_dir):

@@ -223,7 +223,9 @@ with open_location(sys.argv[1]).lock():
 """
 
 
-def test_a_locked_prefix_stops_a_second_extraction_and_a_dead_holders_lock_goes_stale(tiny_params, bucket, monkeypatch):
+def test_a_locked_prefix_stops_a_second_extraction_and_a_dead_holders_lock_is_taken_over(
+    tiny_params, bucket, monkeypatch
+):
     import s3fs
 
     from pipeline.core import locks
@@ -241,16 +243,23 @@ def test_a_locked_prefix_stops_a_second_extraction_and_a_dead_holders_lock_goes_
         holder.wait()
     lock = f"{url.removeprefix('s3://')}.lock"
     assert json.loads(s3fs.S3FileSystem().cat_file(lock))["pid"] == holder.pid
-    result = invoke("extract", "--params", str(tiny_params), "-S", f"extract.store={url}")
-    assert result.exit_code == 2 and "another run" in result.stderr  # a holder that just died looks alive...
-    monkeypatch.setattr(locks, "LOCK_STALE_AFTER_S", 0.5)
-    time.sleep(1.0)  # ...until its heartbeat is older than the timeout
-    result = invoke("extract", "--params", str(tiny_params), "-S", f"extract.store={url}")
-    assert result.exit_code == 0, result.output
-    assert "took over the lock of a run that" in " ".join(result.stderr.split())  # (the log wraps lines)
+    result = invoke("extract", "--params", str(tiny_params), "-S", f"extract.store={url}")  # at once: its pid
+    assert result.exit_code == 0, result.output  # on this host is gone, so the holder is dead
+    assert "took over the lock of a run that is no longer running" in " ".join(result.stderr.split())  # (wrapped)
     assert ActivationStore(url).attrs["manifest"]
     s3fs.S3FileSystem().invalidate_cache()
     assert not s3fs.S3FileSystem().exists(lock)  # released when the run ended
+    # A holder on another machine that just stopped looks alive until its heartbeat is older than the timeout.
+    other = f"{bucket}/other"
+    record = {"host": "another-machine", "pid": holder.pid, "heartbeat": time.time()}
+    s3fs.S3FileSystem().pipe_file(f"{other.removeprefix('s3://')}.lock", json.dumps(record).encode())
+    result = invoke("extract", "--params", str(tiny_params), "-S", f"extract.store={other}")
+    assert result.exit_code == 2 and "pid" in result.stderr and "on host another-machine" in result.stderr
+    monkeypatch.setattr(locks, "LOCK_STALE_AFTER_S", 0.5)
+    time.sleep(1.0)
+    result = invoke("extract", "--params", str(tiny_params), "-S", f"extract.store={other}")
+    assert result.exit_code == 0, result.output
+    assert "took over the lock of a run that stopped refreshing it" in " ".join(result.stderr.split())
 
 
 @pytest.mark.parametrize("sigint", ["handled", "ignored"])

@@ -12,7 +12,8 @@ import numpy as np
 import pytest
 import torch
 import yaml
-from conftest import PROJECT_ROOT, invoke
+from conftest import PROJECT_ROOT, invoke, saebench_accepted
+from safetensors.torch import load_file
 
 from pipeline.artifacts import sae_outputs
 from pipeline.evaluate.splice import splice_scores
@@ -113,17 +114,10 @@ def entry(ce_score, l0, kl_score=0.5, dead=0, dense=0, d_sae=100):
 
 
 def test_saebench_core_output_is_valid_and_holds_our_saelens_convention_values(tiny_run):
-    saebench = pytest.importorskip("sae_bench.evals.core.eval_output", reason="pip install --no-deps sae-bench")
-    import jsonschema
-    from pydantic import TypeAdapter
-
-    schema = json.loads((Path(saebench.__file__).parent / "eval_output_schema_core.json").read_text())
     params = load_params(tiny_run / "params.yaml")
     for key, cfg in params.sae.items():
         paths = sae_outputs(tiny_run / "artifacts", key, cfg)
-        written = json.loads(paths["saebench_core"].read_text())
-        jsonschema.validate(written, schema)  # SAEBench's JSON schema, and its own pydantic classes
-        TypeAdapter(saebench.CoreEvalOutput).validate_python(written)
+        written = saebench_accepted(paths["saebench_core"])
         details = json.loads(paths["eval_details"].read_text())
         rec, saelens = details["reconstruction"], details["splice"]["saelens_compatible"]
         metrics = written["eval_result_metrics"]
@@ -145,7 +139,9 @@ def test_saebench_core_output_is_valid_and_holds_our_saelens_convention_values(t
         assert density.sum() == pytest.approx(rec["l0"], rel=1e-9)
         assert (density == 0).sum() == rec["dead_latents"]
         assert metrics["misc_metrics"]["frac_alive"] == pytest.approx(1 - rec["dead_latents"] / rec["d_sae"])
-        assert written["sae_cfg_dict"] == json.loads((paths["saelens"] / "cfg.json").read_text())
+        assert written["sae_cfg_dict"] == json.loads((paths["saelens"] / "cfg.json").read_text())  # relu: standard
+        tokens = json.loads(paths["train_details"].read_text())["tokens_seen"]
+        assert written["sae_cfg_dict"]["training_tokens"] == tokens
 
 
 # SAE-Dashboard's NeuronpediaDashboardFeature.to_dict and NeuronpediaDashboardActivation.to_dict
@@ -172,9 +168,12 @@ def test_neuronpedia_export_has_the_reference_layout_and_our_top_activations(tin
     browser = read_browser_data(sae_outputs("artifacts", "c", params.sae["c"])["browser"])
     folder = tiny_run / "artifacts/export/neuronpedia/config_c_8x"
     batches = [json.loads(path.read_text()) for path in sorted(folder.glob("batch-*.json"))]
-    skipped = json.loads((folder / "skipped_indexes.json").read_text())["skipped_indexes"]
+    skipped_file = json.loads((folder / "skipped_indexes.json").read_text())
+    skipped = skipped_file.pop("skipped_indexes")  # SAE-Dashboard's runner writes the layer there as a string
+    assert skipped_file == {"model_id": "model", "layer": "2", "sae_set": "config_c_8x"}
     features = {f["feature_index"]: f for batch in batches for f in batch["features"]}
     assert all(list(batch) == NEURONPEDIA_BATCH_FIELDS and batch["layer"] == 2 for batch in batches)
+    decoder = load_file(sae_outputs("artifacts", "c", params.sae["c"])["saelens"] / "sae_weights.safetensors")["W_dec"]
     assert sorted([*features, *skipped]) == list(range(browser["d_sae"]))  # every latent: exported, or never fired
     for ours in browser["features"]:
         if ours["id"] in skipped:
@@ -189,11 +188,28 @@ def test_neuronpedia_export_has_the_reference_layout_and_our_top_activations(tin
             assert example["tokens"] == [browser["vocab"][str(t)] for t in ids]
             assert example["qualifying_token_index"] == centre
             assert example["values"] == pytest.approx([a * ours["max"] / 1000 for a in acts], abs=1e-5)
+        row = decoder[ours["id"]]  # SAE-Dashboard's alignment: the three largest signed weights, abs(w) / L1
+        largest = row.topk(3)
+        assert exported["neuron_alignment_indices"] == largest.indices.tolist()
+        assert exported["neuron_alignment_values"] == pytest.approx(largest.values.tolist(), abs=1e-5)
+        assert exported["neuron_alignment_l1"] == pytest.approx((largest.values.abs() / row.abs().sum()).tolist(),
+                                                                abs=1e-5)  # fmt: skip
         assert exported["pos_values"] == [v for _, v in ours["logits"]["top"]]
         assert exported["frac_nonzero"] == ours["frequency"]
         intervals = [a["bin_contains"] for a in exported["activations"] if a["bin_min"] != -1]
         assert sum(q["count"] for q in ours["quantiles"]) == sum(ours["histogram"])  # every firing token, once
         assert all(0 <= share <= 1 for share in intervals)
+
+
+@pytest.mark.parametrize(
+    ("model_name", "model_id"),
+    [("openai-community/gpt2", "gpt2-small"), ("gpt2", "gpt2-small"), ("EleutherAI/pythia-70m-deduped",
+     "pythia-70m-deduped"), ("google/gemma-2-2b", "gemma-2-2b"), ("data/tiny/model", "model")],
+)  # fmt: skip
+def test_the_neuronpedia_model_id_is_transformer_lens_s_alias(model_name, model_id):
+    from pipeline.export.neuronpedia import neuronpedia_model_id
+
+    assert neuronpedia_model_id(model_name) == model_id
 
 
 # Layer 0's MLP: the one the trained tiny model needs. Zero-ablating it raises the held-out CE by 1.44 nats;
@@ -471,6 +487,11 @@ def test_dvc_repro_on_the_tiny_profile(tmp_path):
     first = stages_run(dvc(repo, "repro"))
     per_config = {f"{stage}@{key}" for stage in ("train", "evaluate", "analyze") for key in "ac"}
     assert first == {"extract", *per_config, "stability", "report"}
+    for key in "ac":  # the model is untrained: its splice scores are undefined, which SAEBench reads as -1
+        written = saebench_accepted(sae_outputs(repo / "artifacts", key, load_params(repo / "params.yaml").sae[key])
+                                    ["saebench_core"])  # fmt: skip
+        assert written["eval_result_metrics"]["model_performance_preservation"]["ce_loss_score"] == -1
+        assert "undefined" in written["eval_result_unstructured"]["undefined_scores"]["ce_loss_score"]
     assert (repo / "artifacts/report.md").is_file()
     assert (repo / "artifacts/browser/config_c_8x/index.html").is_file()
     assert stages_run(dvc(repo, "repro")) == set()

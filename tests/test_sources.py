@@ -10,7 +10,7 @@ import pyarrow
 import pyarrow.parquet
 import pytest
 import yaml
-from conftest import PROJECT_ROOT, invoke
+from conftest import PROJECT_ROOT, invoke, readme_command
 
 from pipeline.corpus import load_documents, tokenize
 from pipeline.params import DataConfig
@@ -105,12 +105,12 @@ def test_the_default_dataset_s_store_identity_is_unchanged():
     assert differing(before, now | {"max_tokens": 1000}) == ["max_tokens"]
 
 
-def run_on(tmp_path: Path, tiny_model_dir: Path, data: dict, split_of: dict[str, str]) -> Path:
-    """`pipeline run` of the tiny profile on the tiny model, with `data` as the data section and the train,
-    evaluate and analyze sections reading the splits `split_of` names."""
+def run_on(tmp_path: Path, tiny_model_dir: Path, data: dict, split_of: dict[str, str], command=("run",)) -> Path:
+    """`command` (`pipeline run`) with the tiny profile on the tiny model as params.yaml, `data` updating its data
+    section and the train, evaluate and analyze sections reading the splits `split_of` names."""
     params = yaml.safe_load((PROJECT_ROOT / "params-tiny.yaml").read_text())
     params["model"]["name"] = str(tiny_model_dir)
-    params["data"] = data
+    params["data"] |= data
     params["extract"]["hooks"] = ["blocks.1.hook_resid_post"]
     params["train"]["hook"] = "blocks.1.hook_resid_post"
     params["sae"] = {key: params["sae"][key] | {"epochs": 1} for key in ("a", "c")}
@@ -119,7 +119,7 @@ def run_on(tmp_path: Path, tiny_model_dir: Path, data: dict, split_of: dict[str,
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
     with pytest.MonkeyPatch.context() as patch:
         patch.chdir(tmp_path)
-        result = invoke("run")
+        result = invoke(*command)
     assert result.exit_code == 0, result.output
     return tmp_path
 
@@ -127,17 +127,17 @@ def run_on(tmp_path: Path, tiny_model_dir: Path, data: dict, split_of: dict[str,
 @pytest.mark.parametrize("kind", ["jsonl", "parquet"])
 def test_a_local_corpus_runs_end_to_end(tmp_path, tiny_model_dir, kind):
     rows = texts(160)
-    if kind == "jsonl":  # one file, one split: the test split is held out from it
-        write_jsonl(tmp_path / "corpus/books.jsonl", rows)
-        data = {"dataset": "corpus", "template": "{text}", "test_fraction": 0.25}
-        split_of, expected = {}, {"train": 120, "test": 40}
+    if kind == "jsonl":  # the README's command as written: one file, one split, the test split held out from it
+        command = readme_command("pipeline run -S data.dataset=")
+        write_jsonl(tmp_path / "my-corpus/books.jsonl", rows)
+        data, split_of, expected = {}, {}, {"train": 152, "test": 8}
     else:  # parquet files per split, under split names of the corpus's own
         (tmp_path / "corpus").mkdir()
         pyarrow.parquet.write_table(pyarrow.Table.from_pylist(rows[:120]), tmp_path / "corpus/fit-00000.parquet")
         pyarrow.parquet.write_table(pyarrow.Table.from_pylist(rows[120:]), tmp_path / "corpus/heldout.parquet")
-        data = {"dataset": "corpus", "template": "{text}", "splits": ["fit", "heldout"]}
+        data, command = {"dataset": "corpus", "template": "{text}", "splits": ["fit", "heldout"]}, ["run"]
         split_of, expected = {"train": "fit", "evaluate": "heldout", "analyze": "heldout"}, {"fit": 120, "heldout": 40}
-    root = run_on(tmp_path, tiny_model_dir, data, split_of)
+    root = run_on(tmp_path, tiny_model_dir, data, split_of, command)
     stats = ActivationStore(root / "data/activations").attrs["split_stats"]
     assert {split: found["n_docs"] for split, found in stats.items()} == expected
     metrics = json.loads((root / "artifacts/metrics/eval_a.json").read_text())

@@ -94,6 +94,10 @@ class Location:
         self.fs.invalidate_cache()  # other processes write here: a cached listing may be stale
         return self.fs.exists(self._full(name) if name else self.root)
 
+    def is_file(self) -> bool:
+        """Whether this location is itself a file (where a directory is wanted)."""
+        return self.fs.isfile(self.root)
+
     def read_text(self, name: str) -> str:
         return self.fs.cat_file(self._full(name)).decode()
 

@@ -8,8 +8,10 @@ An object store has no flock, but S3 (AWS, MinIO, and S3-compatible servers that
 creates an object only if it is absent (`If-None-Match: *`) and replaces one only if it is unchanged (`If-Match`).
 The lock is then the object `<prefix>.lock`, created that way, holding its holder's host, pid and a heartbeat time
 that the holder refreshes every LOCK_HEARTBEAT_S seconds while it runs. A second run stops at once, naming the
-holder. Nothing tells a killed holder from a slow one but time: a lock not refreshed for LOCK_STALE_AFTER_S seconds
-is stale, and the next run takes it over (a conditional replace, so two runs cannot both take it). The heartbeat is
+holder. A lock whose holder ran on this host under a pid that no longer exists is a killed run's, and the next run
+takes it over at once; for a holder on another machine nothing tells a killed holder from a slow one but time: a
+lock not refreshed for LOCK_STALE_AFTER_S seconds is stale, and the next run takes it over (either way a
+conditional replace, so two runs cannot both take it). The heartbeat is
 the holder's clock, so the machines' clocks must agree to well within that timeout (NTP does). A holder that could
 not refresh its lock for that long, and finds it taken over, stops.
 """
@@ -29,6 +31,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+import psutil
 import zc.lockfile
 
 from pipeline.core.errors import PipelineError
@@ -130,7 +133,8 @@ class _ObjectLock:
         holder = json.loads(self.fs.cat_file(self.path))
         age = time.time() - holder["heartbeat"]
         who = f"pid {holder['pid']} on host {holder['host']}, lock object s3://{self.path}"
-        if age <= LOCK_STALE_AFTER_S:
+        gone = holder["host"] == socket.gethostname() and not psutil.pid_exists(holder["pid"])
+        if age <= LOCK_STALE_AFTER_S and not gone:
             raise PipelineError(
                 f"{self.target} is being written by another run ({who}, alive {max(age, 0):.0f} s ago); wait for it "
                 f"to finish or stop it (a lock not refreshed for {LOCK_STALE_AFTER_S:.0f} s is taken over)"
@@ -141,7 +145,8 @@ class _ObjectLock:
             if _precondition_failed(exc):
                 raise PipelineError(f"{self.target}: another run took over its stale lock first ({who})") from None
             raise
-        log.warning("%s: took over the lock of a run that stopped refreshing it %.0f s ago (%s)", self.target, age, who)
+        why = "is no longer running" if gone else f"stopped refreshing it {age:.0f} s ago"
+        log.warning("%s: took over the lock of a run that %s (%s)", self.target, why, who)
 
     def _beat(self) -> None:
         while not self.stopped.wait(LOCK_HEARTBEAT_S):

@@ -15,8 +15,13 @@ is what SAEBench reports and the evaluation does not otherwise need, computed in
   per document it fires in, where SAEBench counts prompts); the encoder's bias and norm, the cosine between its
   encoder and decoder directions, and its largest cosine with any other latent's encoder and decoder direction
 
-A value that does not apply is -1, SAEBench's own marker (it writes -1 for NaN): a synthetic store has no model
-to splice into, and a latent that never fires has no consistent-activation heuristic.
+A value that does not apply or is undefined is -1, SAEBench's own marker (it writes -1 for a NaN): a synthetic
+store has no model to splice into, a latent that never fires has no consistent-activation heuristic, and a CE or
+KL score is undefined where zero-ablating the hook barely changes the model's loss (docs/evaluation.md; SAEBench
+itself would divide by that near-zero difference). Which scores are undefined, and why, is in
+`eval_result_unstructured`. `sae_cfg_dict` is the SAE's SAELens cfg.json with its architecture by SAEBench's name
+where SAEBench has one (a batchtopk SAE is saved in SAELens's jumprelu layout; SAEBench calls it batch_topk) and
+the tokens it was trained on (`training_tokens`), which SAEBench's plots read.
 """
 
 from __future__ import annotations
@@ -33,6 +38,11 @@ import torch.nn.functional as F
 from pipeline.saes.base import SparseAutoencoder
 
 NOT_APPLICABLE = -1.0
+SAEBENCH_SCORE = {"ce_loss_score": "ce_loss_score", "kl_score": "kl_div_score"}  # our name -> SAEBench's
+ABLATION_EFFECT = {  # the score -> (what zero-ablation changes, its mean, its standard error) in the splice details
+    "ce_loss_score": ("CE", "ce_ablation_effect", "ce_ablation_effect_standard_error"),
+    "kl_score": ("KL", "kl_zero", "kl_zero_standard_error"),
+}
 COSINE_ROWS = 1024  # latents compared with all others at a time, so that no d_sae x d_sae matrix is held
 
 
@@ -122,6 +132,7 @@ def core_output(
     """The SAEBench core-eval JSON of one SAE from its evaluation `details` and the statistics above."""
     rec, splice = details["reconstruction"], details["splice"]
     saelens = splice["saelens_compatible"] if splice else None
+    undefined = [name for name in ("ce_loss_score", "kl_score") if saelens and saelens[name] is None]
     density = np.asarray(latents["feature_density"])
     total = density.sum()
     metrics = {
@@ -183,9 +194,26 @@ def core_output(
             "hook": details["hook"],
             "split": details["split"],
             "conventions": "SAELens's: see pipeline/evaluate/saebench.py for each field",
+            "undefined_scores": {SAEBENCH_SCORE[name]: _why_undefined(saelens, name) for name in undefined},
         },
     }
 
 
+def saebench_cfg(saelens_cfg: dict[str, Any], sae: SparseAutoencoder) -> dict[str, Any]:
+    """The SAE's SAELens cfg.json with its architecture as SAEBench names it (see the module's docstring)."""
+    named = sae.saebench_architecture if sae.saebench_architecture and not sae.transcoder else None
+    return saelens_cfg | {"architecture": named or saelens_cfg["architecture"]}
+
+
+def _why_undefined(saelens: dict[str, Any], name: str) -> str:
+    what, mean, error = ABLATION_EFFECT[name]
+    return (
+        f"undefined, written as -1: zero-ablating the hook changes {what} by {saelens[mean]:.4f} nats "
+        f"(± {saelens[error]:.4f}), below the {saelens['min_ablation_effect_nats']} nats / "
+        f"{saelens['standard_errors']:g} standard errors this project needs to score against"
+    )
+
+
 def _or_missing(values: dict | None, key: str) -> float:
-    return NOT_APPLICABLE if values is None else values[key]
+    """A value SAEBench requires: ours, or -1 where there is none or it is undefined."""
+    return NOT_APPLICABLE if values is None or values[key] is None else values[key]

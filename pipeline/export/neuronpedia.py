@@ -12,7 +12,8 @@ feature browser's data (pipeline/analyze) or the SAE and the model:
 - activations: the top examples (bin_min -1, bin_max the latent's maximum, bin_contains -1, as SAE-Dashboard marks
   them), then each activation interval's random examples (its bounds, and the share of the latent's firing tokens
   it holds): the context window's tokens, the latent's activation on each, and the index of the example's token
-- neuron_alignment_*: the three largest decoder weights by magnitude, with their share of the row's L1 norm
+- neuron_alignment_*: the three largest decoder weights (signed, largest first, as SAE-Dashboard takes them), with
+  abs(weight) / the row's L1 norm
 - n_prompts_total: documents in the analysed split; n_tokens_in_prompt: tokens of a full context window
 - correlated_neurons_*, correlated_features_*, decoder_weights_dist and vector: empty (not computed here; the
   last two are for attention heads and steering vectors)
@@ -67,6 +68,21 @@ def dashboard_batches(
     return batches, skipped
 
 
+def neuronpedia_model_id(model_name: str) -> str:
+    """The model's id on Neuronpedia, which follows TransformerLens's default alias (`gpt2-small` for
+    `openai-community/gpt2`): that alias of the name or of its last part, else the last part as it is."""
+    from transformer_lens.supported_models import MODEL_ALIASES, get_official_model_name
+
+    last = Path(model_name).name
+    for name in (model_name, last):
+        try:
+            aliases = MODEL_ALIASES.get(get_official_model_name(name))
+        except ValueError:  # not a model TransformerLens knows by that name
+            continue
+        return aliases[0] if aliases else last
+    return last
+
+
 def layer_of(hook: str) -> int:
     """The block number of a hook name (blocks.N....), or 0 for a hook outside the blocks."""
     found = re.match(r"^blocks\.(\d+)\.", hook)
@@ -80,12 +96,12 @@ def _feature(
     bins = browser["histogram_bins"]
     width = feature["max"] / bins
     heights, edges = np.histogram(effect.numpy(), bins=bins)
-    alignment = row.abs().topk(min(ALIGNMENT_ROWS, len(row))).indices
+    aligned = row.topk(min(ALIGNMENT_ROWS, len(row)))
     return {
         "feature_index": feature["id"],
-        "neuron_alignment_indices": alignment.tolist(),
-        "neuron_alignment_values": _rounded(row[alignment]),
-        "neuron_alignment_l1": _rounded(row[alignment] / row.abs().sum().clamp_min(1e-30)),
+        "neuron_alignment_indices": aligned.indices.tolist(),
+        "neuron_alignment_values": _rounded(aligned.values),
+        "neuron_alignment_l1": _rounded(aligned.values.abs() / row.abs().sum().clamp_min(1e-30)),
         "correlated_neurons_indices": [],
         "correlated_neurons_l1": [],
         "correlated_neurons_pearson": [],
@@ -140,10 +156,14 @@ def is_export_folder(path: Path) -> bool:
 
 
 def write_batches(folder: Path, batches: list[dict], skipped: list[int], settings: dict) -> None:
-    """`batch-<i>.json`, `skipped_indexes.json` and `run_settings.json` in `folder` (which must exist)."""
+    """`batch-<i>.json`, `skipped_indexes.json` and `run_settings.json` in `folder` (which must exist).
+
+    `skipped_indexes.json` holds what SAE-Dashboard's runner writes there but its `log_sparsity` threshold: the
+    latents left out here are those that never fired, not those below a threshold."""
     import json
 
     for i, batch in enumerate(batches):
         (folder / f"batch-{i}.json").write_text(json.dumps(batch, allow_nan=False))
-    (folder / "skipped_indexes.json").write_text(json.dumps({"skipped_indexes": skipped}))
+    which = {"model_id": settings["model_id"], "layer": str(settings["layer"]), "sae_set": settings["sae_set"]}
+    (folder / "skipped_indexes.json").write_text(json.dumps(which | {"skipped_indexes": skipped}))
     (folder / "run_settings.json").write_text(json.dumps(settings, indent=2))

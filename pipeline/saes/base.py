@@ -33,6 +33,7 @@ class SparseAutoencoder(nn.Module):
     settings: ClassVar[tuple[str, ...]]  # the per-config settings its forward pass and loss use (the report's rows)
     options: ClassVar[tuple[str, ...]] = ()  # the settings its forward pass needs: constructor arguments, saved
     saelens_architecture: ClassVar[str]  # the SAELens architecture whose formula its saved tensors follow
+    saebench_architecture: ClassVar[str | None] = None  # SAEBench's name for it, where not its SAELens one's
     reconstruction_term: ClassVar[str] = "mse"  # the loss term that measures reconstruction
     penalty: ClassVar[tuple[str, str]]  # (loss term, the setting that weights it)
     sets_l0_by_penalty: ClassVar[bool] = False  # its penalty's weight decides L0 (so a target L0 can steer it)

@@ -18,6 +18,7 @@ THRESHOLD_RATE = 0.01  # EMA rate of the inference threshold estimate
 class BatchTopKSAE(TopKSAE):
     name = "batchtopk"
     saelens_architecture = "jumprelu"
+    saebench_architecture = "batch_topk"
 
     def __init__(self, d_in: int, d_sae: int, k: int, generator: torch.Generator | None = None, **shape) -> None:
         super().__init__(d_in, d_sae, k, generator, **shape)

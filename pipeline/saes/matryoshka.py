@@ -14,6 +14,7 @@ from pipeline.saes.batchtopk import BatchTopKSAE
 
 class MatryoshkaSAE(BatchTopKSAE):
     name = "matryoshka"
+    saebench_architecture = "matryoshka_batch_topk"
     settings = ("k", "matryoshka_prefixes", "k_aux", "aux_coeff", "dead_tokens")
     options = ("k", "matryoshka_prefixes")
     reconstruction_term = "matryoshka"

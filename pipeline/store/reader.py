@@ -137,6 +137,8 @@ class ActivationStore:
 
 
 def _missing_store_message(location: Location) -> str:
+    if location.is_file():
+        return f"{location} is a file, not an activation store: set extract.store to a directory"
     staged = location.staging()
     if staged is not location and is_complete(staged):
         hint = " (an interrupted run finished it under .partial: `pipeline extract` moves it into place)"
