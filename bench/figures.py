@@ -26,6 +26,11 @@
 8b. topk selection share   the top-k selection alone (ReLU, topk, scatter over [batch, d_sae]) / a topk step
 9. analyze vs evaluate     `pipeline analyze`'s computation for config C's width / `pipeline evaluate`'s (reconstruction
                            metrics and splice scores) for the same SAE on the same documents (the extraction figures')
+9d. label vs tokenize      tokens/s of labelling the last split of `data.splits` (pipeline/label: tokenizing again with
+                           character offsets, the labels of the text, per token) / tokens/s of the model's tokenizer
+                           alone on the same documents (`tokenizer(documents)`, as extraction calls it)
+9e. probe vs evaluate      `pipeline probe`'s computation for that SAE (its sample read, dense, sparse and per-latent
+                           probes of every problem) / `pipeline evaluate`'s, on the same documents
 9b. splice efficiency      forwards of the whole model as plain `transformers` runs them (logits, same batches), as
                            many as the splice's passes / evaluate's splice scores for the configs' widths (up to
                            three SAEs: six passes, clean, two zero-ablations and three spliced) on the first
@@ -67,7 +72,7 @@ from pipeline.core.device import (
     synchronize,
 )
 from pipeline.core.errors import PipelineError
-from pipeline.corpus import load_documents, padded, plan_batches, start_token, tokenize
+from pipeline.corpus import load_documents, load_rendered, padded, plan_batches, start_token, tokenize
 from pipeline.extract.shards import ShardExtractor, extract_pending
 from pipeline.model import capture, check_hooks, load_model
 from pipeline.params import Params, SAEConfig, SynthConfig
@@ -85,13 +90,14 @@ GOALS = {
     "extract_efficiency": 0.85, "bridge_overhead": 1.15, "train_efficiency": 0.6, "trainer_vs_minimal": 0.95,
     "loader_stall": 0.05,
     "decorrelation_cost": 0.15, "analyze_vs_evaluate": 1.0, "store_write_ratio": 0.8, "splice_efficiency": 0.7,
+    "label_vs_tokenize": 0.5, "probe_vs_evaluate": 1.0,
 }  # fmt: skip
 L0_OF_BENCH_SAE = 64
 STORE_WRITE_BYTES = 2**28  # figure 6c writes at most this much a run
 SCALING_FIGURES = ("extract_2proc_vs_1proc", "train_2proc_vs_1proc", "ddp_communication_share")
 LOWER_IS_BETTER = {
     "bridge_overhead", "ddp_communication_share", "loader_stall", "decorrelation_cost", "analyze_vs_evaluate",
-    "synth_generation_vs_step",
+    "synth_generation_vs_step", "probe_vs_evaluate",
 }  # fmt: skip
 
 
@@ -267,10 +273,13 @@ def bench_architectures(device: torch.device, amp: str, d_in: int, d_sae: int, b
     }
 
 
-def bench_analyze_vs_evaluate(params: Params, model, store: ActivationStore, split: str, d_sae: int) -> dict:
-    """Figure 9 on the extraction figures' store: a random SAE of config C's width whose encoder biases make each
-    latent fire on its share of `L0_OF_BENCH_SAE` per token (about what a trained SAE fires; a random one with zero
-    biases fires half its latents), analysed and evaluated on the same tokens."""
+def bench_analyze_vs_evaluate(
+    params: Params, model, store: ActivationStore, split: str, d_sae: int, n_docs: int
+) -> dict:
+    """Figures 9 and 9e on the extraction figures' store (the first `n_docs` documents of the test split): a random
+    SAE of config C's width whose encoder biases make each latent fire on its share of `L0_OF_BENCH_SAE` per token
+    (about what a trained SAE fires; a random one with zero biases fires half its latents), analysed, evaluated and
+    probed on the same tokens."""
     from pipeline.analyze.features import analyze
     from pipeline.analyze.logits import vocabulary_of
     from pipeline.evaluate.reconstruction import reconstruction_metrics
@@ -296,14 +305,62 @@ def bench_analyze_vs_evaluate(params: Params, model, store: ActivationStore, spl
         reconstruction_metrics(sae, loader.epoch(0, params.evaluate.batch_tokens), params.evaluate.dense_threshold)
         splice_scores(model, tokens, offsets, hook, {"c": lambda x: sae(x)[0]}, params.evaluate.batch_tokens)
 
-    times = timed_interleaved({"analyze": analysis, "evaluate": evaluation}, device, repeats=1)
+    probing = _probing(params, model, store, split, n_docs, loader, sae)
+    times = timed_interleaved({"analyze": analysis, "evaluate": evaluation, "probe": probing}, device, repeats=1)
     with torch.no_grad():
         fired = sae.encode(next(loader.in_order(4096))[1].to(device)) > 0  # the first analysed tokens
     return {
         "tokens": loader.n_tokens, "d_sae": sae.d_sae, "l0": fired.sum(1).float().mean().item(), "hook": hook,
-        "analyze_s": times["analyze"], "evaluate_s": times["evaluate"],
+        "bos_token_id": int(store.attrs["bos_token_id"]),
+        "analyze_s": times["analyze"], "evaluate_s": times["evaluate"], "probe_s": times["probe"],
         "analyze_vs_evaluate": times["analyze"] / times["evaluate"],
+        "probe_vs_evaluate": times["probe"] / times["evaluate"],
     }  # fmt: skip
+
+
+def _probing(params: Params, model, store: ActivationStore, split: str, n_docs: int, loader, sae) -> Callable:
+    """What `pipeline probe` computes for `sae` on the store's split, given its token labels (made here)."""
+    from pipeline.label.label_set import final_classes, label_split
+    from pipeline.label.structure import OperationClasses
+    from pipeline.probe.fit import probe_problems
+    from pipeline.probe.problems import document_halves, problems
+    from pipeline.probe.sample import read_sample
+
+    documents = load_rendered(replace(params.data, max_docs=n_docs), params.data.splits[-1])
+    operations = OperationClasses()
+    labelled = label_split(documents, model.tokenizer, int(store.attrs["bos_token_id"]), int(model.cfg.n_ctx),
+                           None, operations)  # fmt: skip
+    if not np.array_equal(labelled.tokens.tokens, store.tokens(split)):
+        raise PipelineError("the bench's labels are not of the bench store's tokens")
+    classes = final_classes({split: labelled}, operations)
+    offsets = store.doc_offsets(split)
+    halves = np.repeat(document_halves(len(offsets) - 1, params.probe.seed), np.diff(offsets))
+    pc = params.probe
+
+    def probe() -> None:
+        found, _ = problems(labelled.labels, classes, halves, pc.min_positives, pc.max_per_class, pc.seed)
+        sample = np.unique(np.concatenate([p.tokens[half] for p in found for half in p.tokens]))
+        read = read_sample(loader, {"c": sae}, sample, halves, params.train.memory_budget_gb)
+        probe_problems(found, read, pc.k)
+
+    return probe
+
+
+def bench_labels(params: Params, tokenizer, bos_token_id: int, n_ctx: int) -> dict:
+    """Figure 9d on the last split of `data.splits`, whole."""
+    from pipeline.label.label_set import label_split
+    from pipeline.label.structure import OperationClasses
+
+    documents = load_rendered(params.data, params.data.splits[-1])
+    texts = [d.text for d in documents]
+    runs = {
+        "tokenize": lambda: tokenizer(texts, add_special_tokens=False),
+        "label": lambda: label_split(documents, tokenizer, bos_token_id, n_ctx, None, OperationClasses()),
+    }
+    times = timed_interleaved(runs, torch.device("cpu"), repeats=3)
+    n_tokens = sum(map(len, tokenizer(texts, add_special_tokens=False)["input_ids"]))
+    return {"documents": len(documents), "tokens": n_tokens, "tokenize_s": times["tokenize"],
+            "label_s": times["label"], "label_vs_tokenize": times["tokenize"] / times["label"]}  # fmt: skip
 
 
 def bench_splice(params: Params, model, hook: str) -> dict:
@@ -499,7 +556,9 @@ def run(params: Params, n_docs: int, n_tokens: int, width: int | None, workdir: 
     d_model = extract["d_model"]
     _, c = reference_config(params, d_model)
     d_sae = c.width(d_model)
-    analysis = bench_analyze_vs_evaluate(params, model, ActivationStore(workdir / "bench-store"), "bench", d_sae)
+    analysis = bench_analyze_vs_evaluate(params, model, ActivationStore(workdir / "bench-store"), "bench", d_sae,
+                                         n_docs)  # fmt: skip
+    labels = bench_labels(params, model.tokenizer, int(analysis["bos_token_id"]), int(model.cfg.n_ctx))
     splice = bench_splice(params, model, analysis["hook"])
     synth = bench_synth_generation(device, params.train.amp)
     del model  # the model's memory is not the training figures' to share
@@ -529,6 +588,8 @@ def run(params: Params, n_docs: int, n_tokens: int, width: int | None, workdir: 
         **{f"{name}_step_cost": cost for name, cost in arch["step_cost"].items()},
         "topk_selection_share": arch["topk_selection_share"],
         "analyze_vs_evaluate": analysis["analyze_vs_evaluate"],
+        "label_vs_tokenize": labels["label_vs_tokenize"],
+        "probe_vs_evaluate": analysis["probe_vs_evaluate"],
         "splice_efficiency": splice["splice_efficiency"],
         "synth_generation_vs_step": synth["synth_generation_vs_step"],
         **{name: scaled[name] for name in SCALING_FIGURES if scaled},
@@ -545,6 +606,7 @@ def run(params: Params, n_docs: int, n_tokens: int, width: int | None, workdir: 
             "store_write": write,
             "architectures": arch,
             "analysis": analysis,
+            "labels": labels,
             "splice": splice,
             "synth_generation": synth,
             "scaling": scaled,

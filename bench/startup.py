@@ -15,7 +15,10 @@ import yaml
 from pipeline.core.errors import PipelineError
 from pipeline.params import Params, SAEConfig, params_to_dict
 
-STAGES = (("extract",), ("train", "--config", "all"), ("evaluate",), ("analyze",), ("stability",), ("report",))
+STAGES = (
+    ("extract",), ("label",), ("train", "--config", "all"), ("evaluate",), ("probe",), ("analyze",), ("stability",),
+    ("report",),
+)  # fmt: skip
 STARTUP_DOCS = 4
 
 
@@ -28,6 +31,7 @@ def run(params: Params, workdir: Path) -> dict[str, float]:
         extract=replace(params.extract, store=str(workdir / "startup-store"), nproc=1),
         sae={"s": SAEConfig(expansion=1, batch_size=1, lr=1e-3, epochs=1)},
         train=replace(params.train, hook=hook, seq_len=16, out_dir=str(workdir / "startup-out"), nproc=1),
+        probe=replace(params.probe, labels=str(workdir / "startup-labels"), min_positives=1),  # 2 documents a half
     )
     return {command[0]: pipeline_seconds(workdir, small, *command) for command in STAGES}
 

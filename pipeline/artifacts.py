@@ -7,6 +7,8 @@ artifacts/metrics/train_<key>.json            a few numbers for `dvc metrics` (t
 artifacts/plots/train_<key>.tsv               the training curve (train)
 artifacts/details/eval_<key>.json             held-out metrics (evaluate)
 artifacts/metrics/eval_<key>.json             a few of them for `dvc metrics` (evaluate)
+artifacts/probe/config_<key>_<n>x/            probes on the token labels, SAEBench's sparse-probing JSON (probe)
+artifacts/metrics/probe_<key>.json            a few of their numbers for `dvc metrics` (probe)
 artifacts/browser/config_<key>_<n>x/          the feature browser (analyze)
 artifacts/details/stability.json              feature stability of every pair of configs (stability)
 artifacts/report.md, artifacts/report/        the report and its figures (report)
@@ -44,6 +46,8 @@ def sae_outputs(out_dir: str | Path, key: str, cfg: SAEConfig) -> dict[str, Path
         "eval_metrics": out / "metrics" / f"eval_{key}.json",
         "eval_details": out / "details" / f"eval_{key}.json",
         "saebench_core": out / "saebench" / "core" / f"{name}_eval_results.json",
+        "probe": out / "probe" / name,
+        "probe_metrics": out / "metrics" / f"probe_{key}.json",
         "browser": out / "browser" / name,
     }
 

@@ -254,6 +254,25 @@ def export(
 
 
 @app.command()
+def label(params: ParamsOption = DEFAULT_PARAMS_FILE, set_: SetOption = None, verbose: VerboseOption = False) -> None:
+    """Label every token of the store from the solutions' own structure (question, steps, calculator annotations,
+    numbers) into probe.labels."""
+    _run(["label"], verbose, params, set_, lambda p: _stage("label").run(p))
+
+
+@app.command()
+def probe(
+    config: ConfigOption = "all",
+    params: ParamsOption = DEFAULT_PARAMS_FILE,
+    set_: SetOption = None,
+    verbose: VerboseOption = False,
+) -> None:
+    """What the SAEs keep of the reasoning: probes on the token labels (run `pipeline label` first) on the
+    activations, the reconstructions and the latents; SAEBench's sparse probing."""
+    _run(["probe", "--config", config], verbose, params, set_, lambda p: _stage("probe").run(p, which=config))
+
+
+@app.command()
 def stability(
     params: ParamsOption = DEFAULT_PARAMS_FILE, set_: SetOption = None, verbose: VerboseOption = False
 ) -> None:
@@ -274,8 +293,8 @@ def run_all(
     set_: SetOption = None,
     verbose: VerboseOption = False,
 ) -> None:
-    """Every stage in order without DVC: extract, train (all configs, one read), evaluate, analyze, stability,
-    report."""
+    """Every stage in order without DVC: extract, label, train (all configs, one read), evaluate, probe, analyze,
+    stability, report."""
 
     def in_processes(nproc: int, arguments: list[str], stage: Callable[[], object]) -> None:
         if not distributed.should_relaunch(nproc):
@@ -289,8 +308,10 @@ def run_all(
         again = ["--resume"] if resume else []
         with sharing_models():  # one model load for extract, evaluate and analyze
             in_processes(p.extract.nproc, ["extract", *again], lambda: _stage("extract").run(p, resume=resume))
+            _stage("label").run(p)
             in_processes(p.train.nproc, ["train", *again], lambda: _stage("train").run(p, which="all", resume=resume))
             _stage("evaluate").run(p, which="all")
+            _stage("probe").run(p, which="all")
             _stage("analyze").run(p, which="all")
         _stage("stability").run(p)
         _stage("report").run(p)

@@ -3,14 +3,16 @@
 from __future__ import annotations
 
 import string
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
 
-from pipeline.core.errors import PipelineError
-from pipeline.params import DataConfig
+from pipeline.core.errors import PipelineError, first_line
+from pipeline.core.location import looks_local
+from pipeline.params import DataConfig, ModelConfig
 from pipeline.sources import read_split
 
 TOKENIZE_DOCUMENTS = 4096  # documents tokenized at a time, so that data.max_tokens stops early in a large corpus
@@ -29,10 +31,24 @@ class TokenizedSplit:
         return len(self.doc_offsets) - 1
 
 
+@dataclass
+class Document:
+    """One rendered row: its text, and where each template field's value lies in it (character offsets)."""
+
+    text: str
+    fields: dict[str, tuple[int, int]]
+
+
 def load_documents(cfg: DataConfig, split: str) -> list[str]:
     """The split's rows rendered through `cfg.template` (keys: the row's fields, e.g. {question}, {answer})."""
+    return [document.text for document in load_rendered(cfg, split)]
+
+
+def load_rendered(cfg: DataConfig, split: str) -> list[Document]:
+    """The split's rows rendered through `cfg.template`, with the span of each field in the text."""
     found = read_split(cfg, split)
-    fields = [name for _, name, _, _ in string.Formatter().parse(cfg.template) if name]
+    parts = list(string.Formatter().parse(cfg.template))
+    fields = [name for _, name, _, _ in parts if name]
     documents = []
     for row, where in zip(found.rows, found.where, strict=True):
         missing = [name for name in fields if row.get(name) is None]
@@ -41,8 +57,25 @@ def load_documents(cfg: DataConfig, split: str) -> list[str]:
                 f"{where}: no field {', '.join(missing)}, which data.template {cfg.template!r} uses "
                 f"(the row has: {', '.join(row) or 'no fields'})"
             )
-        documents.append(cfg.template.format(**row))
+        documents.append(_render(parts, row))
     return documents
+
+
+def _render(parts: list[tuple], row: dict) -> Document:
+    """What `template.format(**row)` gives, piece by piece, noting where each field's text lands."""
+    formatter, text, spans = string.Formatter(), [], {}
+    length = 0
+    for literal, name, spec, conversion in parts:
+        text.append(literal)
+        length += len(literal)
+        if name is None:
+            continue
+        value, _ = formatter.get_field(name, (), row)
+        piece = formatter.format_field(formatter.convert_field(value, conversion), spec or "")
+        spans.setdefault(name, (length, length + len(piece)))
+        text.append(piece)
+        length += len(piece)
+    return Document("".join(text), spans)
 
 
 def start_token(tokenizer, policy: str) -> tuple[int, str]:
@@ -69,9 +102,14 @@ def tokenize(
 ) -> TokenizedSplit:
     """BOS + each document's tokens, truncated to `max_len` (the model's context); with `max_tokens`, only the
     leading documents whose tokens fit within it."""
+    return pack((ids for ids, _ in encode(documents, tokenizer)), bos_token_id, max_len, max_tokens)
+
+
+def pack(token_ids: Iterable[list[int]], bos_token_id: int, max_len: int, max_tokens: int | None) -> TokenizedSplit:
+    """Documents' token ids as one split: BOS + each, truncated to `max_len`, while they fit in `max_tokens`."""
     encoded: list[list[int]] = []
     total = 0
-    for ids in _token_ids(documents, tokenizer):
+    for ids in token_ids:
         total += min(len(ids) + 1, max_len)
         if max_tokens is not None and total > max_tokens:
             break
@@ -89,10 +127,29 @@ def tokenize(
     return TokenizedSplit(tokens=tokens, doc_offsets=offsets, n_truncated=n_truncated)
 
 
-def _token_ids(documents: list[str], tokenizer) -> Iterator[list[int]]:
-    """Each document's token ids, tokenized a slice of documents at a time."""
+def encode(documents: list[str], tokenizer, offsets: bool = False) -> Iterator[tuple[list[int], list | None]]:
+    """Each document's token ids (and, with `offsets`, each token's character span), a slice at a time."""
     for first in range(0, len(documents), TOKENIZE_DOCUMENTS):
-        yield from tokenizer(documents[first : first + TOKENIZE_DOCUMENTS], add_special_tokens=False)["input_ids"]
+        wanted = {"return_offsets_mapping": True} if offsets else {}  # extraction's call: the tokenizer's default
+        found = tokenizer(documents[first : first + TOKENIZE_DOCUMENTS], add_special_tokens=False, **wanted)
+        ids = found["input_ids"]
+        yield from zip(ids, found["offset_mapping"] if offsets else [None] * len(ids), strict=True)
+
+
+def load_tokenizer(cfg: ModelConfig):
+    """The model's tokenizer alone (what the bridge tokenizes with), for work that needs no weights: no
+    TransformerLens, no checkpoint."""
+    import transformers
+
+    if looks_local(cfg.name) and not Path(cfg.name).expanduser().is_dir():
+        raise PipelineError(f"model.name directory {cfg.name} does not exist")
+    try:
+        return transformers.AutoTokenizer.from_pretrained(cfg.name, revision=cfg.revision)
+    except Exception as exc:  # hub, filesystem and config errors all mean "could not get this tokenizer"
+        raise PipelineError(
+            f"the tokenizer of {cfg.name!r} could not be loaded: {type(exc).__name__}: {first_line(exc)}. "
+            "Offline? Point model.name at a local directory holding an HF checkpoint and its tokenizer"
+        ) from exc
 
 
 @dataclass

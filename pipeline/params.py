@@ -163,6 +163,21 @@ class AnalyzeConfig:
 
 
 @dataclass
+class ProbeConfig:
+    """Token labels from the solutions' structure (`pipeline label`) and probes on them (`pipeline probe`)."""
+
+    labels: str = "data/labels"  # where `pipeline label` keeps the store's token labels (a local directory)
+    split: str | None = (
+        None  # the split probed (null: evaluate.split); probes fit on half its documents, scored on the other
+    )
+    tasks: list[str] | None = None  # label tasks to probe; null = every task the labels hold
+    min_positives: int = 20  # a class is probed when each half holds at least this many of its tokens
+    max_per_class: int = 2000  # per half: at most this many tokens of the class, and as many of the rest
+    k: list[int] = field(default_factory=lambda: [1, 2, 5, 10, 20, 50])  # latents per sparse probe, as SAEBench
+    seed: int = 0  # which documents fall in which half, and which tokens are sampled
+
+
+@dataclass
 class SynthConfig:
     """Synthetic data with known features (pipeline/synth); defaults: the SynthSAEBench-16k recipe."""
 
@@ -206,6 +221,7 @@ class Params:
     train: TrainConfig = field(default_factory=TrainConfig)
     evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
     analyze: AnalyzeConfig = field(default_factory=AnalyzeConfig)
+    probe: ProbeConfig = field(default_factory=ProbeConfig)
     synth: SynthConfig = field(default_factory=SynthConfig)
     # Not a parameter: the command line that ran (set by the CLI), recorded so that outputs say how to reproduce them.
     command: str = field(default="", repr=False)
@@ -420,6 +436,12 @@ def _validate(params: Params) -> None:
             for name in ("top_n", "quantiles", "per_quantile", "histogram_bins", "logit_tokens", "batch_tokens")
         ),
         (params.analyze.window >= 0, "analyze.window", params.analyze.window, ">= 0"),
+        (params.probe.min_positives > 0, "probe.min_positives", params.probe.min_positives, positive),
+        (params.probe.max_per_class >= params.probe.min_positives, "probe.max_per_class",
+         params.probe.max_per_class, ">= probe.min_positives"),
+        (bool(params.probe.k) and all(k > 0 for k in params.probe.k), "probe.k", params.probe.k,
+         "a list of positive integers"),
+        (not is_url(params.probe.labels), "probe.labels", params.probe.labels, "a local directory"),
         (bool(params.sae), "sae", params.sae, "at least one config"),
         (x.source in ("gsm8k", "synthetic"), "extract.source", x.source, "gsm8k or synthetic"),
         (DEVICE_PATTERN.match(s.device), "synth.device", s.device, "auto, cpu, cuda, cuda:N or mps"),

@@ -1,10 +1,11 @@
-"""Stage `analyze`: what each latent learned, over the held-out split, as a feature browser per config."""
+"""Stage `analyze`: what each latent learned, over the held-out split, as a feature browser per config (with each
+latent's best token label from `pipeline probe`, where it ran first)."""
 
 from __future__ import annotations
 
 import logging
 
-from pipeline.analyze.browser import is_browser_folder, write_browser
+from pipeline.analyze.browser import is_browser_folder, with_labels, write_browser
 from pipeline.analyze.features import analyze
 from pipeline.analyze.logits import vocabulary_of
 from pipeline.artifacts import sae_name, sae_outputs, trained_sae
@@ -13,6 +14,7 @@ from pipeline.core.device import resolve_device
 from pipeline.core.progress import progress_bars
 from pipeline.model import model_of_store
 from pipeline.params import Params
+from pipeline.probe.outputs import read_latent_labels
 from pipeline.store import ActivationStore
 from pipeline.train.loader import ActivationLoader
 
@@ -44,6 +46,8 @@ def run(params: Params, which: str = "all") -> dict[str, str]:
                             "hook": hook, "split": settings.split}  # fmt: skip
                 if cfg.target_hook:  # a transcoder: contexts of its input, decoder directions in its target's space
                     payload["target_hook"] = cfg.target_hook
-                pages[key] = str(write_browser(sae_outputs(train.out_dir, key, cfg)["browser"], payload))
+                paths = sae_outputs(train.out_dir, key, cfg)
+                payload = with_labels(payload, read_latent_labels(paths["probe"], saes[key].d_sae))
+                pages[key] = str(write_browser(paths["browser"], payload))
                 log.info("sae.%s: feature browser written to %s", key, pages[key])
     return pages

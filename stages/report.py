@@ -11,6 +11,7 @@ from pipeline.artifacts import report_paths, sae_name, sae_outputs, stability_pa
 from pipeline.core.atomic import write_text
 from pipeline.core.errors import PipelineError
 from pipeline.params import Params
+from pipeline.probe.outputs import PROBE_FILE
 from pipeline.report import plots
 from pipeline.report.render import curves_table, render
 from pipeline.store import ActivationStore
@@ -45,7 +46,8 @@ def run(params: Params) -> Path:
         [[shares[a][b]["one_to_one"]["0.7"] if b in shares[a] else None for b in params.sae] for a in params.sae],
         list(labels.values()), 0.7, paths["stability"],
     )  # fmt: skip
-    write_text(paths["report"], render(params, metrics, store.attrs, labels, shares))
+    probes = {key: _read_probe(params, key) for key in params.sae}
+    write_text(paths["report"], render(params, metrics, store.attrs, labels, shares, probes))
     log.info("report written to %s", paths["report"])
     return paths["report"]
 
@@ -54,6 +56,12 @@ def _read_metrics(params: Params, key: str) -> dict:
     paths = sae_outputs(params.train.out_dir, key, params.sae[key])
     return {"train": _read(paths["train_details"], f"train --config {key}"),
             "eval": _read(paths["eval_details"], f"evaluate --config {key}")}  # fmt: skip
+
+
+def _read_probe(params: Params, key: str) -> dict | None:
+    """Config `key`'s probe details, or None where `pipeline probe` has not run for it."""
+    path = sae_outputs(params.train.out_dir, key, params.sae[key])["probe"] / PROBE_FILE
+    return json.loads(path.read_text()) if path.is_file() else None
 
 
 def _read(path: Path, stage: str) -> dict:

@@ -17,7 +17,7 @@ FIGURES = {
     "decorrelation_cost",
     "topk_step_cost", "batchtopk_step_cost", "jumprelu_step_cost", "matryoshka_step_cost", "topk_selection_share",
     "analyze_vs_evaluate", "splice_efficiency", "extract_2proc_vs_1proc", "train_2proc_vs_1proc",
-    "ddp_communication_share", "synth_generation_vs_step",
+    "ddp_communication_share", "synth_generation_vs_step", "label_vs_tokenize", "probe_vs_evaluate",
 }  # fmt: skip
 
 
@@ -68,8 +68,12 @@ def test_bench_reports_every_figure(tmp_path, tiny_model_dir, gsm_dir):
     assert (synth["n_features"], synth["d_model"], synth["d_sae"]) == (16384, 768, 4096)
     assert math.isclose(report["figures"]["synth_generation_vs_step"], synth["generate_s"] / synth["step_s"])
     startup = details["startup_s"]  # each stage in a fresh process, on a small run
-    assert list(startup) == ["extract", "train", "evaluate", "analyze", "stability", "report"]
+    assert list(startup) == ["extract", "label", "train", "evaluate", "probe", "analyze", "stability", "report"]
     assert all(seconds > 0 for seconds in startup.values()) and "start-up" in result.stderr
+    analysis, labels = details["analysis"], details["labels"]
+    assert math.isclose(report["figures"]["probe_vs_evaluate"], analysis["probe_s"] / analysis["evaluate_s"])
+    assert math.isclose(report["figures"]["label_vs_tokenize"], labels["tokenize_s"] / labels["label_s"])
+    assert labels["documents"] == 40 and labels["tokens"] > 0  # the whole test split of the rows
     write = details["store_write"]
     assert math.isclose(report["figures"]["store_write_ratio"], write["store_bytes_per_s"] / write["numpy_bytes_per_s"])
     assert write["bytes"] > 0 and write["writer_threads"] >= 1

@@ -7,6 +7,7 @@ import re
 import shutil
 import subprocess
 from pathlib import Path
+from urllib.parse import quote
 
 import numpy as np
 import pytest
@@ -142,6 +143,36 @@ def test_saebench_core_output_is_valid_and_holds_our_saelens_convention_values(t
         assert written["sae_cfg_dict"] == json.loads((paths["saelens"] / "cfg.json").read_text())  # relu: standard
         tokens = json.loads(paths["train_details"].read_text())["tokens_seen"]
         assert written["sae_cfg_dict"]["training_tokens"] == tokens
+
+
+def test_probes_are_in_saebench_s_layout_and_in_the_report(tiny_run):
+    saebench = pytest.importorskip("sae_bench.evals.sparse_probing.eval_output", reason="pip install sae-bench")
+    import jsonschema
+    from pydantic import TypeAdapter
+
+    schema = json.loads((Path(saebench.__file__).parent / "eval_output_schema_sparse_probing.json").read_text())
+    params = load_params(tiny_run / "params.yaml")
+    report = table_rows((tiny_run / "artifacts/report.md").read_text())
+    for key, cfg in params.sae.items():
+        folder = sae_outputs(tiny_run / "artifacts", key, cfg)["probe"]
+        details = json.loads((folder / "probe.json").read_text())
+        written = json.loads((folder / "sparse_probing_eval_results.json").read_text())
+        jsonschema.validate(written, schema)
+        TypeAdapter(saebench.SparseProbingEvalOutput).validate_python(written)
+        tasks = {p["task"] for p in details["problems"]}
+        assert {row["dataset_name"] for row in written["eval_result_details"]} == {f"gsm8k/{t}" for t in tasks}
+        for row in written["eval_result_details"]:  # a dataset's accuracy: the mean over its classes
+            problems = [p for p in details["problems"] if f"gsm8k/{p['task']}" == row["dataset_name"]]
+            for k in (1, 5, 20):
+                mean = np.mean([p["sparse"][str(k)]["accuracy"] for p in problems])
+                assert row[f"sae_top_{k}_test_accuracy"] == pytest.approx(mean)
+            assert row["llm_test_accuracy"] == pytest.approx(np.mean([p["dense"]["x"] for p in problems]))
+            task = row["dataset_name"].split("/")[1]
+            cell = report[f"{task} ({len(problems)})"][1 + list(params.sae).index(key)]
+            assert cell.startswith(f"x̂ {fmt(np.mean([p['dense']['x_hat'] for p in problems]))} · ")
+        latents = json.loads((folder / "latents.json").read_text())
+        assert len(latents["auroc"]) == cfg.width(64)  # the tiny model's d_model: 64
+        assert latents["labels"] == [f"{p['task']}={p['class']}" for p in details["problems"]]
 
 
 # SAE-Dashboard's NeuronpediaDashboardFeature.to_dict and NeuronpediaDashboardActivation.to_dict
@@ -485,8 +516,8 @@ def test_dvc_repro_on_the_tiny_profile(tmp_path):
     subprocess.run([*git, "commit", "-qm", "init"], cwd=repo, check=True)
 
     first = stages_run(dvc(repo, "repro"))
-    per_config = {f"{stage}@{key}" for stage in ("train", "evaluate", "analyze") for key in "ac"}
-    assert first == {"extract", *per_config, "stability", "report"}
+    per_config = {f"{stage}@{key}" for stage in ("train", "evaluate", "probe", "analyze") for key in "ac"}
+    assert first == {"extract", "label", *per_config, "stability", "report"}
     for key in "ac":  # the model is untrained: its splice scores are undefined, which SAEBench reads as -1
         written = saebench_accepted(sae_outputs(repo / "artifacts", key, load_params(repo / "params.yaml").sae[key])
                                     ["saebench_core"])  # fmt: skip
@@ -500,7 +531,7 @@ def test_dvc_repro_on_the_tiny_profile(tmp_path):
 
     # An experiment reruns only what its change touches, and keeps its own metrics beside the baseline's.
     changed = stages_run(dvc(repo, "exp", "run", "-S", "sae.c.lr=2e-4"))
-    assert changed == {"train@c", "evaluate@c", "analyze@c", "stability", "report"}
+    assert changed == {"train@c", "evaluate@c", "probe@c", "analyze@c", "stability", "report"}
     assert json.loads((repo / "artifacts/details/train_c.json").read_text())["config"]["lr"] == 2e-4
     shown = dvc_json(repo, "exp", "show")
     (baseline,) = [commit for commit in shown if commit.get("experiments")]
@@ -629,6 +660,14 @@ def test_the_feature_browser_opens_in_headless_chromium(tiny_run, tmp_path):
     first = feature["top"][0]
     centre = data["vocab"][str(first[3][first[2]])].replace("\n", "⏎")
     assert '<span class="tok centre"' in panel and f">{html_escape(centre)}</span>" in panel
+    labelled = panel[panel.index('id="best-label"') :]  # its best token label, from `pipeline probe`
+    assert f"<b>{html_escape(feature['label'])}</b>" in labelled[: labelled.index("</p>")]
+    label = max(data["labels"], key=lambda name: sum(f["label"] == name for f in data["features"]))
+    filtered = subprocess.run([*flags, "--virtual-time-budget=10000", "--dump-dom",
+                               f"{(folder / 'index.html').as_uri()}#l={quote(label)}"], capture_output=True,
+                              text=True, timeout=120, check=True).stdout  # fmt: skip
+    shown = re.findall(r'<tr class="feature-row[^"]*" data-feature="(\d+)"', filtered)
+    assert sorted(map(int, shown)) == [f["id"] for f in data["features"] if f["label"] == label]
     shot = tmp_path / "browser.png"
     subprocess.run([*flags, "--window-size=1280,900", f"--screenshot={shot}", url], capture_output=True, timeout=120,
                    check=True)  # fmt: skip

@@ -32,6 +32,17 @@ def write_browser(folder: str | Path, payload: dict) -> Path:
     return folder / "index.html"
 
 
+def with_labels(payload: dict, latents: dict | None) -> dict:
+    """The payload with each latent's best label and its AUROC from `pipeline probe` (pipeline/probe/outputs.py),
+    which the page shows and filters by; unchanged without them."""
+    if latents is None:
+        return payload
+    for feature in payload["features"]:
+        feature["label"] = latents["labels"][latents["best_label"][feature["id"]]]
+        feature["label_auroc"] = latents["auroc"][feature["id"]]
+    return payload | {"labels": latents["labels"]}
+
+
 def read_browser_data(folder: str | Path) -> dict:
     """The payload of a browser folder (what `write_browser` wrote)."""
     text = (Path(folder) / DATA_FILE).read_text(encoding="utf-8")

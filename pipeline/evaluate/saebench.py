@@ -175,27 +175,32 @@ def core_output(
         },
     }
     per_latent = {**weights, **{k: latents[k] for k in ("feature_density", "consistent_activation_heuristic")}}
+    rows = [{"index": i, **{name: values[i] for name, values in per_latent.items()}} for i in range(len(density))]
+    return saebench_output("core", eval_config, metrics, rows, sae_cfg, {
+        "written_by": "gsm8k-sae-pipeline (pipeline evaluate)",
+        "hook": details["hook"],
+        "split": details["split"],
+        "conventions": "SAELens's: see pipeline/evaluate/saebench.py for each field",
+        "undefined_scores": {SAEBENCH_SCORE[name]: _why_undefined(saelens, name) for name in undefined},
+    })  # fmt: skip
+
+
+def saebench_output(eval_type: str, eval_config: dict, metrics: dict, details: list[dict], sae_cfg: dict,
+                    unstructured: dict) -> dict[str, Any]:  # fmt: skip
+    """The fields every SAEBench output has (SAEBench 0.6.0's `BaseEvalOutput`), around an eval's own."""
     return {
-        "eval_type_id": "core",
+        "eval_type_id": eval_type,
         "eval_config": eval_config,
         "eval_id": str(uuid.uuid4()),
         "datetime_epoch_millis": int(time.time() * 1000),
         "eval_result_metrics": metrics,
-        "eval_result_details": [
-            {"index": i, **{name: values[i] for name, values in per_latent.items()}} for i in range(len(density))
-        ],
+        "eval_result_details": details,
         "sae_bench_commit_hash": "",  # not written by SAEBench: eval_result_unstructured says by what
         "sae_lens_id": None,
         "sae_lens_release_id": None,
         "sae_lens_version": None,
         "sae_cfg_dict": sae_cfg,
-        "eval_result_unstructured": {
-            "written_by": "gsm8k-sae-pipeline (pipeline evaluate)",
-            "hook": details["hook"],
-            "split": details["split"],
-            "conventions": "SAELens's: see pipeline/evaluate/saebench.py for each field",
-            "undefined_scores": {SAEBENCH_SCORE[name]: _why_undefined(saelens, name) for name in undefined},
-        },
+        "eval_result_unstructured": unstructured,
     }
 
 

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
+
 from pipeline.artifacts import report_paths, sae_outputs
 from pipeline.params import Params, params_to_dict
 from pipeline.report import published
@@ -44,9 +46,10 @@ SAELENS_SPLICE_ROWS = (
 
 
 def render(
-    params: Params, metrics: dict[str, dict], store_attrs: dict, labels: dict[str, str], shares: dict | None = None
-) -> str:
-    """The Markdown text of the report."""
+    params: Params, metrics: dict[str, dict], store_attrs: dict, labels: dict[str, str], shares: dict | None = None,
+    probes: dict[str, dict | None] | None = None,
+) -> str:  # fmt: skip
+    """The Markdown text of the report (`probes`: each config's probe.json, None where it was not probed)."""
     any_train, any_eval = next(iter(metrics.values()))["train"], next(iter(metrics.values()))["eval"]
     stats = store_attrs.get("split_stats", {})
     groups: dict[str, dict[str, dict]] = {}  # hook -> the metrics of the configs at it
@@ -84,6 +87,7 @@ def render(
         lines += _comparison(params, group, labels, at[hook])
         if published.applies(store_attrs.get("synthetic")) and all(m["eval"]["ground_truth"] for m in group.values()):
             lines += published.comparison_lines(group, fmt)
+        lines += _probing_section({key: (probes or {}).get(key) for key in group}, labels, at[hook])
     lines += _stability_section(params, labels, shares or {})
     lines += _warnings(metrics, labels)
     for hook, group in groups.items():
@@ -312,6 +316,68 @@ def _comparison(params: Params, metrics: dict[str, dict], labels: dict[str, str]
         f"![training curves]({paths['curves'].relative_to('.')})",
         f"![L0 against explained variance]({paths['frontier'].relative_to('.')})",
         f"![feature density]({paths['density'].relative_to('.')})",
+        "",
+    ]
+
+
+def _probing_section(probes: dict[str, dict | None], labels: dict[str, str], at: str) -> list[str]:
+    """Per label task, the probes' accuracy on x, x_hat and k latents (means over the task's classes)."""
+    found = {key: p for key, p in probes.items() if p and p.get("problems")}
+    if not found:
+        why = next((p["skipped"] for p in probes.values() if p and "skipped" in p), "run `pipeline probe`")
+        return [f"## What the latents know about the reasoning{at}", "", f"Not probed: {why}.", ""]
+    first = next(iter(found.values()))
+    tasks = list(dict.fromkeys(p["task"] for p in first["problems"]))
+    keys = list(found)
+
+    def mean(details: dict, task: str, value) -> float:
+        return float(np.mean([value(p) for p in details["problems"] if p["task"] == task]))
+
+    def cell(key: str, task: str) -> str:
+        parts = [f"x̂ {fmt(mean(found[key], task, lambda p: p['dense']['x_hat']))}"]
+        parts += [f"k={k} {fmt(mean(found[key], task, lambda p, k=k: p['sparse'][str(k)]['accuracy']))}"
+                  for k in (1, 5, 20) if str(k) in first["problems"][0]["sparse"]]  # fmt: skip
+        return " · ".join(parts)
+
+    rows = [
+        f"| {task} ({sum(p['task'] == task for p in first['problems'])}) | "
+        f"{fmt(mean(first, task, lambda p: p['dense']['x']))} | " + " | ".join(cell(k, task) for k in keys) + " |"
+        for task in tasks
+    ]
+    strong = {key: sum(p["best_latents"][0]["auroc"] >= 0.9 for p in found[key]["problems"]) for key in keys}
+    unprobed: dict[str, int] = {}
+    for skipped in first["skipped"]:
+        unprobed[skipped["task"]] = unprobed.get(skipped["task"], 0) + 1
+    return [
+        f"## What the latents know about the reasoning{at}",
+        "",
+        f"Token labels from the solutions' structure (docs/probing.md) on split `{first['split']}`: probes fit on "
+        f"{fmt(first['documents']['fit'])} documents and scored on the other {fmt(first['documents']['score'])}, "
+        "each class one-vs-rest on a balanced sample (chance 0.5). `x`: a logistic regression on the activations; "
+        "`x̂`: the same probe on the SAE's reconstruction; `k=`: SAEBench's sparse probe on the k latents whose "
+        "means differ most. Rows: label task (classes probed), accuracies averaged over its classes.",
+        "",
+        "| task | x | " + " | ".join(labels[k] for k in keys) + " |",
+        "| --- | --- |" + " --- |" * len(keys),
+        *rows,
+        "",
+        "Classes with a single latent at AUROC ≥ 0.9: "
+        + ", ".join(f"{labels[k]} {strong[k]} of {len(found[k]['problems'])}" for k in keys)
+        + ".",
+        *(
+            [f"Label tasks this corpus does not have: {', '.join(first['absent_tasks'])}."]
+            if first["absent_tasks"]
+            else []
+        ),
+        *(
+            [
+                "Classes not probed, too few of their tokens or of the others in a half (probe.json says which): "
+                + ", ".join(f"{task} {n}" for task, n in unprobed.items())
+                + "."
+            ]
+            if unprobed
+            else []
+        ),
         "",
     ]
 
