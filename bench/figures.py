@@ -320,6 +320,7 @@ def bench_analyze_vs_evaluate(
 
 def _probing(params: Params, model, store: ActivationStore, split: str, n_docs: int, loader, sae) -> Callable:
     """What `pipeline probe` computes for `sae` on the store's split, given its token labels (made here)."""
+    from pipeline.corpus import TokenizedSplit
     from pipeline.label.label_set import final_classes, label_split
     from pipeline.label.structure import OperationClasses
     from pipeline.probe.fit import probe_problems
@@ -328,10 +329,8 @@ def _probing(params: Params, model, store: ActivationStore, split: str, n_docs: 
 
     documents = load_rendered(replace(params.data, max_docs=n_docs), params.data.splits[-1])
     operations = OperationClasses()
-    labelled = label_split(documents, model.tokenizer, int(store.attrs["bos_token_id"]), int(model.cfg.n_ctx),
-                           None, operations)  # fmt: skip
-    if not np.array_equal(labelled.tokens.tokens, store.tokens(split)):
-        raise PipelineError("the bench's labels are not of the bench store's tokens")
+    tokens = TokenizedSplit(store.tokens(split), store.doc_offsets(split), n_truncated=0)
+    labelled = label_split(documents, tokens, model.tokenizer, int(model.cfg.n_ctx), operations)
     classes = final_classes({split: labelled}, operations)
     offsets = store.doc_offsets(split)
     halves = np.repeat(document_halves(len(offsets) - 1, params.probe.seed), np.diff(offsets))
@@ -347,15 +346,17 @@ def _probing(params: Params, model, store: ActivationStore, split: str, n_docs: 
 
 
 def bench_labels(params: Params, tokenizer, bos_token_id: int, n_ctx: int) -> dict:
-    """Figure 9d on the last split of `data.splits`, whole."""
+    """Figure 9d on the last split of `data.splits`, whole: labelling its stored tokens (as `pipeline label` does,
+    from the store's tokens) against tokenizing its documents."""
     from pipeline.label.label_set import label_split
     from pipeline.label.structure import OperationClasses
 
     documents = load_rendered(params.data, params.data.splits[-1])
     texts = [d.text for d in documents]
+    stored = tokenize(texts, tokenizer, bos_token_id, n_ctx)  # what the store holds
     runs = {
         "tokenize": lambda: tokenizer(texts, add_special_tokens=False),
-        "label": lambda: label_split(documents, tokenizer, bos_token_id, n_ctx, None, OperationClasses()),
+        "label": lambda: label_split(documents, stored, tokenizer, n_ctx, OperationClasses()),
     }
     times = timed_interleaved(runs, torch.device("cpu"), repeats=3)
     n_tokens = sum(map(len, tokenizer(texts, add_special_tokens=False)["input_ids"]))

@@ -1,6 +1,6 @@
 """Stage `label`: every token of the store's splits labelled from the solutions' own structure (pipeline/label),
-into `probe.labels` beside the store. No model is run: the documents are rendered and tokenized again, and the
-tokens must be the store's (the same fingerprint), so that the labels line up with the activations."""
+into `probe.labels` beside the store. No model is run: the documents are rendered again, and the store's tokens
+must be theirs (pipeline/label/spans.py), so that the labels line up with the activations."""
 
 from __future__ import annotations
 
@@ -9,12 +9,11 @@ from pathlib import Path
 
 from pipeline.core.errors import PipelineError
 from pipeline.core.progress import progress_bars
-from pipeline.corpus import load_rendered, load_tokenizer
+from pipeline.corpus import TokenizedSplit, load_rendered, load_tokenizer
 from pipeline.label.label_set import label_split, write_label_set
 from pipeline.label.structure import OperationClasses
 from pipeline.params import Params
 from pipeline.store import ActivationStore
-from pipeline.store.format import token_digest
 
 log = logging.getLogger(__name__)
 
@@ -33,14 +32,11 @@ def run(params: Params) -> Path:
     operations, splits = OperationClasses(), {}
     with progress_bars({"label": sum(len(d) for d in documents.values())}, unit="doc") as bars:
         for split, rendered in documents.items():
-            labels = label_split(rendered, tokenizer, int(store.attrs["bos_token_id"]), int(store.attrs["n_ctx"]),
-                                 params.data.max_tokens, operations)  # fmt: skip
-            if token_digest(labels.tokens.tokens, labels.tokens.doc_offsets) != store.attrs["token_sha256"][split]:
-                raise PipelineError(
-                    f"the {split!r} documents tokenize to other tokens than {store.path} holds (data, template or "
-                    "tokenizer changed since extraction): re-extract, or set them back"
-                )
-            splits[split] = labels
+            tokens = TokenizedSplit(store.tokens(split), store.doc_offsets(split), n_truncated=0)
+            try:
+                splits[split] = label_split(rendered, tokens, tokenizer, int(store.attrs["n_ctx"]), operations)
+            except PipelineError as exc:
+                raise PipelineError(f"split {split!r} of {store.path}: {exc}: re-extract, or set them back") from None
             bars["label"].advance(len(rendered))
     record = write_label_set(path, splits, operations, meta)
     for split, found in record["splits"].items():

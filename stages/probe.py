@@ -75,13 +75,14 @@ def run(params: Params, which: str = "all") -> dict[str, dict]:
     log.info("probing %s on %d problems (%d of them skipped), %d sampled %s tokens", ", ".join(saes), len(found),
              len(skipped), len(sample), split)  # fmt: skip
     results = {}
-    with progress_bars({"probe: read": len(sample) * len(groups), "probe: fit": len(found) * len(groups)}) as bars:
+    fitted = sum(len(p.tokens[half]) for p in found for half in HALVES) * len(groups)  # each problem's sample
+    with progress_bars({"probe: read": len(sample) * len(groups), "probe: fit": fitted}) as bars:
         for (hook, target), keys in groups.items():
             loader = ActivationLoader(store, split, hook, device, params.train.seed, params.train.exclude_bos,
                                       params.train.memory_budget_gb, target_hook=target)  # fmt: skip
             read = read_sample(loader, {key: saes[key] for key in keys}, sample, halves, params.train.memory_budget_gb,
                          bars["probe: read"].advance)  # fmt: skip
-            results |= probe_problems(found, read, pc.k, lambda: bars["probe: fit"].advance(1))
+            results |= probe_problems(found, read, pc.k, bars["probe: fit"].advance)
     meta = {
         "split": split, "corpus": Path(store.attrs["dataset"]).name, "labels": str(pc.labels),
         "command": params.command, "tasks": tasks, "absent_tasks": labels.record["absent"], "k": pc.k,

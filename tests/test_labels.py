@@ -9,8 +9,10 @@ import numpy as np
 import pytest
 from conftest import invoke
 
-from pipeline.corpus import load_rendered
+from pipeline.core.errors import PipelineError
+from pipeline.corpus import Document, TokenizedSplit, load_rendered, tokenize
 from pipeline.label.label_set import LabelSet, final_classes, label_split, write_label_set
+from pipeline.label.spans import token_spans
 from pipeline.label.structure import OperationClasses
 from pipeline.params import DataConfig
 from pipeline.tiny import gpt2_tokenizer, write_jsonl
@@ -33,7 +35,7 @@ def labelled_tokens(tmp_path: Path, tokenizer, rows: list[dict], template: str =
     write_jsonl(tmp_path / "rows" / "test.jsonl", rows)
     documents = load_rendered(DataConfig(dataset=str(tmp_path / "rows"), template=template), "test")
     operations = OperationClasses()
-    split = label_split(documents, tokenizer, GPT2_BOS, 1024, None, operations)
+    split = label_split(documents, stored_tokens(documents, tokenizer), tokenizer, 1024, operations)
     classes = final_classes({"test": split}, operations)
     out = []
     for doc, document in enumerate(documents):
@@ -47,6 +49,11 @@ def labelled_tokens(tmp_path: Path, tokenizer, rows: list[dict], template: str =
         ])  # fmt: skip
         assert "".join(texts).replace("\ufffd", "") in document.text.replace("’", "")  # the tokens are the text's
     return out, split
+
+
+def stored_tokens(documents, tokenizer) -> TokenizedSplit:
+    """The tokens extraction stores for `documents` (GPT-2's context: 1,024)."""
+    return tokenize([d.text for d in documents], tokenizer, GPT2_BOS, 1024)
 
 
 def find(tokens: list, text: str, after: int = 0) -> int:
@@ -143,7 +150,8 @@ def test_every_real_test_document_is_labelled(tmp_path, real_data, tokenizer):
     """The whole real test split: every solution has steps and a final answer; counts reported in the note."""
     documents = load_rendered(DataConfig(dataset=str(real_data / "gsm8k")), "test")
     operations = OperationClasses()
-    split = label_split(documents, tokenizer, GPT2_BOS, 1024, None, operations)
+    tokens = stored_tokens(documents, tokenizer)
+    split = label_split(documents, tokens, tokenizer, 1024, operations)
     record = write_label_set(tmp_path / "labels", {"test": split}, operations, {})["splits"]["test"]
     assert record["n_docs"] == len(documents) == 1319 and record["documents_with_solution"] == 1319
     assert (split.documents["n_steps"] >= 1).all()
@@ -156,6 +164,32 @@ def test_every_real_test_document_is_labelled(tmp_path, real_data, tokenizer):
     assert record["mixed_tokens"]["region"] == 0 and record["mixed_tokens"]["step"] == 0
     labels = LabelSet(tmp_path / "labels")
     assert np.array_equal(labels.tokens("test")["role"], split.labels["role"])
+    # The spans from the tokens' own bytes are the tokenizer's character offsets, token for token.
+    texts = [d.text for d in documents]
+    codes = np.frombuffer("".join(texts).encode("utf-32-le"), dtype=np.uint32)
+    with_bytes = token_spans(texts, codes, tokens, tokenizer, 1024)
+    without = token_spans(texts, codes, tokens, OffsetsOnly(tokenizer), 1024)
+    assert np.array_equal(with_bytes, without)
+
+
+class OffsetsOnly:
+    """The same tokenizer, seen as one that is not byte-level: spans come from its character offsets."""
+
+    def __init__(self, tokenizer) -> None:
+        self.tokenizer = tokenizer
+
+    def __call__(self, *args, **kwargs):
+        return self.tokenizer(*args, **kwargs)
+
+
+def test_tokens_that_do_not_spell_the_documents_are_refused(tmp_path, real_data, tokenizer):
+    documents = load_rendered(DataConfig(dataset=str(real_data / "gsm8k"), max_docs=20), "test")
+    tokens = stored_tokens(documents, tokenizer)
+    for change in (lambda text: text + " more", lambda text: text.replace(" ", "  ", 1)):  # longer; same length
+        changed = [Document(change(d.text), d.fields) if i == 7 else d for i, d in enumerate(documents)]
+        for view in (tokenizer, OffsetsOnly(tokenizer)):
+            with pytest.raises(PipelineError, match=r"the store's tokens are not these documents'.*document 7 differs"):
+                label_split(changed, tokens, view, 1024, OperationClasses())
 
 
 def test_label_stage_refuses_a_store_whose_tokens_differ(tmp_path, tiny_params):
@@ -164,4 +198,5 @@ def test_label_stage_refuses_a_store_whose_tokens_differ(tmp_path, tiny_params):
     assert result.exit_code == 0, result.output
     changed = invoke("label", "--params", str(tiny_params), "-S", f"probe.labels={tmp_path / 'labels'}",
                      "-S", "data.template={question}  {answer}")  # fmt: skip
-    assert changed.exit_code == 2 and "tokenize to other tokens than" in changed.stderr
+    assert changed.exit_code == 2 and "split 'train' of" in changed.stderr
+    assert "the store's tokens are not these documents'" in changed.stderr

@@ -1,7 +1,8 @@
 """A label set: every token of a store's splits labelled by each task of pipeline/label/structure.py.
 
-Labels are computed from the documents' text and the tokenizer's character offsets, so they are exact for any
-tokenizer: a token takes the one label its non-space characters carry; a token whose characters carry several
+Labels are computed from the documents' text, then given to the store's tokens through the characters each spans
+(pipeline/label/spans.py), so they are exact for any tokenizer: a token takes the one label its non-space
+characters carry; a token whose characters carry several
 (`=<<`: reasoning and annotation) is left unlabelled for that task and counted as mixed, as are whitespace tokens
 and the BOS token. The set is a directory (`probe.labels`, beside the store):
 
@@ -19,9 +20,7 @@ refused, naming the command that remakes it.
 from __future__ import annotations
 
 import json
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from itertools import chain
 from pathlib import Path
 from typing import Any
 
@@ -30,7 +29,8 @@ from safetensors.numpy import load_file, save_file
 
 from pipeline.core.atomic import atomic_path
 from pipeline.core.errors import PipelineError
-from pipeline.corpus import Document, TokenizedSplit, encode, pack
+from pipeline.corpus import Document, TokenizedSplit
+from pipeline.label.spans import MISMATCH, token_spans
 from pipeline.label.structure import (
     DOCUMENT_COUNTS,
     OPERATORS,
@@ -57,38 +57,21 @@ class SplitLabels:
 
 
 def label_split(
-    documents: list[Document], tokenizer, bos_token_id: int, max_len: int, max_tokens: int | None,
-    operations: OperationClasses,
+    documents: list[Document], tokens: TokenizedSplit, tokenizer, max_len: int, operations: OperationClasses
 ) -> SplitLabels:  # fmt: skip
-    """Tokenize `documents` as extraction does (pipeline/corpus.py: `pack`), keeping each token's character span,
-    and label every token."""
-    with ThreadPoolExecutor(1) as pool:  # the tokenizer releases the GIL: it runs while the text is labelled
-        encoding = pool.submit(lambda: list(encode([d.text for d in documents], tokenizer, offsets=True)))
-        found = label_characters(documents, operations)
-        encoded = encoding.result()
-    tokens = pack((ids for ids, _ in encoded), bos_token_id, max_len, max_tokens)
-    counts = {name: values[: tokens.n_docs] for name, values in found.documents.items()}  # those that fit
+    """Label every token of a split: `tokens` are the split's stored tokens (BOS + each document's, truncated to
+    `max_len`), `documents` the rendered rows they came from (the first `tokens.n_docs` of them)."""
+    if len(documents) < tokens.n_docs:
+        raise PipelineError(f"{len(documents)} documents for a split of {tokens.n_docs}: {MISMATCH}")
+    documents = documents[: tokens.n_docs]  # data.max_tokens may have kept the leading documents only
+    found = label_characters(documents, operations)
+    spans = token_spans([d.text for d in documents], found.codes, tokens, tokenizer, max_len)
     stacked = np.stack(list(found.chars.values()), axis=1)  # [n_chars, n_tasks]: one gather serves every task
     stacked[is_space(found.codes)] = -1
-    values, mixed = _token_labels(stacked, _token_spans(encoded, tokens, found.starts))
+    values, mixed = _token_labels(stacked, spans)
     labels = {task: np.ascontiguousarray(values[:, i]) for i, task in enumerate(found.chars)}
     mixed_tokens = dict(zip(found.chars, mixed.tolist(), strict=True))
-    return SplitLabels(tokens, labels, counts, mixed_tokens, found.ambiguous_numbers)
-
-
-def _token_spans(encoded: list, tokens: TokenizedSplit, starts: np.ndarray) -> np.ndarray:
-    """[n_tokens, 2] character span of every token in the split's concatenated text; the BOS token's is empty."""
-    kept = np.diff(tokens.doc_offsets) - 1  # each document's tokens after its BOS (fewer when truncated)
-    offsets = [offsets for _, offsets in encoded[: tokens.n_docs]]
-    counts = np.fromiter(map(len, offsets), dtype=np.int64, count=len(offsets))
-    flat = np.fromiter(chain.from_iterable(chain.from_iterable(offsets)), dtype=np.int64, count=2 * int(counts.sum()))
-    first_of_doc = np.repeat(np.cumsum(counts) - counts, kept)  # where each kept token's document begins in flat
-    token = first_of_doc + np.arange(int(kept.sum())) - np.repeat(np.cumsum(kept) - kept, kept)
-    spans = np.zeros((int(tokens.doc_offsets[-1]), 2), dtype=np.int64)
-    bos = np.zeros(len(spans), dtype=bool)
-    bos[tokens.doc_offsets[:-1]] = True
-    spans[~bos] = flat.reshape(-1, 2)[token] + np.repeat(starts[: tokens.n_docs], kept)[:, None]
-    return spans
+    return SplitLabels(tokens, labels, found.documents, mixed_tokens, found.ambiguous_numbers)
 
 
 def _token_labels(chars: np.ndarray, spans: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

@@ -222,7 +222,8 @@ def _number_sources(text: str, codes: np.ndarray, starts: np.ndarray, questions:
     in_question, in_solution = _within(spans, questions[document]), _within(spans, solutions[document])
     in_solution &= questions[document, 0] >= 0
     results = annotations.results
-    keys = _value_keys([text[a:b] for a, b in spans.tolist()] + [text[a:b] for _, _, a, b in results.tolist()])
+    bounds = np.concatenate([spans, results[:, 2:]])  # the numbers, then the results, as written
+    keys = _value_keys([text[a:b] for a, b in zip(bounds[:, 0].tolist(), bounds[:, 1].tolist(), strict=True)])
     number_keys, result_keys = keys[: len(spans)], keys[len(spans) :]
     width = int(keys.max(initial=0)) + 1
     question_pairs = document[in_question] * width + number_keys[in_question]

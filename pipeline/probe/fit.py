@@ -101,7 +101,7 @@ def _columns(x: Features, columns: np.ndarray) -> np.ndarray:
 
 
 def probe_problems(
-    found: list[Problem], read: Sample, ks: list[int], on_problem: Callable[[], None] = lambda: None
+    found: list[Problem], read: Sample, ks: list[int], on_problem: Callable[[int], None] = lambda n_tokens: None
 ) -> dict[str, dict]:
     """Every problem's probes for every config of one hook; per config its problems and per-latent AUROCs."""
     per_key = {key: {"problems": [], "aurocs": []} for key in read.latents}
@@ -126,5 +126,5 @@ def probe_problems(
                 "best_latents": [{"latent": int(i), "auroc": float(aurocs[i])} for i in best],
             })  # fmt: skip
             per_key[key]["aurocs"].append(aurocs)
-        on_problem()
+        on_problem(len(both))
     return per_key
