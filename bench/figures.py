@@ -24,6 +24,8 @@
 7. decorrelation cost      decorrelation forward+backward time / config-C step time
 8. <arch> step cost        a training step of that architecture / a ReLU step, same shape (config C) and batch
 8b. topk selection share   the top-k selection alone (ReLU, topk, scatter over [batch, d_sae]) / a topk step
+8c. guided step cost       a ReLU step with a guide's term (sae.<key>.guide: a frozen 12-class probe of the
+                           reconstruction, cross-entropy over labelled tokens) / the ReLU step, same shape and batch
 9. analyze vs evaluate     `pipeline analyze`'s computation for config C's width / `pipeline evaluate`'s (reconstruction
                            metrics and splice scores) for the same SAE on the same documents (the extraction figures')
 9d. label vs tokenize      tokens/s of labelling the last split of `data.splits` (pipeline/label: tokenizing again with
@@ -75,7 +77,7 @@ from pipeline.core.errors import PipelineError
 from pipeline.corpus import load_documents, load_rendered, padded, plan_batches, start_token, tokenize
 from pipeline.extract.shards import ShardExtractor, extract_pending
 from pipeline.model import capture, check_hooks, load_model
-from pipeline.params import Params, SAEConfig, SynthConfig
+from pipeline.params import GuideConfig, Params, SAEConfig, SynthConfig
 from pipeline.saes import ARCHITECTURES, build_sae
 from pipeline.saes.base import decorrelation, keep_top
 from pipeline.store import ActivationStore
@@ -90,14 +92,14 @@ GOALS = {
     "extract_efficiency": 0.85, "bridge_overhead": 1.15, "train_efficiency": 0.6, "trainer_vs_minimal": 0.95,
     "loader_stall": 0.05,
     "decorrelation_cost": 0.15, "analyze_vs_evaluate": 1.0, "store_write_ratio": 0.8, "splice_efficiency": 0.7,
-    "label_vs_tokenize": 0.5, "probe_vs_evaluate": 1.0,
+    "label_vs_tokenize": 0.5, "probe_vs_evaluate": 1.0, "guided_step_cost": 1.15,
 }  # fmt: skip
 L0_OF_BENCH_SAE = 64
 STORE_WRITE_BYTES = 2**28  # figure 6c writes at most this much a run
 SCALING_FIGURES = ("extract_2proc_vs_1proc", "train_2proc_vs_1proc", "ddp_communication_share")
 LOWER_IS_BETTER = {
     "bridge_overhead", "ddp_communication_share", "loader_stall", "decorrelation_cost", "analyze_vs_evaluate",
-    "synth_generation_vs_step", "probe_vs_evaluate",
+    "synth_generation_vs_step", "probe_vs_evaluate", "guided_step_cost",
 }  # fmt: skip
 
 
@@ -254,23 +256,39 @@ def bench_architectures(device: torch.device, amp: str, d_in: int, d_sae: int, b
     dtype = amp_dtype(amp, device)
     x = torch.randn(batch_tokens, d_in, device=device)
 
-    def step_of(name: str) -> Callable[[], object]:
+    def step_of(name: str, guide: Callable | None = None) -> Callable[[], object]:
         cfg = bench_config(d_sae, name, k=k, dead_tokens=1)  # every latent is dead: AuxK always runs (worst case)
+        if guide is not None:
+            cfg = replace(cfg, guide=GuideConfig(task="operation", coeff=0.1))
         sae = build_sae(cfg, d_in).to(device)
         optimizer = torch.optim.Adam(sae.parameters(), lr=1e-4)
         scaler = grad_scaler(device, dtype)
-        return lambda: train_step(sae, optimizer, scaler, x, dtype, cfg, logged=False)
+        return lambda: train_step(sae, optimizer, scaler, x, dtype, cfg, logged=False, guide=guide)
 
     pre = torch.randn(batch_tokens, d_sae, device=device, dtype=dtype or torch.float32)
     fns = {name: step_of(name) for name in ARCHITECTURES}
+    fns["relu_guided"] = step_of("relu", _bench_guide(batch_tokens, d_in, device))
     fns["topk_selection"] = lambda: keep_top(torch.relu(pre), k, dim=-1)
     seconds = timed_interleaved(fns, device)
     return {
         "shape": {"batch_tokens": batch_tokens, "d_in": d_in, "d_sae": d_sae, "k": k},
         "step_s": seconds,
         "step_cost": {name: seconds[name] / seconds["relu"] for name in ARCHITECTURES if name != "relu"},
+        "guided_step_cost": seconds["relu_guided"] / seconds["relu"],
         "topk_selection_share": seconds["topk_selection"] / seconds["topk"],
     }
+
+
+def _bench_guide(batch_tokens: int, d_in: int, device: torch.device) -> Callable:
+    """A guide's term for one batch as training computes it: a probe of 12 classes (as many as GSM8K's operation
+    task has), two tokens in three labelled (more than any task but region and number labels)."""
+    from pipeline.probe.guide import GuideProbe
+
+    probe = GuideProbe("operation", [str(c) for c in range(12)], list(range(12)), torch.randn(12, d_in, device=device),
+                       torch.zeros(12, device=device))  # fmt: skip
+    labels = torch.randint(0, 12, (batch_tokens,), generator=torch.Generator().manual_seed(0))
+    labels[::3] = -1
+    return probe.loss(labels.to(device), scale=1.0)
 
 
 def bench_analyze_vs_evaluate(
@@ -588,6 +606,7 @@ def run(params: Params, n_docs: int, n_tokens: int, width: int | None, workdir: 
         "decorrelation_cost": step["decorrelation_cost"],
         **{f"{name}_step_cost": cost for name, cost in arch["step_cost"].items()},
         "topk_selection_share": arch["topk_selection_share"],
+        "guided_step_cost": arch["guided_step_cost"],
         "analyze_vs_evaluate": analysis["analyze_vs_evaluate"],
         "label_vs_tokenize": labels["label_vs_tokenize"],
         "probe_vs_evaluate": analysis["probe_vs_evaluate"],

@@ -71,6 +71,15 @@ PER_CONFIG_SETTINGS = (
 
 
 @dataclass
+class GuideConfig:
+    """Probe-guided training (pipeline/probe/guide.py): the reconstructions should keep what a linear probe of a
+    label task reads in the activations."""
+
+    task: str  # a label task of `pipeline label` (region, step, operation, role, number, number_source)
+    coeff: float = 0.1  # weight of the probe's cross-entropy on the reconstruction; 0 trains as without a guide
+
+
+@dataclass
 class SAEConfig:
     batch_size: int  # in sequences of train.seq_len tokens
     lr: float
@@ -81,6 +90,7 @@ class SAEConfig:
     init_seed: int | None = None  # seed of the initial weights (mixed with the width); None = train.seed
     target_hook: str | None = None  # a transcoder: predict this stored hook from `hook`; None = an ordinary SAE
     skip: bool = False  # a transcoder with a learned linear skip path W_skip x
+    guide: GuideConfig | None = None  # probe-guided training; None = the loss without it
     # None = the train section's value (see TrainConfig for their meaning).
     hook: str | None = None
     target_l0: float | None = None
@@ -468,6 +478,10 @@ def _validate(params: Params) -> None:
             (cfg.epochs > 0, f"sae.{key}.epochs", cfg.epochs, positive),
             (cfg.architecture in ARCHITECTURES, f"sae.{key}.architecture", cfg.architecture, ", ".join(ARCHITECTURES)),
             (not cfg.skip or cfg.target_hook, f"sae.{key}.skip", cfg.skip, "true only with a target_hook"),
+            (cfg.guide is None or cfg.guide.coeff >= 0, f"sae.{key}.guide.coeff", cfg.guide and cfg.guide.coeff,
+             ">= 0"),
+            (cfg.guide is None or not cfg.target_hook, f"sae.{key}.guide", cfg.guide,
+             "none for a transcoder (its reconstruction is another hook's)"),
         ]  # fmt: skip
     for where, values in [("train", t)] + [(f"sae.{key}", cfg) for key, cfg in params.sae.items()]:
         checks += _setting_checks(where, values)

@@ -15,6 +15,7 @@ import time
 from contextlib import ExitStack
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from pipeline.artifacts import checkpoint_dir, sae_name, sae_outputs
@@ -23,7 +24,9 @@ from pipeline.core.atomic import check_replaceable, save_torch, write_json, writ
 from pipeline.core.device import amp_dtype, describe, peak_memory_bytes, reset_peak_memory, resolve_device
 from pipeline.core.errors import PipelineError
 from pipeline.core.locks import exclusive_lock
-from pipeline.params import Params, SAEConfig, params_to_dict
+from pipeline.label.label_set import LabelSet
+from pipeline.params import GuideConfig, Params, SAEConfig, params_to_dict
+from pipeline.probe.guide import fit_guide_probe
 from pipeline.saes.saelens import is_saelens_folder, save_saelens
 from pipeline.store import ActivationStore
 from pipeline.synth.stream import SyntheticStream, is_streamed
@@ -91,7 +94,12 @@ def _train_at_hook(
     device = resolve_device(cfg.device)
     started = time.perf_counter()
     reset_peak_memory(device)
-    loader = _loader(store, params, hook, target, device)
+    guided = {key: c.guide for key, c in configs.items() if c.guide is not None and c.guide.coeff > 0}
+    labels, tasks = _guide_labels(store, params, guided)
+    loader = _loader(store, params, hook, target, device, labels)
+    guides = {key: (fit_guide_probe(loader, labels[:, tasks.index(g.task)], g.task, _classes(params, g.task),
+                                    params.probe.max_per_class, cfg.seed), tasks.index(g.task))
+              for key, g in guided.items()}  # fmt: skip
     meta = {
         "hook": hook,
         **({"target_hook": target} if target else {}),
@@ -102,7 +110,7 @@ def _train_at_hook(
         "n_ctx": store.attrs["n_ctx"],
         "loader_order": loader.order_kind,
     }
-    trainer = Trainer(configs, loader, cfg, checkpoints, meta, data_parallel=cfg.distribute == "data")
+    trainer = Trainer(configs, loader, cfg, checkpoints, meta, data_parallel=cfg.distribute == "data", guides=guides)
     resumed = trainer.resume() if resume else []
     fresh = [r.name for r in trainer.runs if r.name not in resumed]
     if resume and fresh and writes:
@@ -158,15 +166,38 @@ def _train_at_hook(
     return details
 
 
+def _guide_labels(store: ActivationStore, params: Params, guided: dict[str, GuideConfig]) -> tuple:
+    """The token labels guided configs read, one column per task ([n_tokens, n_tasks] int8), and the tasks; none
+    without guided configs."""
+    if not guided:
+        return None, []
+    if store.is_synthetic:
+        raise PipelineError(f"sae.{next(iter(guided))}.guide: a synthetic store has no token labels to guide by")
+    labels = LabelSet(params.probe.labels)
+    labels.check(store.attrs.get("token_sha256", {}), params.train.split)
+    tasks = list(dict.fromkeys(g.task for g in guided.values()))
+    for key, g in guided.items():
+        if g.task not in labels.tasks:
+            raise PipelineError(f"unknown label task {g.task!r} in sae.{key}.guide.task; the labels have: "
+                                f"{', '.join(labels.tasks)}")  # fmt: skip
+    found = labels.tokens(params.train.split)
+    return np.stack([found[task] for task in tasks], axis=1), tasks
+
+
+def _classes(params: Params, task: str) -> list[str]:
+    return LabelSet(params.probe.labels).tasks[task]
+
+
 def _loader(
-    store: ActivationStore, params: Params, hook: str, target: str | None, device: torch.device
-) -> TrainingBlocks:
-    """What the configs at `hook` train on: the store's split, or a streamed synthetic split's generator."""
+    store: ActivationStore, params: Params, hook: str, target: str | None, device: torch.device,
+    labels: np.ndarray | None = None,
+) -> TrainingBlocks:  # fmt: skip
+    """What the configs at `hook` train on: the store's split (with the guides' token labels), or a streamed
+    synthetic split's generator."""
     cfg = params.train
     if not is_streamed(store, cfg.split):
-        return ActivationLoader(
-            store, cfg.split, hook, device, cfg.seed, cfg.exclude_bos, cfg.memory_budget_gb, target_hook=target
-        )  # fmt: skip
+        return ActivationLoader(store, cfg.split, hook, device, cfg.seed, cfg.exclude_bos, cfg.memory_budget_gb,
+                                target_hook=target, columns=labels)  # fmt: skip
     if target is not None:
         raise PipelineError(f"{store.path} streams synthetic samples of one hook; a transcoder needs two")
     return SyntheticStream(store, device, cfg.seed)
@@ -207,12 +238,14 @@ def _write_outputs(params: Params, trainer: Trainer, sae_run: SAERun, shared: di
         "train_time_s": sae_run.train_seconds,
         "time_per_step_s": sae_run.train_seconds / max(sae_run.step, 1),
         "tokens_per_s": tokens / sae_run.train_seconds if sae_run.train_seconds else None,
-        "final_step": {k: final.get(k) for k in ("loss", "mse", "l1", "decorrelation", "l0")},
+        "final_step": {k: final.get(k) for k in ("loss", "mse", "l1", "decorrelation", "l0")}
+        | ({"guide": final["guide"]} if "guide" in final else {}),
         "loss_per_epoch": [
             total / sae_run.steps_per_epoch for total in state["epoch_loss_sums"]
         ],  # mean of the training loss over each epoch's steps
         "skipped_fp16_steps": state["skipped_steps"],
         **({"sparsity_coefficient": state["sparsity_coefficient"]} if "sparsity_coefficient" in state else {}),
+        **({"guide_probe": _guide_record(sae_run)} if sae_run.guide is not None else {}),
         **shared,
     }
     write_json(paths["train_details"], details)
@@ -224,6 +257,12 @@ def _write_outputs(params: Params, trainer: Trainer, sae_run: SAERun, shared: di
     })  # fmt: skip
     write_text(paths["curve"], _tsv(sae_run.key, sae_run.curve))
     return details
+
+
+def _guide_record(sae_run: SAERun) -> dict:
+    """What a guided run's frozen probe reads: its task and the classes it has logits for."""
+    guide = sae_run.guide
+    return {"task": guide.task, "classes": [guide.classes[c] for c in guide.present]}
 
 
 def _tsv(key: str, rows: list[dict]) -> str:

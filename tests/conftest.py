@@ -62,6 +62,51 @@ def write_params(path: Path, **sections: dict) -> Path:
     return path
 
 
+@pytest.fixture(scope="session")
+def labelled(tmp_path_factory, tiny_model_dir, gsm_dir) -> dict:
+    """The tiny model's extraction of the GSM8K-format rows, and its token labels (`pipeline label`)."""
+    root = tmp_path_factory.mktemp("labelled")
+    params = write_params(
+        root / "params.yaml",
+        model={"name": str(tiny_model_dir), "device": "cpu"},
+        data={"dataset": str(gsm_dir)},
+        extract={"hooks": ["blocks.1.hook_resid_post"], "store": str(root / "model-store"), "shard_tokens": 2048,
+                 "chunk_tokens": 512, "batch_tokens": 2048},
+        probe={"labels": str(root / "labels")},
+    )  # fmt: skip
+    for stage in ("extract", "label"):
+        result = invoke(stage, "--params", str(params))
+        assert result.exit_code == 0, result.output
+    from pipeline.store import ActivationStore
+
+    return {"root": root, "params": params, "store": ActivationStore(root / "model-store")}
+
+
+def labelled_store(path: Path, labelled: dict, hook: str, activations) -> Path:
+    """A store of the labelled extraction's tokens (so its labels apply) holding `activations(number)` at `hook`:
+    float activations made from each token's `number` label (1: a number token, else 0), one split at a time."""
+    from pipeline.label.label_set import LabelSet
+    from pipeline.store.writer import StoreWriter
+
+    model_store, labels = labelled["store"], LabelSet(labelled["root"] / "labels")
+    attrs = {name: model_store.attrs[name] for name in ("splits", "model", "dataset", "n_ctx", "bos_token_id",
+                                                         "template", "token_sha256")}  # fmt: skip
+    width = None
+    writer = None
+    for split in model_store.splits:
+        number = (labels.tokens(split)["number"] == 1).astype(np.float64)
+        x = np.asarray(activations(number), dtype=np.float32)
+        if writer is None:
+            width = x.shape[1]
+            writer = StoreWriter(path, attrs | {"hooks": [hook], "d_model": width, "dtype": "float32",
+                                               "shard_tokens": 1024, "chunk_tokens": 128}, resume=False)  # fmt: skip
+        writer.add_split(split, model_store.tokens(split), model_store.doc_offsets(split))
+        for index, start, end in writer.pending_shards(split):
+            writer.write_shard(split, index, start, {hook: x[start:end]})
+    writer.finalize({})
+    return path
+
+
 @pytest.fixture
 def tiny_params(tmp_path, tiny_model_dir, gsm_dir) -> Path:
     """Params for a fast CPU run on the tiny model and the local rows, writing under tmp_path."""

@@ -18,6 +18,7 @@ FIGURES = {
     "topk_step_cost", "batchtopk_step_cost", "jumprelu_step_cost", "matryoshka_step_cost", "topk_selection_share",
     "analyze_vs_evaluate", "splice_efficiency", "extract_2proc_vs_1proc", "train_2proc_vs_1proc",
     "ddp_communication_share", "synth_generation_vs_step", "label_vs_tokenize", "probe_vs_evaluate",
+    "guided_step_cost",
 }  # fmt: skip
 
 
@@ -62,6 +63,7 @@ def test_bench_reports_every_figure(tmp_path, tiny_model_dir, gsm_dir):
     )
     arch = details["architectures"]
     assert math.isclose(report["figures"]["topk_step_cost"], arch["step_s"]["topk"] / arch["step_s"]["relu"])
+    assert math.isclose(report["figures"]["guided_step_cost"], arch["step_s"]["relu_guided"] / arch["step_s"]["relu"])
     splice = details["splice"]
     assert splice["passes"] == 6 and splice["n_tokens"] > 0  # three SAEs (a, b, c): clean, two zeroed, three spliced
     synth = details["synth_generation"]  # the generator against the step that consumes its batch

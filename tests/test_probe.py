@@ -10,54 +10,16 @@ import numpy as np
 import pytest
 import torch
 import yaml
-from conftest import invoke, write_params
+from conftest import invoke, labelled_store
 
 from pipeline.artifacts import sae_outputs
-from pipeline.label.label_set import LabelSet
 from pipeline.params import load_params
 from pipeline.saes import sae_class
 from pipeline.saes.saelens import save_saelens
 from pipeline.store import ActivationStore
-from pipeline.store.writer import StoreWriter
 
 HOOK, D = "planted", 64
 PLANTED_LATENT = 7
-
-
-@pytest.fixture(scope="module")
-def labelled(tmp_path_factory, tiny_model_dir, gsm_dir) -> dict:
-    """The tiny model's extraction of the GSM8K-format rows, and its token labels."""
-    root = tmp_path_factory.mktemp("labelled")
-    params = write_params(
-        root / "params.yaml",
-        model={"name": str(tiny_model_dir), "device": "cpu"},
-        data={"dataset": str(gsm_dir)},
-        extract={"hooks": ["blocks.1.hook_resid_post"], "store": str(root / "model-store"), "shard_tokens": 2048,
-                 "chunk_tokens": 512, "batch_tokens": 2048},
-        probe={"labels": str(root / "labels")},
-    )  # fmt: skip
-    for stage in ("extract", "label"):
-        result = invoke(stage, "--params", str(params))
-        assert result.exit_code == 0, result.output
-    return {"root": root, "params": params, "store": ActivationStore(root / "model-store")}
-
-
-def planted_store(path: Path, model_store: ActivationStore, labels: LabelSet, direction: np.ndarray) -> Path:
-    """The model store's tokens with synthetic activations: noise, plus 8 * `direction` on every number token."""
-    rng = np.random.default_rng(0)
-    attrs = {name: model_store.attrs[name] for name in ("splits", "model", "dataset", "n_ctx", "bos_token_id",
-                                                         "template", "token_sha256")}  # fmt: skip
-    attrs |= {"hooks": [HOOK], "d_model": D, "dtype": "float32", "shard_tokens": 1024, "chunk_tokens": 128}
-    writer = StoreWriter(path, attrs, resume=False)
-    for split in model_store.splits:
-        tokens, offsets = model_store.tokens(split), model_store.doc_offsets(split)
-        number = labels.tokens(split)["number"] == 1
-        x = (rng.standard_normal((len(tokens), D)) + 8.0 * number[:, None] * direction).astype(np.float32)
-        writer.add_split(split, tokens, offsets)
-        for index, start, end in writer.pending_shards(split):
-            writer.write_shard(split, index, start, {HOOK: x[start:end]})
-    writer.finalize({})
-    return path
 
 
 def save_sae(out_dir: Path, key: str, directions: np.ndarray) -> None:
@@ -80,7 +42,9 @@ def planted(labelled, tmp_path_factory) -> Path:
     rng = np.random.default_rng(1)
     direction = rng.standard_normal(D)
     direction /= np.linalg.norm(direction)
-    store = planted_store(root / "store", labelled["store"], LabelSet(labelled["root"] / "labels"), direction)
+    rng_x = np.random.default_rng(0)
+    store = labelled_store(root / "store", labelled, HOOK, lambda number: (
+        rng_x.standard_normal((len(number), D)) + 8.0 * number[:, None] * direction))  # fmt: skip
     others = rng.standard_normal((2 * D, D))
     others -= np.outer(others @ direction, direction)  # nothing of the planted direction
     others /= np.linalg.norm(others, axis=1, keepdims=True)
@@ -154,3 +118,35 @@ def test_labels_of_other_tokens_are_refused(labelled, tmp_path):
     assert invoke("extract", "--params", str(params), *moved).exit_code == 0
     result = invoke("probe", "--params", str(params), *moved)
     assert result.exit_code == 2 and "labels other tokens than the store's 'test' split" in result.stderr
+
+
+def probe_result(task: str, x_hat: float) -> dict:
+    """One problem of probe.json, as the report reads it."""
+    return {"task": task, "dense": {"x": 1.0, "x_hat": x_hat},
+            "sparse": {str(k): {"accuracy": x_hat - 0.1} for k in (1, 5, 20)}}  # fmt: skip
+
+
+def evaluated(explained_variance: float, l0: float) -> dict:
+    """A config's train and eval details, as much as the report's guided section reads."""
+    reconstruction = {"explained_variance": explained_variance, "mse": 1 - explained_variance, "l0": l0,
+                      "dead_latents": 3}  # fmt: skip
+    return {"eval": {"reconstruction": reconstruction, "splice": None}}
+
+
+def test_the_report_puts_a_guided_config_beside_its_unguided_twin():
+    from pipeline.params import GuideConfig, Params, SAEConfig
+    from pipeline.report.render import _guided_section
+
+    base = {"expansion": 8, "batch_size": 4, "lr": 1e-3, "architecture": "topk", "k": 4}
+    params = Params(sae={"t": SAEConfig(**base), "g": SAEConfig(**base, guide=GuideConfig(task="role", coeff=0.5)),
+                         "other": SAEConfig(**base | {"k": 8})})  # fmt: skip
+    probes = {"t": {"problems": [probe_result("role", 0.6), probe_result("role", 0.8), probe_result("region", 0.1)]},
+              "g": {"problems": [probe_result("role", 0.9), probe_result("role", 0.9)]}, "other": None}  # fmt: skip
+    metrics = {"t": evaluated(0.9, 4.0), "g": evaluated(0.85, 4.0), "other": evaluated(0.95, 8.0)}
+    lines = _guided_section(params, metrics, probes, {k: f"config_{k}" for k in params.sae}, "")
+    rows = {line.split(" | ")[0].strip("| "): line.split(" | ")[1:] for line in lines if line.startswith("| ")}
+    headers = [line for line in lines if line.startswith("| | ")]
+    assert headers == ["| | config_g (guided by role) | config_t | difference |"]  # its twin; `other`'s k differs
+    assert rows["probe accuracy on x̂ (role)"] == ["0.9000", "0.7000", "0.2000 |"]  # role's classes, not region
+    assert rows["explained variance"] == ["0.8500", "0.9000", "-0.0500 |"]
+    assert rows["CE loss score"] == ["n/a", "n/a", "n/a |"]

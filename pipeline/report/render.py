@@ -88,6 +88,7 @@ def render(
         if published.applies(store_attrs.get("synthetic")) and all(m["eval"]["ground_truth"] for m in group.values()):
             lines += published.comparison_lines(group, fmt)
         lines += _probing_section({key: (probes or {}).get(key) for key in group}, labels, at[hook])
+        lines += _guided_section(params, group, probes or {}, labels, at[hook])
     lines += _stability_section(params, labels, shares or {})
     lines += _warnings(metrics, labels)
     for hook, group in groups.items():
@@ -380,6 +381,53 @@ def _probing_section(probes: dict[str, dict | None], labels: dict[str, str], at:
         ),
         "",
     ]
+
+
+def _guided_section(params: Params, metrics: dict[str, dict], probes: dict[str, dict | None], labels: dict[str, str],
+                    at: str) -> list[str]:  # fmt: skip
+    """Each probe-guided config beside its unguided twin (the config at the hook that differs only by the guide):
+    what the guidance bought on its task's probes, and what it cost."""
+    pairs = [(key, twin) for key in metrics if params.sae[key].guide for twin in metrics
+             if _unguided(params.sae[twin]) == _unguided(params.sae[key]) and not params.sae[twin].guide]  # fmt: skip
+    if not pairs:
+        return []
+    lines = [
+        f"## Probe-guided training{at}",
+        "",
+        "Each guided config beside the config that differs from it only by `guide` (docs/training.md). Probe "
+        "figures are the means over the guide's task's classes (the probing table's); the rest as above.",
+        "",
+    ]
+    probe_rows = [
+        ("probe accuracy on x̂", lambda p: p["dense"]["x_hat"]),
+        *((f"sparse probe, k={k}", lambda p, k=k: p["sparse"][str(k)]["accuracy"]) for k in (1, 5, 20)),
+    ]
+    eval_rows = [("explained variance", "reconstruction", "explained_variance"), ("MSE", "reconstruction", "mse"),
+                 ("L0", "reconstruction", "l0"), ("dead latents", "reconstruction", "dead_latents"),
+                 ("CE loss score", "splice", "ce_loss_score")]  # fmt: skip
+    for key, twin in pairs:
+        guide = params.sae[key].guide
+        rows = [("guide coefficient", guide.coeff, 0.0)]
+        for name, value in probe_rows:
+            found = [_task_mean(probes.get(k), guide.task, value) for k in (key, twin)]
+            if None not in found:
+                rows.append((f"{name} ({guide.task})", *found))
+        rows += [(name, *[(metrics[k]["eval"][group] or {}).get(field) for k in (key, twin)])
+                 for name, group, field in eval_rows]  # fmt: skip
+        header = f"| | {labels[key]} (guided by {guide.task}) | {labels[twin]} | difference |"
+        lines += [header, "| --- | --- | --- | --- |",
+                  *[f"| {name} | {fmt(a)} | {fmt(b)} | {fmt(None if a is None or b is None else a - b)} |"
+                    for name, a, b in rows], ""]  # fmt: skip
+    return lines
+
+
+def _unguided(cfg) -> dict:
+    return {k: v for k, v in params_to_dict(cfg).items() if k != "guide"}
+
+
+def _task_mean(details: dict | None, task: str, value) -> float | None:
+    found = [value(p) for p in (details or {}).get("problems") or [] if p["task"] == task]
+    return float(np.mean(found)) if found else None
 
 
 def _stability_section(params: Params, labels: dict[str, str], shares: dict) -> list[str]:

@@ -18,6 +18,7 @@ config at each step.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any, ClassVar
 
 import torch
@@ -123,6 +124,7 @@ class SparseAutoencoder(nn.Module):
         over_ranks: bool = False,
         target: torch.Tensor | None = None,
         coefficient: torch.Tensor | None = None,
+        guide: Callable[[torch.Tensor], torch.Tensor] | None = None,
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """The loss to minimise and its terms (fp32): the architecture's own (`loss_terms`), decorrelation, and
         on a `logged` step the diagnostics every architecture reports (mse per element, L1 per token, L0).
@@ -133,7 +135,8 @@ class SparseAutoencoder(nn.Module):
         `x` (an SAE reconstructs `x`); a skip transcoder's dictionary explains what its linear path does not,
         `target - W_skip x`, which is the same loss with every architecture's terms unchanged. `coefficient`, when
         given, weights the penalty instead of the config's setting (a target-L0 run's adapted value), and L0 is then
-        computed on every step.
+        computed on every step. `guide`, when given, is a term of the reconstruction added to the loss with the
+        config's `guide.coeff` (probe-guided training, pipeline/probe/guide.py).
         """
         target = x if target is None else target
         pre = self.pre_activations(x)
@@ -157,6 +160,9 @@ class SparseAutoencoder(nn.Module):
             loss = loss + cfg.decorrelation_coeff * terms["decorrelation"]
         term, setting = self.penalty
         loss = loss + (getattr(cfg, setting) if coefficient is None else coefficient) * terms[term]
+        if guide is not None:
+            terms["guide"] = guide(x_hat)
+            loss = loss + cfg.guide.coeff * terms["guide"]
         if logged or coefficient is not None:
             terms["l0"] = (f > 0).sum(dim=1).float().mean().detach()
         return loss, terms

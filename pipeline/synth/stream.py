@@ -47,6 +47,7 @@ class SyntheticStream:
         self.shard_tokens = store.shard_tokens
         self.stored_dtype = getattr(torch, store.attrs["dtype"])
         self.widths = [store.d_model]
+        self.n_columns = 0  # no token labels: synthetic samples are not documents
         self.device, self.seed = device, seed
         self.stall_seconds = 0.0  # host time spent generating (on CUDA the device runs it asynchronously)
 

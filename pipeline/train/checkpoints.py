@@ -84,6 +84,7 @@ def checkpoint_state(run: SAERun, train: TrainConfig, scale: float, meta: dict[s
         "epoch_loss_sums": [float(v) for v in run.epoch_loss_sums],
         "curve": run.curve,
         **({} if run.coefficient is None else {"sparsity_coefficient": float(run.coefficient)}),
+        **({} if run.guide is None else {"guide": run.guide.state()}),
     }
 
 

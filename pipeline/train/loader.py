@@ -41,7 +41,8 @@ class TrainingBlocks(Protocol):
     (pipeline/synth/stream.py)."""
 
     device: torch.device
-    widths: list[int]  # a row's parts: [d_model], or a transcoder's [input width, target width]
+    widths: list[int]  # a row's activations: [d_model], or a transcoder's [input width, target width]
+    n_columns: int  # after them, per-token columns that travel with the activations (token labels)
     n_tokens: int  # training tokens per epoch
     resident_on_device: bool
     stall_seconds: float
@@ -58,7 +59,10 @@ class ActivationLoader:
     """Shuffled [block_tokens, d_model] float32 blocks of one split and hook, on `device`.
 
     With a `target_hook` (a transcoder's), each row is a token's `hook` activation followed by its `target_hook`
-    activation: the two are read, shuffled and handed out together (`widths` says where one ends).
+    activation: the two are read, shuffled and handed out together (`widths` says where one ends). With `columns`
+    ([n_tokens, n] small integers, such as token labels), each row ends with its token's columns, shuffled with it:
+    they cost no second read, and leave the order, the windows and the memory budget (reckoned on the
+    activations) as they are without them.
     """
 
     def __init__(
@@ -71,6 +75,7 @@ class ActivationLoader:
         exclude_bos: bool = True,
         memory_budget_gb: float = 8.0,
         target_hook: str | None = None,
+        columns: np.ndarray | None = None,
     ) -> None:
         self.hooks = [hook] if target_hook is None else [hook, target_hook]
         arrays = [store.activations(split, name) for name in self.hooks]
@@ -79,8 +84,10 @@ class ActivationLoader:
         self.device = device
         self.seed = seed
         self.widths = [a.shape[1] for a in arrays]
-        self.d_model = sum(self.widths)
         self.n_rows = array.shape[0]
+        self.columns = None if columns is None else np.asarray(columns).reshape(self.n_rows, -1)
+        self.n_columns = 0 if columns is None else self.columns.shape[1]
+        self.d_model = sum(self.widths) + self.n_columns  # a row's width
         self.excluded = _excluded_positions(store, split, exclude_bos)
         self.n_tokens = self.n_rows - len(self.excluded)  # training tokens per epoch
         if self.n_tokens == 0:
@@ -88,11 +95,12 @@ class ActivationLoader:
         self.dtype = array.dtype  # as stored
         self.resident_on_device = sum(a.nbytes for a in arrays) <= memory_budget_gb * 2**30
         self.chunk_tokens = store.attrs["chunk_tokens"]
-        chunk_bytes = self.chunk_tokens * self.d_model * self.dtype.itemsize
+        chunk_bytes = self.chunk_tokens * sum(self.widths) * self.dtype.itemsize
         self.window_chunks = max(1, int(memory_budget_gb * 2**30 // (WINDOW_BUFFERS * chunk_bytes)))
         if self.resident_on_device:
             self.positions = np.setdiff1d(np.arange(self.n_rows), self.excluded, assume_unique=True)
-            self.data = torch.from_numpy(self._joined_rows(*(_read_checked(store, split, h) for h in self.hooks)))
+            parts = [_read_checked(store, split, h) for h in self.hooks]
+            self.data = torch.from_numpy(self._joined_rows(*parts, *self._columns_of(0, self.n_rows)))
             self.data = self.data.to(device)
         self.stall_seconds = 0.0  # time the consumer spent waiting for a block
 
@@ -243,7 +251,11 @@ class ActivationLoader:
             rows = self.store.read_rows(self.split, hook, start, end)
             _check_finite(self.store, self.split, hook, start, rows)
             parts.append(rows)
-        return self._joined_rows(*parts)
+        return self._joined_rows(*parts, *self._columns_of(start, end))
+
+    def _columns_of(self, start: int, end: int) -> list[np.ndarray]:
+        """Rows start..end-1 of the columns, as the activations' dtype (small integers are exact in float16)."""
+        return [] if self.columns is None else [self.columns[start:end].astype(self.dtype)]
 
     @staticmethod
     def _joined_rows(*parts: np.ndarray) -> np.ndarray:

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -30,6 +30,7 @@ from pipeline.core.errors import PipelineError
 from pipeline.core.progress import progress_bars
 from pipeline.core.seeds import generator
 from pipeline.params import SAEConfig, TrainConfig, resolved
+from pipeline.probe.guide import GuideProbe
 from pipeline.saes import build_sae
 from pipeline.saes.base import SparseAutoencoder
 from pipeline.train.checkpoints import (
@@ -69,6 +70,8 @@ class SAERun:
     curve: list[dict[str, float]] = field(default_factory=list)
     shown: dict[str, float] = field(default_factory=dict)  # the last logged loss and L0, for the progress bar
     coefficient: torch.Tensor | None = None  # a target-L0 run's sparsity coefficient (on device), adapted then frozen
+    guide: GuideProbe | None = None  # a guided run's frozen probe (pipeline/probe/guide.py)
+    guide_column: int = -1  # the loader's column that holds its task's labels
 
     @property
     def train_seconds(self) -> float:
@@ -98,7 +101,9 @@ class Trainer:
         checkpoint_dir: Path,
         meta: dict[str, Any],
         data_parallel: bool = False,
+        guides: dict[str, tuple[GuideProbe, int]] | None = None,
     ) -> None:
+        """`guides`: for each guided config (coeff > 0), its probe and the loader column of its task's labels."""
         self.data_parallel = data_parallel and distributed.world_size() > 1
         self.ranks = distributed.world_size() if self.data_parallel else 1  # processes sharing each batch
         self.share_index = distributed.rank() if self.data_parallel else 0  # which 1/ranks of a batch is ours
@@ -112,13 +117,16 @@ class Trainer:
         self.scale = 1.0
         self.target_scale: float | None = None  # a transcoder group's: its targets' own scale
         self.d_in = loader.widths[0]  # a transcoder group's blocks are [input | target]
+        self.n_activations = sum(loader.widths)  # then the loader's columns (token labels), if any
         self.runs = [self._new_run(key, resolved(cfg, train)) for key, cfg in configs.items()]
+        for run in self.runs:
+            run.guide, run.guide_column = (guides or {}).get(run.key, (None, -1))
         self.block_tokens = _shared_block(self.runs)
 
     def estimate_scale(self) -> float:
         """The constant that makes E||scale * x||^2 = d_in on a fixed sample of the training split (and, for a
         transcoder group, the same for its targets, `target_scale`)."""
-        sample = self.loader.sample(self.train.scale_sample_tokens)
+        sample = self.loader.sample(self.train.scale_sample_tokens)[:, : self.n_activations]
         scales = [_unit_scale(part) for part in sample.split(self.loader.widths, dim=1)]
         if self.data_parallel:  # rank 0's figures, so that no rounding difference can make the ranks diverge
             scales = distributed.broadcast(scales)
@@ -155,7 +163,7 @@ class Trainer:
                 for run in self.runs:
                     bars[run.name].advance(run.step * run.batch_tokens)
                 for epoch, block_index, block in self._remaining_blocks():
-                    self._scaled(block)  # once per block (a fresh tensor from the loader), not once per batch
+                    self._scaled(block[:, : self.n_activations])  # once per block, not once per batch
                     for run in self.runs:
                         self._train_on_block(run, epoch, block_index, block, bars[run.name])
                     if (block_index + 1) % self.train.checkpoint_every == 0:
@@ -208,8 +216,12 @@ class Trainer:
             # the bar never makes the host wait for the device.
             bar.advance(n_trained * run.batch_tokens, seconds=time.perf_counter() - started, **run.shown)
 
-    def _step(self, run: SAERun, batch: torch.Tensor) -> None:
+    def _step(self, run: SAERun, rows: torch.Tensor) -> None:
+        batch = rows[:, : self.n_activations]
         x, target = (batch, None) if self.target_scale is None else (batch[:, : self.d_in], batch[:, self.d_in :])
+        guide = (
+            None if run.guide is None else run.guide.loss(rows[:, self.n_activations + run.guide_column], self.scale)
+        )
         lr = run.cfg.lr * lr_factor(run.step, run.total_steps, run.cfg.warmup_frac, run.cfg.decay_frac)
         adapting = run.coefficient is not None and run.step < round(run.cfg.target_l0_frac * run.total_steps)
         for group in run.optimizer.param_groups:
@@ -226,6 +238,7 @@ class Trainer:
             average_over_ranks=self.data_parallel,
             target=target,
             coefficient=run.coefficient,
+            guide=guide,
         )
         if adapting:  # toward the target L0, on the device: the host never waits for this batch's L0
             error = torch.log(terms["l0"].clamp_min(1e-3) / run.cfg.target_l0).clamp(-1.0, 1.0)
@@ -274,6 +287,8 @@ class Trainer:
         """Continue from `state`; refuses (naming every difference) a checkpoint trained with other settings."""
         check_resumable(state, run, self.train, self.meta, self.checkpoint_path(run))
         restore(run, state)
+        if run.guide is not None:  # the probe the run began with, not a refit
+            run.guide = GuideProbe.from_state(state["guide"], self.device)
         self.scale = state["scale"]
         self.target_scale = state.get("target_scale")
 
@@ -327,6 +342,7 @@ def train_step(
     average_over_ranks: bool = False,
     target: torch.Tensor | None = None,
     coefficient: torch.Tensor | None = None,
+    guide: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor], torch.Tensor]:
     """One optimiser step; returns the loss, its terms (detached, on device) and 1 if the scaler skipped it.
 
@@ -335,7 +351,8 @@ def train_step(
     the SAE's batch statistics are the whole batch's.
     """
     with autocast(x.device, amp):
-        loss, terms = sae.training_loss(x, cfg, logged, average_over_ranks, target=target, coefficient=coefficient)
+        loss, terms = sae.training_loss(x, cfg, logged, average_over_ranks, target=target, coefficient=coefficient,
+                                        guide=guide)  # fmt: skip
     optimizer.zero_grad(set_to_none=True)
     scaler.scale(loss).backward()
     loss, terms = loss.detach(), {k: v.detach() for k, v in terms.items()}
