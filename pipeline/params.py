@@ -79,6 +79,33 @@ class GuideConfig:
     coeff: float = 0.1  # weight of the probe's cross-entropy on the reconstruction; 0 trains as without a guide
 
 
+OPERATORS = "+-*/"  # the calculator annotations' operators (pipeline/label), in their canonical order
+
+
+@dataclass
+class DocumentsConfig:
+    """A reasoning task: the documents of a split whose solutions have this structure (their token labels'
+    per-document counts, pipeline/label). Every criterion set must hold; unset ones do not count."""
+
+    operations: list[str] | None = None  # every operation of the solution is one of these (["+", "-"])
+    any_operation: list[str] | None = None  # the solution uses one of these at least (["*", "/"])
+    min_steps: int | None = None  # reasoning steps (lines before `#### N`)
+    max_steps: int | None = None
+
+    def describe(self) -> str:
+        """The task in words, e.g. `operations within {+, -}`."""
+        parts = []
+        if self.operations is not None:
+            parts.append(f"operations within {{{', '.join(self.operations)}}}")
+        if self.any_operation is not None:
+            parts.append(f"some {' or '.join(self.any_operation)}")
+        if self.max_steps is None and self.min_steps is not None:
+            parts.append(f"{self.min_steps} steps or more")
+        elif self.max_steps is not None:
+            parts.append(f"{self.min_steps or 1}-{self.max_steps} steps")
+        return ", ".join(parts) or "every document"
+
+
 @dataclass
 class SAEConfig:
     batch_size: int  # in sequences of train.seq_len tokens
@@ -91,6 +118,7 @@ class SAEConfig:
     target_hook: str | None = None  # a transcoder: predict this stored hook from `hook`; None = an ordinary SAE
     skip: bool = False  # a transcoder with a learned linear skip path W_skip x
     guide: GuideConfig | None = None  # probe-guided training; None = the loss without it
+    documents: DocumentsConfig | None = None  # train on these documents of train.split only; None = all
     # None = the train section's value (see TrainConfig for their meaning).
     hook: str | None = None
     target_l0: float | None = None
@@ -185,6 +213,7 @@ class ProbeConfig:
     max_per_class: int = 2000  # per half: at most this many tokens of the class, and as many of the rest
     k: list[int] = field(default_factory=lambda: [1, 2, 5, 10, 20, 50])  # latents per sparse probe, as SAEBench
     seed: int = 0  # which documents fall in which half, and which tokens are sampled
+    across: list[DocumentsConfig] = field(default_factory=list)  # two reasoning tasks to compare latents across
 
 
 @dataclass
@@ -482,7 +511,12 @@ def _validate(params: Params) -> None:
              ">= 0"),
             (cfg.guide is None or not cfg.target_hook, f"sae.{key}.guide", cfg.guide,
              "none for a transcoder (its reconstruction is another hook's)"),
+            *(_documents_checks(f"sae.{key}.documents", cfg.documents) if cfg.documents else []),
         ]  # fmt: skip
+    for i, task in enumerate(params.probe.across):
+        checks += _documents_checks(f"probe.across[{i}]", task)
+    checks.append((len(params.probe.across) in (0, 2), "probe.across", params.probe.across,
+                   "no task, or two to compare"))  # fmt: skip
     for where, values in [("train", t)] + [(f"sae.{key}", cfg) for key, cfg in params.sae.items()]:
         checks += _setting_checks(where, values)
     for ok, key, value, allowed in checks:
@@ -510,6 +544,14 @@ SETTING_RANGES = {  # per-config setting -> (allowed, description); None (unset)
         "increasing shares of d_sae, each strictly between 0 and 1",
     ),
 }
+
+
+def _documents_checks(where: str, task: DocumentsConfig) -> list[tuple]:
+    operators = (task.operations or []) + (task.any_operation or [])
+    return [
+        (set(operators) <= set(OPERATORS), where, task, f"operations among {', '.join(OPERATORS)}"),
+        ((task.min_steps or 1) <= (task.max_steps or 10**9), where, task, "min_steps <= max_steps"),
+    ]
 
 
 def _setting_checks(where: str, values: Any) -> list[tuple]:

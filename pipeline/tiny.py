@@ -25,17 +25,38 @@ BOS = "<|endoftext|>"
 
 
 def make_rows(n: int, seed: int) -> list[dict]:
-    """GSM8K-format rows (question, answer ending in `#### n`) of varied lengths."""
+    """GSM8K-format rows (question, answer ending in `#### n`) of varied lengths, with calculator annotations: one
+    step that adds, subtracts or multiplies, or two steps (add, then multiply), so that every label task of
+    pipeline/label has more than one class."""
     rng = random.Random(seed)
     rows = []
     for _ in range(n):
         name, thing = rng.choice(NAMES), rng.choice(THINGS)
         a, b = rng.randint(1, 50), rng.randint(1, 50)
         filler = " ".join(f"{name} also likes {rng.choice(THINGS)}." for _ in range(rng.randint(0, 12)))
-        question = f"{name} has {a} {thing}. {filler} {name} buys {b} more. How many {thing} now?"
-        answer = f"{name} has {a} + {b} = <<{a}+{b}={a + b}>>{a + b} {thing}.\n#### {a + b}"
-        rows.append({"question": question, "answer": answer})
+        rows.append(_row(rng.choice(KINDS), name, thing, a, b, rng.randint(2, 5), filler))
     return rows
+
+
+KINDS = ("add", "add", "subtract", "multiply", "add then multiply")
+
+
+def _row(kind: str, name: str, thing: str, a: int, b: int, c: int, filler: str) -> dict:
+    total = a + b
+    if kind == "subtract":
+        a, b = max(a, b), min(a, b)
+        return {"question": f"{name} has {a} {thing}. {filler} {name} gives away {b}. How many {thing} now?",
+                "answer": f"{name} has {a} - {b} = <<{a}-{b}={a - b}>>{a - b} {thing}.\n#### {a - b}"}  # fmt: skip
+    if kind == "multiply":
+        return {"question": f"{name} buys {a} boxes of {c} {thing}. {filler} How many {thing} does {name} have?",
+                "answer": f"{name} has {a} * {c} = <<{a}*{c}={a * c}>>{a * c} {thing}.\n#### {a * c}"}  # fmt: skip
+    question = f"{name} has {a} {thing}. {filler} {name} buys {b} more"
+    answer = f"{name} has {a} + {b} = <<{a}+{b}={total}>>{total} {thing}."
+    if kind == "add":
+        return {"question": f"{question}. How many {thing} now?", "answer": f"{answer}\n#### {total}"}
+    return {"question": f"{question}, then gets {c} times as many. How many {thing} now?",
+            "answer": f"{answer}\nThen {total} * {c} = <<{total}*{c}={total * c}>>{total * c} {thing}.\n"
+                      f"#### {total * c}"}  # fmt: skip
 
 
 def write_jsonl(path: Path, rows: list[dict]) -> None:

@@ -23,8 +23,10 @@ from pipeline.core.device import resolve_device
 from pipeline.core.errors import PipelineError
 from pipeline.core.progress import progress_bars
 from pipeline.evaluate.saebench import saebench_cfg
+from pipeline.label.documents import selected
 from pipeline.label.label_set import LabelSet
 from pipeline.params import Params
+from pipeline.probe.across import across_tasks
 from pipeline.probe.fit import probe_problems
 from pipeline.probe.outputs import LATENTS_FILE, PROBE_FILE, SAEBENCH_FILE, is_probe_folder
 from pipeline.probe.problems import HALVES, document_halves, problems
@@ -76,13 +78,25 @@ def run(params: Params, which: str = "all") -> dict[str, dict]:
              len(skipped), len(sample), split)  # fmt: skip
     results = {}
     fitted = sum(len(p.tokens[half]) for p in found for half in HALVES) * len(groups)  # each problem's sample
-    with progress_bars({"probe: read": len(sample) * len(groups), "probe: fit": fitted}) as bars:
+    across = {task.describe(): selected(labels.documents(split), task) for task in pc.across}
+    totals = {"probe: read": len(sample) * len(groups), "probe: fit": fitted}
+    if across:  # one more pass over the split: the latents' firing on each task's tokens
+        training = int(offsets[-1]) - (len(offsets) - 1) * params.train.exclude_bos  # BOS left out, as the loader does
+        totals["probe: across tasks"] = training * len(groups)
+    with progress_bars(totals) as bars:
         for (hook, target), keys in groups.items():
             loader = ActivationLoader(store, split, hook, device, params.train.seed, params.train.exclude_bos,
                                       params.train.memory_budget_gb, target_hook=target)  # fmt: skip
-            read = read_sample(loader, {key: saes[key] for key in keys}, sample, halves, params.train.memory_budget_gb,
-                         bars["probe: read"].advance)  # fmt: skip
+            at_hook = {key: saes[key] for key in keys}
+            read = read_sample(loader, at_hook, sample, halves, params.train.memory_budget_gb,
+                               bars["probe: read"].advance)  # fmt: skip
             results |= probe_problems(found, read, pc.k, bars["probe: fit"].advance)
+            if across:
+                token_documents = np.repeat(np.arange(len(offsets) - 1), np.diff(offsets))
+                for key, found_across in across_tasks(loader, at_hook, read, found, across, token_documents,
+                                                      pc.min_positives, params.evaluate.batch_tokens,
+                                                      bars["probe: across tasks"].advance).items():  # fmt: skip
+                    results[key]["across"] = found_across | {"documents": {n: int(m.sum()) for n, m in across.items()}}
     meta = {
         "split": split, "corpus": Path(store.attrs["dataset"]).name, "labels": str(pc.labels),
         "command": params.command, "tasks": tasks, "absent_tasks": labels.record["absent"], "k": pc.k,
@@ -99,12 +113,16 @@ def _write(params: Params, key: str, details: dict[str, Any], sae: SparseAutoenc
     """The config's probe folder and metrics; returns the details written."""
     paths = sae_outputs(params.train.out_dir, key, params.sae[key])
     aurocs = details.pop("aurocs", None)
+    across = details.pop("across", None)
+    if across is not None:  # the counts in probe.json, each latent's figures in latents.json
+        details["across_tasks"] = {"documents": across["documents"], "latents": across["latents"]}
     metrics = _metrics(details)
     with atomic_path(paths["probe"], owned=is_probe_folder) as tmp:
         tmp.mkdir()
         write_json(tmp / PROBE_FILE, details)
         if aurocs is not None:
-            write_json(tmp / LATENTS_FILE, _latents(details, np.stack(aurocs)))
+            per_task = {} if across is None else {"tasks": across["tasks"]}
+            write_json(tmp / LATENTS_FILE, _latents(details, np.stack(aurocs)) | per_task)
             cfg = saebench_cfg(json.loads((paths["saelens"] / SAELENS_CONFIG).read_text()), sae)
             write_json(tmp / SAEBENCH_FILE, sparse_probing_output(details, _saebench_config(params, store), cfg))
     write_json(paths["probe_metrics"], metrics)

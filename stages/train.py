@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import csv
 import io
+import json
 import logging
 import time
 from contextlib import ExitStack
@@ -24,8 +25,9 @@ from pipeline.core.atomic import check_replaceable, save_torch, write_json, writ
 from pipeline.core.device import amp_dtype, describe, peak_memory_bytes, reset_peak_memory, resolve_device
 from pipeline.core.errors import PipelineError
 from pipeline.core.locks import exclusive_lock
+from pipeline.label.documents import selected
 from pipeline.label.label_set import LabelSet
-from pipeline.params import GuideConfig, Params, SAEConfig, params_to_dict
+from pipeline.params import DocumentsConfig, GuideConfig, Params, SAEConfig, params_to_dict
 from pipeline.probe.guide import fit_guide_probe
 from pipeline.saes.saelens import is_saelens_folder, save_saelens
 from pipeline.store import ActivationStore
@@ -70,13 +72,23 @@ def _train(
     params: Params, configs: dict[str, SAEConfig], checkpoints: Path, resume: bool, writes: bool
 ) -> dict[str, dict]:
     """Every config, one hook at a time: the configs at one hook share one read of it (a transcoder's, of its
-    input and target hooks together)."""
-    groups = params.by_reads(configs)
+    input and target hooks together), and those trained on one reasoning task (`documents`) one read of its
+    documents."""
+    groups = [(hook, target, keys) for (hook, target), at_hook in params.by_reads(configs).items()
+              for keys in _by_task(configs, at_hook)]  # fmt: skip
     details = {}
-    for (hook, target), keys in groups.items():
+    for hook, target, keys in groups:
         at_hook = {key: configs[key] for key in keys}
         details |= _train_at_hook(params, hook, target, at_hook, checkpoints, resume, writes, len(groups) == 1)
     return details
+
+
+def _by_task(configs: dict[str, SAEConfig], keys: list[str]) -> list[list[str]]:
+    """`keys` grouped by the documents each trains on, in order of first appearance."""
+    groups: dict[str, list[str]] = {}
+    for key in keys:
+        groups.setdefault(json.dumps(params_to_dict(configs[key].documents), sort_keys=True), []).append(key)
+    return list(groups.values())
 
 
 def _train_at_hook(
@@ -96,7 +108,9 @@ def _train_at_hook(
     reset_peak_memory(device)
     guided = {key: c.guide for key, c in configs.items() if c.guide is not None and c.guide.coeff > 0}
     labels, tasks = _guide_labels(store, params, guided)
-    loader = _loader(store, params, hook, target, device, labels)
+    task = next(iter(configs.values())).documents  # the configs of one call share it
+    documents = None if task is None else _task_documents(store, params, task, list(configs))
+    loader = _loader(store, params, hook, target, device, labels, documents)
     guides = {key: (fit_guide_probe(loader, labels[:, tasks.index(g.task)], g.task, _classes(params, g.task),
                                     params.probe.max_per_class, cfg.seed), tasks.index(g.task))
               for key, g in guided.items()}  # fmt: skip
@@ -109,6 +123,7 @@ def _train_at_hook(
         "dataset": store.attrs["dataset"],
         "n_ctx": store.attrs["n_ctx"],
         "loader_order": loader.order_kind,
+        **({} if task is None else {"documents": task.describe(), "n_documents": int(documents.sum())}),
     }
     trainer = Trainer(configs, loader, cfg, checkpoints, meta, data_parallel=cfg.distribute == "data", guides=guides)
     resumed = trainer.resume() if resume else []
@@ -153,6 +168,7 @@ def _train_at_hook(
         "scale_factor": trainer.scale,
         **({"target_scale_factor": trainer.target_scale} if target else {}),
         "n_training_tokens_per_epoch": loader.n_tokens,
+        **{name: meta[name] for name in ("documents", "n_documents") if name in meta},  # a reasoning task's
         "processes": distributed.world_size(),
         "distribute": cfg.distribute if distributed.world_size() > 1 else None,
     }
@@ -184,20 +200,33 @@ def _guide_labels(store: ActivationStore, params: Params, guided: dict[str, Guid
     return np.stack([found[task] for task in tasks], axis=1), tasks
 
 
+def _task_documents(store: ActivationStore, params: Params, task: DocumentsConfig, keys: list[str]) -> np.ndarray:
+    """Which documents of the training split belong to the configs' reasoning task (from the token labels)."""
+    if store.is_synthetic:
+        raise PipelineError(f"sae.{keys[0]}.documents: a synthetic store has no documents to choose by")
+    labels = LabelSet(params.probe.labels)
+    labels.check(store.attrs.get("token_sha256", {}), params.train.split)
+    chosen = selected(labels.documents(params.train.split), task)
+    if not chosen.any():
+        raise PipelineError(f"sae.{keys[0]}.documents ({task.describe()}): no document of split "
+                            f"{params.train.split!r} belongs to it")  # fmt: skip
+    return chosen
+
+
 def _classes(params: Params, task: str) -> list[str]:
     return LabelSet(params.probe.labels).tasks[task]
 
 
 def _loader(
     store: ActivationStore, params: Params, hook: str, target: str | None, device: torch.device,
-    labels: np.ndarray | None = None,
+    labels: np.ndarray | None = None, documents: np.ndarray | None = None,
 ) -> TrainingBlocks:  # fmt: skip
-    """What the configs at `hook` train on: the store's split (with the guides' token labels), or a streamed
-    synthetic split's generator."""
+    """What the configs at `hook` train on: the store's split (its task's documents, with the guides' token
+    labels), or a streamed synthetic split's generator."""
     cfg = params.train
     if not is_streamed(store, cfg.split):
         return ActivationLoader(store, cfg.split, hook, device, cfg.seed, cfg.exclude_bos, cfg.memory_budget_gb,
-                                target_hook=target, columns=labels)  # fmt: skip
+                                target_hook=target, columns=labels, documents=documents)  # fmt: skip
     if target is not None:
         raise PipelineError(f"{store.path} streams synthetic samples of one hook; a transcoder needs two")
     return SyntheticStream(store, device, cfg.seed)

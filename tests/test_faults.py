@@ -463,6 +463,9 @@ def test_progress_rate_over_busy_time_matches_the_metrics_definition():
     bar.advance(3_000, seconds=1.5)
     bar.advance(1_000, seconds=0.5)
     assert str(Throughput().render(progress.tasks[0])) == "2.0K tok/s"  # 4,000 tokens in 2.0 s of own steps
+    slow = ProgressBar(progress, "b", total=10, unit="step")
+    slow.advance(1, seconds=4.0)  # under one unit a second (a crash of the bars' thread once)
+    assert str(Throughput().render(progress.tasks[1])) == "0.2 step/s"
 
 
 def test_stores_are_read_without_zarr_warnings(extracted, recwarn):

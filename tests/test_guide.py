@@ -101,10 +101,16 @@ def test_a_zero_coefficient_is_no_guide_at_all(weak):
     assert all(torch.equal(value, off[name]) for name, value in plain.items())
 
 
-def test_a_guided_run_resumes_bit_for_bit(weak, tmp_path, monkeypatch):
+@pytest.mark.parametrize("budget_gb", [1.0, 0.0002])  # resident; streamed in windows of one chunk
+def test_a_guided_run_resumes_bit_for_bit(weak, tmp_path, monkeypatch, budget_gb):
     from pipeline.train.trainer import Trainer
 
-    params = ["--params", str(weak / "params.yaml"), "-c", "guided", "-S", f"train.out_dir={tmp_path / 'out'}"]
+    def params(out: str) -> list[str]:
+        return ["--params", str(weak / "params.yaml"), "-c", "guided", "-S", f"train.out_dir={tmp_path / out}",
+                "-S", f"train.memory_budget_gb={budget_gb}"]  # fmt: skip
+
+    uninterrupted = invoke("train", *params("reference"))
+    assert uninterrupted.exit_code == 0 and ("streamed" in uninterrupted.stderr) == (budget_gb < 1)
     original, seen = Trainer._train_on_block, {"blocks": 0}
 
     def killed_midway(self, run, epoch, block_index, block, bar):
@@ -114,22 +120,26 @@ def test_a_guided_run_resumes_bit_for_bit(weak, tmp_path, monkeypatch):
         return original(self, run, epoch, block_index, block, bar)
 
     monkeypatch.setattr(Trainer, "_train_on_block", killed_midway)
-    assert invoke("train", *params).exit_code == 130
+    assert invoke("train", *params("resumed")).exit_code == 130
     monkeypatch.undo()
-    assert invoke("train", *params, "--resume").exit_code == 0
-    resumed, uninterrupted = weights(weak, str(tmp_path / "out"), "guided"), weights(weak, "out", "guided")
-    assert all(torch.equal(value, uninterrupted[name]) for name, value in resumed.items())
+    assert invoke("train", *params("resumed"), "--resume").exit_code == 0
+    resumed, reference = (weights(weak, str(tmp_path / out), "guided") for out in ("resumed", "reference"))
+    assert all(torch.equal(value, reference[name]) for name, value in resumed.items())
 
 
-@pytest.mark.parametrize(
-    ("override", "message"),
-    [
-        ("sae.guided.guide.task=operation", "label task 'operation' has one class of labelled tokens in split 'train'"),
-        ("sae.guided.guide.task=reasons", "unknown label task 'reasons' in sae.guided.guide.task"),
-    ],
-)
-def test_a_guide_without_labelled_tokens_is_one_line(weak, override, message):
-    """The generated rows have one operation (`+`): a probe of it would have one class, and nothing to tell apart."""
-    result = invoke("train", "--params", str(weak / "params.yaml"), "-c", "guided", "-S", override)
-    assert result.exit_code == 2 and message in result.stderr, result.output
+def test_an_unknown_guide_task_is_one_line(weak):
+    result = invoke("train", "--params", str(weak / "params.yaml"), "-c", "guided", "-S",
+                    "sae.guided.guide.task=reasons")  # fmt: skip
+    assert result.exit_code == 2 and "unknown label task 'reasons' in sae.guided.guide.task" in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize(("labels", "why"), [([-1, -1, -1], "no"), ([2, -1, 2], "one class of")])
+def test_a_guide_needs_two_classes_in_the_training_split(labels, why):
+    from types import SimpleNamespace
+
+    from pipeline.core.errors import PipelineError
+    from pipeline.probe.guide import fit_guide_probe
+
+    with pytest.raises(PipelineError, match=f"label task 'step' has {why} labelled tokens in split 'train'"):
+        fit_guide_probe(SimpleNamespace(split="train"), np.array(labels), "step", ["1", "2", "3"], 10, 0)

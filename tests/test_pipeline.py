@@ -175,6 +175,28 @@ def test_probes_are_in_saebench_s_layout_and_in_the_report(tiny_run):
         assert latents["labels"] == [f"{p['task']}={p['class']}" for p in details["problems"]]
 
 
+def test_the_report_compares_reasoning_tasks_beside_the_seed_baseline(tiny_run):
+    """params-tiny.yaml: C on the additive documents (two seeds) and on those with a multiplication."""
+    report = (tiny_run / "artifacts/report.md").read_text()
+    section = report[report.index("## Feature stability across reasoning tasks") :]
+    section = section[: section.index("\n## ", 3)]
+    rows = table_rows(section)
+    shares = json.loads((tiny_run / "artifacts/details/stability.json").read_text())["shares"]
+
+    def shown(x: str, y: str) -> str:
+        return " / ".join(fmt(shares[x][y]["one_to_one"][t]) for t in ("0.9", "0.7"))
+
+    assert rows["config_c_add_8x → config_c_mul_8x"] == ["operations within {+, -} → some *", "2 and 4",
+                                                         shown("c_add", "c_mul")]  # fmt: skip
+    baseline = rows["config_c_add_8x → config_c_add2_8x (seed baseline)"]
+    assert baseline == ["operations within {+, -}", "2 and 3", shown("c_add", "c_add2")]
+    assert rows["config_c_8x → config_c_add_8x"][1] == "0 and 2"  # C on every document: a task too
+    params = load_params(tiny_run / "params.yaml")
+    for key, cfg in params.sae.items():  # every SAE's latents across the two tasks, each in one class
+        counts = [int(v.replace(",", "")) for v in rows[f"config_{key}_{cfg.width_label}"]]
+        assert sum(counts) == cfg.width(64)
+
+
 # SAE-Dashboard's NeuronpediaDashboardFeature.to_dict and NeuronpediaDashboardActivation.to_dict
 # (sae_dashboard/neuronpedia/neuronpedia_dashboard.py) and NeuronpediaDashboardBatch.to_dict: every field, in order.
 NEURONPEDIA_FEATURE_FIELDS = [
@@ -474,7 +496,8 @@ def test_evaluate_errors_name_what_is_missing(tiny_run):
         fewer["sae"] = {key: fewer["sae"][key] for key in ("a", "b")}
         (tiny_run / "fewer.yaml").write_text(yaml.safe_dump(fewer))
         result = invoke("report", "--params", str(tiny_run / "fewer.yaml"))
-        assert result.exit_code == 2 and "compares configs a, b, c, c2, not this params file's (a, b)" in result.stderr
+        compared = "compares configs a, b, c, c2, c_add, c_add2, c_mul, not this params file's (a, b)"
+        assert result.exit_code == 2 and compared in result.stderr
 
 
 def dvc(repo: Path, *args: str) -> str:
@@ -505,9 +528,9 @@ def test_dvc_repro_on_the_tiny_profile(tmp_path):
             (repo / name).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(PROJECT_ROOT / name, repo / name)
     params = yaml.safe_load((repo / "params-tiny.yaml").read_text())
-    params["sae"] = {key: params["sae"][key] for key in "ac"}  # DVC's plumbing is under test here, not the SAEs:
-    for cfg in params["sae"].values():  # two configs (foreach over several), one epoch each
-        cfg["epochs"] = 1
+    # DVC's plumbing is under test here, not the SAEs: two configs (foreach over several), one epoch each, on two
+    # reasoning tasks (`documents`), whose latents the probes compare across the tasks.
+    params["sae"] = {key: params["sae"][key] | {"epochs": 1} for key in ("c_add", "c_mul")}
     (repo / "params.yaml").write_text(yaml.safe_dump(params))
     write_tiny_assets(repo / "data" / "tiny")
     git = ["git", "-c", "user.email=t@t", "-c", "user.name=t"]
@@ -516,27 +539,31 @@ def test_dvc_repro_on_the_tiny_profile(tmp_path):
     subprocess.run([*git, "commit", "-qm", "init"], cwd=repo, check=True)
 
     first = stages_run(dvc(repo, "repro"))
-    per_config = {f"{stage}@{key}" for stage in ("train", "evaluate", "probe", "analyze") for key in "ac"}
+    keys = ("c_add", "c_mul")
+    per_config = {f"{stage}@{key}" for stage in ("train", "evaluate", "probe", "analyze") for key in keys}
     assert first == {"extract", "label", *per_config, "stability", "report"}
-    for key in "ac":  # the model is untrained: its splice scores are undefined, which SAEBench reads as -1
+    report = (repo / "artifacts/report.md").read_text()
+    assert "## Feature stability across reasoning tasks" in report and "config_c_add_8x → config_c_mul_8x" in report
+    for key in keys:  # the model is untrained: its splice scores are undefined, which SAEBench reads as -1
         written = saebench_accepted(sae_outputs(repo / "artifacts", key, load_params(repo / "params.yaml").sae[key])
                                     ["saebench_core"])  # fmt: skip
         assert written["eval_result_metrics"]["model_performance_preservation"]["ce_loss_score"] == -1
         assert "undefined" in written["eval_result_unstructured"]["undefined_scores"]["ce_loss_score"]
-    assert (repo / "artifacts/report.md").is_file()
-    assert (repo / "artifacts/browser/config_c_8x/index.html").is_file()
+    assert (repo / "artifacts/browser/config_c_mul_8x/index.html").is_file()
     assert stages_run(dvc(repo, "repro")) == set()
     subprocess.run([*git, "add", "-A"], cwd=repo, check=True)
     subprocess.run([*git, "commit", "-qm", "baseline"], cwd=repo, check=True)
 
     # An experiment reruns only what its change touches, and keeps its own metrics beside the baseline's.
-    changed = stages_run(dvc(repo, "exp", "run", "-S", "sae.c.lr=2e-4"))
-    assert changed == {"train@c", "evaluate@c", "probe@c", "analyze@c", "stability", "report"}
-    assert json.loads((repo / "artifacts/details/train_c.json").read_text())["config"]["lr"] == 2e-4
+    changed = stages_run(dvc(repo, "exp", "run", "-S", "+sae.c_mul.documents.min_steps=2"))  # another task
+    assert changed == {"train@c_mul", "evaluate@c_mul", "probe@c_mul", "analyze@c_mul", "stability", "report"}
+    assert (
+        json.loads((repo / "artifacts/details/train_c_mul.json").read_text())["documents"] == "some *, 2 steps or more"
+    )
     shown = dvc_json(repo, "exp", "show")
     (baseline,) = [commit for commit in shown if commit.get("experiments")]
     (experiment,) = [rev for exp in baseline["experiments"] for rev in exp["revs"]]
-    eval_c = [rev["data"]["metrics"]["artifacts/metrics/eval_c.json"]["data"] for rev in (baseline, experiment)]
+    eval_c = [rev["data"]["metrics"]["artifacts/metrics/eval_c_mul.json"]["data"] for rev in (baseline, experiment)]
     assert all("explained_variance" in m and "l0" in m for m in eval_c)
     assert eval_c[0]["explained_variance"] != eval_c[1]["explained_variance"]
 
@@ -548,10 +575,10 @@ def test_dvc_repro_on_the_tiny_profile(tmp_path):
     plots = dvc_json(repo, "plots", "show")["data"]
     for name in ("training loss", "training MSE", "training L1", "training L0"):
         points = plots[name][0]["content"]["data"]["values"]
-        assert {p["config"] for p in points} == {"a", "c"}, name
+        assert {p["config"] for p in points} == set(keys), name
     assert any(name.endswith("training_curves.png") for name in plots)
 
-    assert stages_run(dvc(repo, "repro", "--force", "--single-item", "train@a")) == {"train@a"}
+    assert stages_run(dvc(repo, "repro", "--force", "--single-item", "train@c_add")) == {"train@c_add"}
 
 
 def docs_python_block(page: str, heading: str) -> str:

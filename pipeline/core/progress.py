@@ -25,7 +25,8 @@ class Throughput(ProgressColumn):
         unit = task.fields["unit"]
         if not speed:
             return Text(f"… {unit}/s", style="cyan")
-        scaled, prefix = next((speed / f, p) for f, p in ((1e9, "G"), (1e6, "M"), (1e3, "K"), (1, "")) if speed >= f)
+        scaled, prefix = next(((speed / f, p) for f, p in ((1e9, "G"), (1e6, "M"), (1e3, "K")) if speed >= f),
+                              (speed, ""))  # fmt: skip
         return Text(f"{scaled:,.1f}{prefix} {unit}/s", style="cyan")
 
 

@@ -32,10 +32,10 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from pipeline.corpus import Document
+from pipeline.params import OPERATORS
 
 QUESTION_FIELDS = ("question", "problem")
 SOLUTION_FIELDS = ("answer", "solution")
-OPERATORS = "+-*/"
 STEP_CLASSES = ("1", "2", "3", "4", "5", "6", "7", "8+")
 TASKS: dict[str, tuple[str, ...]] = {  # the fixed classes; operation's are found in the corpus
     "region": ("question", "reasoning", "annotation", "final_answer"),

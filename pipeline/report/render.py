@@ -90,6 +90,8 @@ def render(
         lines += _probing_section({key: (probes or {}).get(key) for key in group}, labels, at[hook])
         lines += _guided_section(params, group, probes or {}, labels, at[hook])
     lines += _stability_section(params, labels, shares or {})
+    for hook, group in groups.items():
+        lines += _across_tasks_section(params, list(group), labels, shares or {}, probes or {}, at[hook])
     lines += _warnings(metrics, labels)
     for hook, group in groups.items():
         lines += _recommendation(group, labels, at[hook])
@@ -477,7 +479,73 @@ def _stability_section(params: Params, labels: dict[str, str], shares: dict) -> 
 
 
 def _without_seed(cfg) -> dict:
-    return {k: v for k, v in params_to_dict(cfg).items() if k != "init_seed"}
+    return _settings(cfg, "init_seed")
+
+
+def _settings(cfg, *left_out: str) -> dict:
+    """A config's settings but `left_out`: two configs equal on them differ only there."""
+    return {k: v for k, v in params_to_dict(cfg).items() if k not in left_out}
+
+
+def _across_tasks_section(params: Params, keys: list[str], labels: dict[str, str], shares: dict,
+                          probes: dict[str, dict | None], at: str) -> list[str]:  # fmt: skip
+    """Configs trained on different reasoning tasks (`documents`), matched against each other, beside the same
+    config trained on the same task with another seed; and each SAE's latents across `probe.across`'s tasks."""
+    tasks = {key: params.sae[key].documents for key in keys}
+    pairs = [(x, y) for i, x in enumerate(keys) for y in keys[i + 1 :]]
+    same = {key: _settings(params.sae[key], "documents", "init_seed") for key in keys}
+    across = [(x, y) for x, y in pairs if tasks[x] != tasks[y] and same[x] == same[y]]
+    seeded = [(x, y) for x, y in pairs if tasks[x] is not None and tasks[x] == tasks[y] and same[x] == same[y]]
+    latent_rows = [(key, p["across_tasks"]) for key in keys if (p := probes.get(key)) and "across_tasks" in p]
+    if not across and not latent_rows:
+        return []
+
+    def task(key: str) -> str:
+        return "every document" if tasks[key] is None else tasks[key].describe()
+
+    def shared(x: str, y: str) -> str:
+        found = shares.get(x, {}).get(y)
+        return "n/a" if found is None else " / ".join(fmt(found["one_to_one"][str(t)]) for t in THRESHOLDS)
+
+    def seeds(x: str, y: str) -> str:
+        a, b = (params.sae[k].init_seed for k in (x, y))
+        named = [params.train.seed if s is None else s for s in (a, b)]
+        return f"{named[0]} and {named[1]}" + (" (the same initial weights)" if named[0] == named[1] else "")
+
+    lines = [f"## Feature stability across reasoning tasks{at}", ""]
+    if across:
+        lines += [
+            "Share of the first config's latents with a counterpart in the second (one-to-one matching of decoder "
+            f"directions, cosine ≥ {THRESHOLDS[0]} / ≥ {THRESHOLDS[1]}): configs that differ in the documents they "
+            "train on (and perhaps their seed), then the seed-to-seed baseline (the same task, another seed). Two "
+            "SAEs of one width and seed start from the same weights, and their share then counts that common start "
+            "too: compare tasks with seeds of their own.",
+            "",
+            "| configs | trained on | seeds | shared |",
+            "| --- | --- | --- | --- |",
+            *[f"| {labels[x]} → {labels[y]} | {task(x)} → {task(y)} | {seeds(x, y)} | {shared(x, y)} |"
+              for x, y in across],
+            *[f"| {labels[x]} → {labels[y]} (seed baseline) | {task(x)} | {seeds(x, y)} | {shared(x, y)} |"
+              for x, y in seeded],
+            *([] if seeded else ["", "No pair of configs differs only in its seed on one task: add one for the "
+                                     "baseline."]),
+            "",
+        ]  # fmt: skip
+    if latent_rows:
+        names = list(latent_rows[0][1]["latents"])
+        lines += [
+            "Each SAE's latents on the held-out split's documents of two tasks (`probe.across`, docs/probing.md): "
+            "rare (on less than 0.1% of either task's tokens), specific to one task (on the other at less than a "
+            "tenth of that), or shared, with the same best token label on both tasks or another. Documents: "
+            + ", ".join(f"{name} {count}" for name, count in latent_rows[0][1]["documents"].items()) + ".",
+            "",
+            "| config | " + " | ".join(names) + " |",
+            "| --- |" + " --- |" * len(names),
+            *[f"| {labels[key]} | " + " | ".join(fmt(found["latents"][n]) for n in names) + " |"
+              for key, found in latent_rows],
+            "",
+        ]  # fmt: skip
+    return lines
 
 
 def _saelens_rows(metrics: dict[str, dict], header: str, rule: str, row) -> list[str]:

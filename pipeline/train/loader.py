@@ -62,7 +62,8 @@ class ActivationLoader:
     activation: the two are read, shuffled and handed out together (`widths` says where one ends). With `columns`
     ([n_tokens, n] small integers, such as token labels), each row ends with its token's columns, shuffled with it:
     they cost no second read, and leave the order, the windows and the memory budget (reckoned on the
-    activations) as they are without them.
+    activations) as they are without them. With `documents` (a bool per document of the split), only the tokens of
+    the documents chosen are training tokens (a reasoning task's: pipeline/label/documents.py).
     """
 
     def __init__(
@@ -76,6 +77,7 @@ class ActivationLoader:
         memory_budget_gb: float = 8.0,
         target_hook: str | None = None,
         columns: np.ndarray | None = None,
+        documents: np.ndarray | None = None,
     ) -> None:
         self.hooks = [hook] if target_hook is None else [hook, target_hook]
         arrays = [store.activations(split, name) for name in self.hooks]
@@ -88,7 +90,7 @@ class ActivationLoader:
         self.columns = None if columns is None else np.asarray(columns).reshape(self.n_rows, -1)
         self.n_columns = 0 if columns is None else self.columns.shape[1]
         self.d_model = sum(self.widths) + self.n_columns  # a row's width
-        self.excluded = _excluded_positions(store, split, exclude_bos)
+        self.excluded = _excluded_positions(store, split, exclude_bos, documents)
         self.n_tokens = self.n_rows - len(self.excluded)  # training tokens per epoch
         if self.n_tokens == 0:
             raise PipelineError(f"split {split!r} of {store.path} holds no training tokens")
@@ -311,12 +313,21 @@ class _WindowReader:
         self.thread.join()
 
 
-def _excluded_positions(store: ActivationStore, split: str, exclude_bos: bool) -> np.ndarray:
-    """Sorted token positions left out of training: each document's leading BOS, where excluded and present."""
-    if not exclude_bos or store.attrs.get("bos_token_id") is None:
-        return np.zeros(0, dtype=np.int64)
-    starts = store.doc_offsets(split)[:-1]
-    return np.unique(starts[starts < len(store.tokens(split))]).astype(np.int64)
+def _excluded_positions(
+    store: ActivationStore, split: str, exclude_bos: bool, documents: np.ndarray | None = None
+) -> np.ndarray:
+    """Sorted token positions left out of training: each document's leading BOS, where excluded and present, and
+    every token of the documents `documents` leaves out."""
+    offsets = store.doc_offsets(split)
+    left_out = [np.zeros(0, dtype=np.int64)]
+    if exclude_bos and store.attrs.get("bos_token_id") is not None:
+        starts = offsets[:-1]
+        left_out.append(starts[starts < len(store.tokens(split))])
+    if documents is not None:
+        lengths = np.diff(offsets)[~documents]
+        first = np.repeat(offsets[:-1][~documents] - np.cumsum(lengths) + lengths, lengths)
+        left_out.append(first + np.arange(len(first)))
+    return np.unique(np.concatenate(left_out)).astype(np.int64)
 
 
 def _read_checked(store: ActivationStore, split: str, hook: str) -> np.ndarray:
