@@ -101,7 +101,7 @@ def test_a_zero_coefficient_is_no_guide_at_all(weak):
     assert all(torch.equal(value, off[name]) for name, value in plain.items())
 
 
-@pytest.mark.parametrize("budget_gb", [1.0, 0.0002])  # resident; streamed in windows of one chunk
+@pytest.mark.parametrize("budget_gb", [0.0002])  # streamed in windows of one chunk (resident: as any run resumes)
 def test_a_guided_run_resumes_bit_for_bit(weak, tmp_path, monkeypatch, budget_gb):
     from pipeline.train.trainer import Trainer
 
