@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import string
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -102,14 +102,9 @@ def tokenize(
 ) -> TokenizedSplit:
     """BOS + each document's tokens, truncated to `max_len` (the model's context); with `max_tokens`, only the
     leading documents whose tokens fit within it."""
-    return pack((ids for ids, _ in encode(documents, tokenizer)), bos_token_id, max_len, max_tokens)
-
-
-def pack(token_ids: Iterable[list[int]], bos_token_id: int, max_len: int, max_tokens: int | None) -> TokenizedSplit:
-    """Documents' token ids as one split: BOS + each, truncated to `max_len`, while they fit in `max_tokens`."""
     encoded: list[list[int]] = []
     total = 0
-    for ids in token_ids:
+    for ids, _ in encode(documents, tokenizer):
         total += min(len(ids) + 1, max_len)
         if max_tokens is not None and total > max_tokens:
             break

@@ -205,9 +205,7 @@ class ProbeConfig:
     """Token labels from the solutions' structure (`pipeline label`) and probes on them (`pipeline probe`)."""
 
     labels: str = "data/labels"  # where `pipeline label` keeps the store's token labels (a local directory)
-    split: str | None = (
-        None  # the split probed (null: evaluate.split); probes fit on half its documents, scored on the other
-    )
+    split: str | None = None  # the split probed (null: evaluate.split): probes fit on half, scored on the other
     tasks: list[str] | None = None  # label tasks to probe; null = every task the labels hold
     min_positives: int = 20  # a class is probed when each half holds at least this many of its tokens
     max_per_class: int = 2000  # per half: at most this many tokens of the class, and as many of the rest

@@ -107,11 +107,12 @@ def _train_at_hook(
     started = time.perf_counter()
     reset_peak_memory(device)
     guided = {key: c.guide for key, c in configs.items() if c.guide is not None and c.guide.coeff > 0}
-    labels, tasks = _guide_labels(store, params, guided)
     task = next(iter(configs.values())).documents  # the configs of one call share it
-    documents = None if task is None else _task_documents(store, params, task, list(configs))
+    label_set = _label_set(store, params, [*guided, *([] if task is None else configs)])
+    labels, tasks = _guide_labels(label_set, params.train.split, guided)
+    documents = None if task is None else _task_documents(label_set, params.train.split, task, list(configs))
     loader = _loader(store, params, hook, target, device, labels, documents)
-    guides = {key: (fit_guide_probe(loader, labels[:, tasks.index(g.task)], g.task, _classes(params, g.task),
+    guides = {key: (fit_guide_probe(loader, labels[:, tasks.index(g.task)], g.task, label_set.tasks[g.task],
                                     params.probe.max_per_class, cfg.seed), tasks.index(g.task))
               for key, g in guided.items()}  # fmt: skip
     meta = {
@@ -182,39 +183,39 @@ def _train_at_hook(
     return details
 
 
-def _guide_labels(store: ActivationStore, params: Params, guided: dict[str, GuideConfig]) -> tuple:
+def _label_set(store: ActivationStore, params: Params, needing: list[str]) -> LabelSet | None:
+    """The store's token labels, checked against its training split's tokens, where configs `needing` them (guided,
+    or on a reasoning task) are trained; None where none is."""
+    if not needing:
+        return None
+    if store.is_synthetic:
+        raise PipelineError(f"sae.{needing[0]}: a synthetic store has no token labels (guide, documents)")
+    labels = LabelSet(params.probe.labels)
+    labels.check(store.attrs.get("token_sha256", {}), params.train.split)
+    return labels
+
+
+def _guide_labels(labels: LabelSet | None, split: str, guided: dict[str, GuideConfig]) -> tuple:
     """The token labels guided configs read, one column per task ([n_tokens, n_tasks] int8), and the tasks; none
     without guided configs."""
     if not guided:
         return None, []
-    if store.is_synthetic:
-        raise PipelineError(f"sae.{next(iter(guided))}.guide: a synthetic store has no token labels to guide by")
-    labels = LabelSet(params.probe.labels)
-    labels.check(store.attrs.get("token_sha256", {}), params.train.split)
     tasks = list(dict.fromkeys(g.task for g in guided.values()))
     for key, g in guided.items():
         if g.task not in labels.tasks:
             raise PipelineError(f"unknown label task {g.task!r} in sae.{key}.guide.task; the labels have: "
                                 f"{', '.join(labels.tasks)}")  # fmt: skip
-    found = labels.tokens(params.train.split)
+    found = labels.tokens(split)
     return np.stack([found[task] for task in tasks], axis=1), tasks
 
 
-def _task_documents(store: ActivationStore, params: Params, task: DocumentsConfig, keys: list[str]) -> np.ndarray:
+def _task_documents(labels: LabelSet, split: str, task: DocumentsConfig, keys: list[str]) -> np.ndarray:
     """Which documents of the training split belong to the configs' reasoning task (from the token labels)."""
-    if store.is_synthetic:
-        raise PipelineError(f"sae.{keys[0]}.documents: a synthetic store has no documents to choose by")
-    labels = LabelSet(params.probe.labels)
-    labels.check(store.attrs.get("token_sha256", {}), params.train.split)
-    chosen = selected(labels.documents(params.train.split), task)
+    chosen = selected(labels.documents(split), task)
     if not chosen.any():
-        raise PipelineError(f"sae.{keys[0]}.documents ({task.describe()}): no document of split "
-                            f"{params.train.split!r} belongs to it")  # fmt: skip
+        raise PipelineError(f"sae.{keys[0]}.documents ({task.describe()}): no document of split {split!r} "
+                            "belongs to it")  # fmt: skip
     return chosen
-
-
-def _classes(params: Params, task: str) -> list[str]:
-    return LabelSet(params.probe.labels).tasks[task]
 
 
 def _loader(

@@ -167,6 +167,7 @@ class LabelSet:
         if self.record.get("format_version") != FORMAT_VERSION:
             raise PipelineError(f"{self.path} holds labels of another format; remake them with `pipeline label`")
         self.tasks: dict[str, list[str]] = self.record["tasks"]
+        self._read: dict[str, dict[str, np.ndarray]] = {}
 
     @property
     def present(self) -> list[str]:
@@ -186,10 +187,13 @@ class LabelSet:
 
     def tokens(self, split: str) -> dict[str, np.ndarray]:
         """Per task, the label of every token of `split` (-1: unlabelled)."""
-        arrays = load_file(str(self.path / f"{split}.safetensors"))
-        return {name.removeprefix("token/"): a for name, a in arrays.items() if name.startswith("token/")}
+        return self._arrays(split, "token/")
 
     def documents(self, split: str) -> dict[str, np.ndarray]:
         """Per-document counts of `split`: n_steps, operations (bit mask), n_annotations, n_malformed."""
-        arrays = load_file(str(self.path / f"{split}.safetensors"))
-        return {name.removeprefix("document/"): a for name, a in arrays.items() if name.startswith("document/")}
+        return self._arrays(split, "document/")
+
+    def _arrays(self, split: str, kind: str) -> dict[str, np.ndarray]:
+        if split not in self._read:  # one read of the split's file serves its tokens' and its documents' arrays
+            self._read[split] = load_file(str(self.path / f"{split}.safetensors"))
+        return {name.removeprefix(kind): a for name, a in self._read[split].items() if name.startswith(kind)}

@@ -40,6 +40,13 @@ class GuideProbe:
     weight: torch.Tensor  # [len(present), d] float32
     bias: torch.Tensor  # [len(present)]
 
+    def __post_init__(self) -> None:
+        # class -> index of its logit (-1: a class the probe lacks; the extra last entry maps the label -1 to -1),
+        # made once: the training step only indexes it
+        self.logit_of = torch.full((len(self.classes) + 1,), -1, dtype=torch.long, device=self.weight.device)
+        self.logit_of[torch.tensor(self.present, device=self.weight.device)] = torch.arange(
+            len(self.present), device=self.weight.device)  # fmt: skip
+
     def state(self) -> dict:
         return {"task": self.task, "classes": self.classes, "present": self.present, "weight": self.weight.cpu(),
                 "bias": self.bias.cpu()}  # fmt: skip
@@ -52,7 +59,7 @@ class GuideProbe:
     def loss(self, labels: torch.Tensor, scale: float) -> Callable[[torch.Tensor], torch.Tensor]:
         """The guide's term for one batch: a function of its reconstruction (scaled space), given its labels (the
         task's class per token, -1 for none)."""
-        targets = _logit_index(self.present, len(self.classes), labels)
+        targets = self.logit_of[labels.long()]
 
         def term(x_hat: torch.Tensor) -> torch.Tensor:
             logits = torch.addmm(self.bias, x_hat.float() / scale, self.weight.T)
@@ -91,10 +98,3 @@ def fit_guide_probe(
     device = loader.device
     return GuideProbe(task, classes, present, torch.tensor(weight, dtype=torch.float32, device=device),
                       torch.tensor(bias, dtype=torch.float32, device=device))  # fmt: skip
-
-
-def _logit_index(present: list[int], n_classes: int, labels: torch.Tensor) -> torch.Tensor:
-    """Each token's class as an index into the probe's logits (-1: unlabelled, or a class the probe lacks)."""
-    lookup = torch.full((n_classes + 1,), -1, dtype=torch.long, device=labels.device)  # the extra entry: -1
-    lookup[torch.tensor(present, device=labels.device)] = torch.arange(len(present), device=labels.device)
-    return lookup[labels.long()]
