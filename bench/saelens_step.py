@@ -11,8 +11,8 @@ checkout's root in an environment of its own that holds sae-lens and the few lib
 Three steps are timed on the same input batch: this project's `train_step` (what the trainer runs each step),
 SAELens's `SAETrainer._train_step` for a `StandardTrainingSAE` (what its trainer runs each step: forward, firing
 statistics, backward, gradient clipping, Adam, schedulers), and the plain loop of `bench.reference`. They do not
-optimise identical losses (SAELens sums the MSE over d_in and weights L1 by decoder norms instead of keeping
-decoder rows at unit norm), but the work per step is the same six matrix products plus elementwise passes.
+optimise identical losses (SAELens sums the MSE over d_in where ours averages it, and ours adds decorrelation
+unless its coefficient is 0), but the work per step is the same six matrix products plus elementwise passes.
 """
 
 from __future__ import annotations

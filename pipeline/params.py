@@ -66,8 +66,11 @@ class ExtractConfig:
 PER_CONFIG_SETTINGS = (
     "hook", "target_l0", "target_l0_frac", "l1_coeff", "decorrelation_coeff", "warmup_frac", "decay_frac", "k",
     "k_aux", "aux_coeff", "dead_tokens", "l0_coeff", "jumprelu_bandwidth", "jumprelu_initial_threshold",
-    "matryoshka_prefixes",
+    "matryoshka_prefixes", "relu_decoder_norm",
 )  # fmt: skip
+# Per-config settings newer than some saved configs (checkpoints, train details), with the value those were trained
+# with before the setting existed.
+SETTINGS_BEFORE = {"relu_decoder_norm": "unit"}
 
 
 @dataclass
@@ -135,6 +138,7 @@ class SAEConfig:
     jumprelu_bandwidth: float | None = None
     jumprelu_initial_threshold: float | None = None
     matryoshka_prefixes: list[float] | None = None
+    relu_decoder_norm: str | None = None
 
     def width(self, d_in: int) -> int:
         """The number of latents over `d_in` input dimensions."""
@@ -165,6 +169,7 @@ class TrainConfig:
     jumprelu_bandwidth: float = 0.05  # jumprelu: width of the straight-through estimators' kernel
     jumprelu_initial_threshold: float = 0.01
     matryoshka_prefixes: list[float] = field(default_factory=lambda: [0.0625, 0.125, 0.25, 0.5])  # shares of d_sae
+    relu_decoder_norm: str = "free"  # relu: free = learned decoder norms weigh the L1; unit = rows renormalised
     amp: str = "auto"  # auto = fp16 on cuda, none on cpu; or none | fp16 | bf16
     seed: int = 0
     device: str = "auto"
@@ -541,6 +546,7 @@ SETTING_RANGES = {  # per-config setting -> (allowed, description); None (unset)
         lambda v: all(0 < a < 1 for a in v) and all(a < b for a, b in itertools.pairwise(v)),
         "increasing shares of d_sae, each strictly between 0 and 1",
     ),
+    "relu_decoder_norm": (lambda v: v in ("free", "unit"), "free or unit"),
 }
 
 

@@ -32,7 +32,7 @@ def make_case(root: Path, device: str = "cpu", memory_budget_gb: float = 8.0):
     random activations in documents of 10..30 tokens, read through the training loader (every token but each
     BOS); and what the streaming passes must reproduce."""
     generator = torch.Generator().manual_seed(0)
-    sae = ReLUSAE(D_IN, D_SAE, generator=generator)
+    sae = ReLUSAE(D_IN, D_SAE, "unit", generator=generator)  # unit rows: pre-activations of order 1 against b_enc
     with torch.no_grad():
         sae.b_enc.copy_(torch.linspace(0, -4, D_SAE))
     data = torch.randn(N, D_IN, generator=generator)

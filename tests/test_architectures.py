@@ -13,7 +13,8 @@ from test_train import SYNTHETIC_TRAIN, recovery_and_explained_variance
 
 from pipeline.params import PER_CONFIG_SETTINGS, SAEConfig, TrainConfig, load_params, resolved
 from pipeline.saes import ARCHITECTURES, build_sae, sae_class
-from pipeline.saes.base import SparseAutoencoder
+from pipeline.saes.base import SparseAutoencoder, decorrelation
+from pipeline.saes.relu import FREE_INIT_NORM
 from pipeline.saes.saelens import load_saelens, save_saelens
 from pipeline.saes.topk import TopKSAE
 
@@ -84,6 +85,18 @@ def positive_sae(name: str, **settings) -> tuple[SparseAutoencoder, SAEConfig]:
     return sae, cfg
 
 
+def trained(sae: SparseAutoencoder, cfg: SAEConfig, x: torch.Tensor, steps: int) -> SparseAutoencoder:
+    """`sae` after `steps` Adam steps (lr 1e-2) on the batch `x`, as the trainer takes them."""
+    optimizer = torch.optim.Adam(sae.parameters(), lr=1e-2)
+    for _ in range(steps):
+        loss, _ = sae.training_loss(x, cfg)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        sae.after_step()
+    return sae
+
+
 def test_topk_has_exactly_k_active_latents_per_token():
     sae, _ = positive_sae("topk", k=5)
     _, f = sae(torch.randn(300, 16))
@@ -108,28 +121,15 @@ def test_batchtopk_has_k_active_on_average_per_batch_and_a_threshold_at_inferenc
 def test_jumprelu_thresholds_move_and_the_l0_penalty_raises_them():
     sae, cfg = make_sae("jumprelu", jumprelu_bandwidth=0.5, jumprelu_initial_threshold=0.2, l0_coeff=1.0,
                         decorrelation_coeff=0.0)  # fmt: skip
-    optimizer = torch.optim.Adam(sae.parameters(), lr=1e-2)
-    x = torch.randn(512, 16)
-    for _ in range(20):
-        loss, _ = sae.training_loss(x, cfg)
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-        sae.after_step()
+    trained(sae, cfg, torch.randn(512, 16), 20)
     assert (sae.threshold > 0.2).float().mean() > 0.5  # a strong L0 penalty pushes thresholds up
 
 
 @pytest.mark.parametrize("name", list(PLANTED))
 def test_save_then_load_round_trips_exactly(tmp_path, name):
     sae, cfg = make_sae(name, seed=1, k=6, matryoshka_prefixes=[0.25], dead_tokens=1)
-    optimizer = torch.optim.Adam(sae.parameters(), lr=1e-2)
     x = torch.randn(256, 16)
-    for _ in range(5):  # so that biases, thresholds and the batch threshold are not at their initial values
-        loss, _ = sae.training_loss(x, cfg)
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-        sae.after_step()
+    trained(sae, cfg, x, 5)  # so that biases, thresholds and the batch threshold are not at their initial values
     raw = sae.folded(2.0)
     save_saelens(raw, tmp_path / "sae", {"hook_name": "h"})
     loaded, config = load_saelens(tmp_path / "sae")
@@ -138,9 +138,37 @@ def test_save_then_load_round_trips_exactly(tmp_path, name):
     for key, value in saved.items():
         assert torch.equal(loaded.state_dict()[key], value), key
     assert torch.equal(loaded(x)[0], raw(x)[0])
-    torch.testing.assert_close(raw(x / 2)[1], sae.eval()(x)[1])  # folding changes no latent activation
+    torch.testing.assert_close(raw(x / 2)[0] * 2, sae.eval()(x)[0])  # folding changes no reconstruction...
+    # ...and no latent, but that a free decoder row's norm moves into its latent (relu; the others' rows are unit)
+    torch.testing.assert_close(raw(x / 2)[1], sae(x)[1] * sae.W_dec.norm(dim=1))
     expected = {"relu": "standard", "topk": "topk"}.get(name, "jumprelu")
     assert config["architecture"] == expected
+
+
+def test_relu_learns_free_decoder_norms_that_weigh_its_l1_and_fold_into_unit_rows():
+    x = torch.randn(256, 16)
+    sae, cfg = make_sae("relu", seed=0)
+    assert cfg.relu_decoder_norm == "free"
+    torch.testing.assert_close(sae.W_dec.norm(dim=1), torch.full((64,), FREE_INIT_NORM))
+    trained(sae, cfg, x, 20)
+    norms = sae.W_dec.norm(dim=1)
+    assert norms.std() > 1e-3 and not torch.allclose(norms, torch.full((64,), FREE_INIT_NORM))  # learned, not kept
+    _, terms = sae.training_loss(x, cfg)
+    _, f = sae(x)
+    torch.testing.assert_close(terms["l1"], (f * norms).sum(dim=1).mean())
+    torch.testing.assert_close(terms["decorrelation"], decorrelation(sae.W_dec / norms[:, None]))  # of directions
+    raw = sae.folded(2.0)
+    torch.testing.assert_close(raw.W_dec.norm(dim=1), torch.full((64,), 0.5))  # unit on the scaled inputs
+    torch.testing.assert_close(raw(x / 2)[0] * 2, sae(x)[0])
+
+
+def test_relu_with_unit_decoder_norms_keeps_them_and_an_unweighted_l1():
+    x = torch.randn(256, 16)
+    sae, cfg = make_sae("relu", seed=0, relu_decoder_norm="unit")
+    trained(sae, cfg, x, 20)
+    torch.testing.assert_close(sae.W_dec.norm(dim=1), torch.ones(64))
+    _, terms = sae.training_loss(x, cfg)
+    torch.testing.assert_close(terms["l1"], sae(x)[1].sum(dim=1).mean())
 
 
 def test_per_config_settings_fall_back_to_the_train_section(tmp_path):
@@ -167,6 +195,7 @@ def test_each_architecture_declares_the_settings_it_uses(name):
         ("sae.b.k=0", "invalid sae.b.k: 0 (allowed: a positive integer)"),
         ("sae.c.matryoshka_prefixes=[0.5,0.25]", "invalid sae.c.matryoshka_prefixes"),
         ("train.l1_coeff=-1", "invalid train.l1_coeff: -1.0"),
+        ("sae.a.relu_decoder_norm=fixed", "invalid sae.a.relu_decoder_norm: 'fixed' (allowed: free or unit)"),
     ],
 )
 def test_bad_per_config_settings_name_the_key(override, message):
@@ -181,14 +210,7 @@ def test_matryoshka_without_prefixes_trains_as_batchtopk():
     weights = {}
     for name in ("batchtopk", "matryoshka"):
         sae, cfg = make_sae(name, seed=0, k=4, matryoshka_prefixes=[])
-        optimizer = torch.optim.Adam(sae.parameters(), lr=1e-2)
-        for _ in range(5):
-            loss, _ = sae.training_loss(x, cfg)
-            optimizer.zero_grad()
-            loss.backward()
-            optimizer.step()
-            sae.after_step()
-        weights[name] = sae.state_dict()
+        weights[name] = trained(sae, cfg, x, 5).state_dict()
     for key, value in weights["batchtopk"].items():  # up to rounding: the prefix sum is not one fused addmm
         torch.testing.assert_close(value, weights["matryoshka"][key], rtol=1e-5, atol=1e-6, msg=key)
 

@@ -234,6 +234,23 @@ def test_train_resume_refuses_changed_settings(tmp_path, monkeypatch, override, 
     assert resumed.exit_code == 0
 
 
+def test_a_checkpoint_from_before_relu_decoder_norm_resumes_as_the_unit_recipe_it_was(tmp_path, monkeypatch):
+    """Checkpoints written before `relu_decoder_norm` existed were trained with unit-norm decoders: they resume
+    when that is asked for, and the default (free) is refused by name."""
+    from pipeline.train.checkpoints import save_checkpoint
+
+    params = interrupted_training(tmp_path, monkeypatch)
+    directory = tmp_path / "out/checkpoints"
+    state = torch.load(directory / "config_a_2x.pt", weights_only=True)
+    for section in ("config", "train"):
+        del state[section]["relu_decoder_norm"]
+    save_checkpoint(state, directory, "config_a_2x")
+    resume = ["train", "--config", "a", "--params", str(params), "--resume"]
+    one_line_error(invoke(*resume), "sae.a.relu_decoder_norm: 'unit' then, 'free' now")
+    assert "train.relu_decoder_norm" not in invoke(*resume).stderr  # the setting that applies is named once
+    assert invoke(*resume, "-S", "train.relu_decoder_norm=unit").exit_code == 0
+
+
 def test_train_resume_refuses_a_store_whose_content_changed(tmp_path, monkeypatch):
     params = interrupted_training(tmp_path, monkeypatch)
     shutil.rmtree(tmp_path / "store")

@@ -175,6 +175,20 @@ def test_probes_are_in_saebench_s_layout_and_in_the_report(tiny_run):
         assert latents["labels"] == [f"{p['task']}={p['class']}" for p in details["problems"]]
 
 
+def test_the_report_names_relu_s_decoder_norms_and_reads_older_details_as_unit(tiny_run, tmp_path):
+    assert table_rows((tiny_run / "artifacts/report.md").read_text())["relu_decoder_norm"] == ["free"]
+    copy = tmp_path / "run"
+    shutil.copytree(tiny_run, copy)
+    for details in (copy / "artifacts/details").glob("train_*.json"):  # as written before the setting existed
+        record = json.loads(details.read_text())
+        del record["config"]["relu_decoder_norm"]
+        details.write_text(json.dumps(record))
+    with pytest.MonkeyPatch.context() as mp:
+        mp.chdir(copy)
+        assert invoke("report").exit_code == 0
+    assert table_rows((copy / "artifacts/report.md").read_text())["relu_decoder_norm"] == ["unit"]
+
+
 def test_the_report_compares_reasoning_tasks_beside_the_seed_baseline(tiny_run):
     """params-tiny.yaml: C on the additive documents (two seeds) and on those with a multiplication."""
     report = (tiny_run / "artifacts/report.md").read_text()

@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 
 from pipeline.artifacts import report_paths, sae_outputs
-from pipeline.params import Params, params_to_dict
+from pipeline.params import SETTINGS_BEFORE, Params, params_to_dict
 from pipeline.report import published
 from pipeline.report.rules import recommend
 from pipeline.report.stability import THRESHOLDS
@@ -110,7 +110,8 @@ def render(
         "- Training loss = MSE + decorrelation_coeff·decorrelation + the architecture's sparsity term "
         "(relu: l1_coeff·L1; jumprelu: l0_coeff·L0 through a straight-through estimator; topk, batchtopk, "
         "matryoshka: aux_coeff·AuxK, with matryoshka's MSE the mean over its nested prefixes), on inputs scaled so "
-        "that E‖x‖² = d_in; MSE is per element, L1 is the sum of latent activations per token (decoder rows have "
+        "that E‖x‖² = d_in; MSE is per element, L1 is the sum over latents of activation × decoder row norm per "
+        "token (relu_decoder_norm free: the norms are learned; unit, and every other architecture: rows are kept at "
         "unit norm), decorrelation is the mean squared cosine between distinct decoder directions.",
         "- Loss per epoch: mean training loss over that epoch's steps. Final step: the values at the last step.",
         "- tokens/s = tokens seen / time inside this config's own training steps (what its progress bar shows); "
@@ -202,7 +203,8 @@ def _config_section(params: Params, key: str, label: str, m: dict, show_hook: bo
         *([("transcoder", f"`{train['hook']}` → `{train['target_hook']}`")] if "target_hook" in train else []),
         *([("skip path", "W_skip x, learned")] if cfg.get("skip") else []),
         ("architecture", cfg["architecture"]),
-        *[(name, _setting(cfg[name])) for name in sae_class(cfg["architecture"]).settings],
+        *[(name, _setting(cfg.get(name, SETTINGS_BEFORE.get(name))))
+          for name in sae_class(cfg["architecture"]).settings],
         ("expansion", f"{train['d_sae'] / train['d_in']:.3g}x"), ("d_sae", fmt(train["d_sae"])),
         ("parameters", fmt(train["n_params"])),
         ("batch size", f"{cfg['batch_size']} × {params.train.seq_len} = {fmt(train['batch_tokens'])} tokens"),
@@ -245,6 +247,8 @@ def _browser_link(params: Params, key: str) -> str:
 
 
 def _setting(value) -> str:
+    if isinstance(value, str):
+        return value
     return ", ".join(fmt(v) for v in value) if isinstance(value, list) else fmt(value)
 
 

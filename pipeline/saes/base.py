@@ -4,7 +4,8 @@
 
 Architectures differ in `activate` and in the terms of their loss (`loss_terms`); everything else is here.
 Decoder rows are kept at unit norm (renormalised after every optimiser step), so a sparsity penalty on f is the
-penalty on each latent's contribution f_i * ||W_dec[i]||, and cannot be dodged by shrinking f while growing W_dec.
+penalty on each latent's contribution f_i * ||W_dec[i]||, and cannot be dodged by shrinking f while growing W_dec
+(relu can instead leave the norms free and weigh its L1 by them: pipeline/saes/relu.py).
 Training happens on inputs multiplied by a constant `scale` with E||scale * x||^2 = d_in; `folded(scale)` returns
 the equivalent SAE on raw activations (the pre-activations, hence k and thresholds, are unchanged), which is what
 is saved for users.
@@ -154,7 +155,7 @@ class SparseAutoencoder(nn.Module):
             terms.setdefault("mse", mse(x_hat, target))
             terms.setdefault("l1", l1(f))
         if cfg.decorrelation_coeff or logged:
-            terms["decorrelation"] = decorrelation(self.W_dec.float())
+            terms["decorrelation"] = decorrelation(self.decoder_directions().float())
         loss = terms[self.reconstruction_term]
         if cfg.decorrelation_coeff:
             loss = loss + cfg.decorrelation_coeff * terms["decorrelation"]
@@ -187,10 +188,14 @@ class SparseAutoencoder(nn.Module):
     def observe(self, f: torch.Tensor, over_ranks: bool = False) -> None:
         """Training statistics from one batch's activations (none by default)."""
 
+    def decoder_directions(self) -> torch.Tensor:
+        """The decoder rows as unit vectors (what decorrelation measures): the rows themselves, kept at unit norm."""
+        return self.W_dec
+
     @torch.no_grad()
     def after_step(self) -> None:
         """The constraints every optimiser step restores: unit decoder rows."""
-        self.W_dec /= self.W_dec.norm(dim=1, keepdim=True).clamp_min(1e-8)
+        self.W_dec /= decoder_norms(self.W_dec)[:, None]
 
     @torch.no_grad()
     def folded(self, scale: float, target_scale: float | None = None) -> SparseAutoencoder:
@@ -215,6 +220,11 @@ def mse(x_hat: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
 def l1(f: torch.Tensor) -> torch.Tensor:
     """Sum of the latent activations per token, averaged over tokens, in fp32."""
     return f.float().sum(dim=1).mean()
+
+
+def decoder_norms(w_dec: torch.Tensor) -> torch.Tensor:
+    """Each decoder row's norm, kept away from zero so that dividing by it is safe."""
+    return w_dec.norm(dim=1).clamp_min(1e-8)
 
 
 def keep_top(values: torch.Tensor, k: int, dim: int) -> torch.Tensor:

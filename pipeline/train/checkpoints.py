@@ -18,7 +18,7 @@ import torch
 
 from pipeline.core.atomic import load_torch, save_torch
 from pipeline.core.errors import DamagedFile, PipelineError
-from pipeline.params import TrainConfig, params_to_dict
+from pipeline.params import SETTINGS_BEFORE, TrainConfig, params_to_dict
 
 if TYPE_CHECKING:
     from pipeline.train.trainer import SAERun
@@ -95,8 +95,9 @@ def check_resumable(state: dict[str, Any], run: SAERun, train: TrainConfig, meta
             f"checkpoint {path} is for {state['meta'].get('hook')} with d_in={state['d_in']}, but the store's "
             f"{meta.get('hook')} has d_in={run.sae.d_in}; rerun without --resume to start over"
         )
-    differences = _differences(f"sae.{run.key}", state["config"], params_to_dict(run.cfg), ())
-    differences += _differences("train", state["train"], params_to_dict(train), RESUMABLE_CHANGES)
+    config, train_now = params_to_dict(run.cfg), params_to_dict(train)
+    differences = _differences(f"sae.{run.key}", _predated(state["config"], config, run.sae.settings), config, ())
+    differences += _differences("train", _predated(state["train"], train_now, ()), train_now, RESUMABLE_CHANGES)
     if state["meta"].get("store_fingerprint") != meta.get("store_fingerprint"):
         differences.append(f"the activation store's content ({meta.get('store')}) changed")
     then, now = state["meta"].get("loader_order", "resident"), meta.get("loader_order", "resident")
@@ -129,6 +130,13 @@ def restore(run: SAERun, state: dict[str, Any]) -> None:
     run.curve = list(state["curve"])
     if run.coefficient is not None:
         run.coefficient.fill_(state["sparsity_coefficient"])
+
+
+def _predated(saved: dict, now: dict, used: tuple[str, ...]) -> dict:
+    """`saved` with the settings it predates filled in: their value before they existed where the SAE uses them,
+    else their value now (the resolved config holds what applies, so the train section's cannot have mattered)."""
+    missing = {k: SETTINGS_BEFORE[k] if k in used else now.get(k) for k in SETTINGS_BEFORE if k not in saved}
+    return saved | missing
 
 
 def _differences(section: str, saved: dict, now: dict, ignored: tuple[str, ...]) -> list[str]:
