@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -11,6 +12,7 @@ import textwrap
 from collections.abc import Callable
 from pathlib import Path
 
+import blake3
 import numpy as np
 import pytest
 import torch
@@ -131,6 +133,9 @@ def extracted(tiny_params) -> tuple[Path, Path]:
     return tiny_params, store_of(tiny_params)
 
 
+SHARD = "train/blocks.1.hook_resid_post/c/0/0"  # shard_file(store, 0), as the manifest names it
+
+
 def shard_file(store: Path, index: int = 1) -> Path:
     return store / "train" / "blocks.1.hook_resid_post" / "c" / str(index) / "0"
 
@@ -159,8 +164,27 @@ def test_a_read_error_names_split_hook_and_shard_file(extracted):
     one_line_error(result, "reading train/blocks.1.hook_resid_post failed in split train", "c/1/0")
 
 
-def test_verify_finds_a_changed_byte_that_the_size_check_cannot(extracted):
+def as_format_2(store: Path) -> None:
+    """Rewrite a store's manifest as format 2 wrote it: sha256 checksums."""
+    group = json.loads((store / "zarr.json").read_text())
+    manifest = group["attributes"]["manifest"]
+    for name, record in manifest["files"].items():
+        record.pop("blake3")
+        record["sha256"] = hashlib.sha256((store / name).read_bytes()).hexdigest()
+    manifest["algorithm"] = "sha256"
+    group["attributes"]["format_version"] = 2
+    (store / "zarr.json").write_text(json.dumps(group))
+
+
+@pytest.mark.parametrize("version", [3, 2])
+def test_verify_finds_a_changed_byte_that_the_size_check_cannot(extracted, version):
     params, store = extracted
+    manifest = ActivationStore(store).manifest
+    assert manifest[SHARD] == {"size": shard_file(store, 0).stat().st_size,  # format 3: BLAKE3, as the library has it
+                               "blake3": blake3.blake3(shard_file(store, 0).read_bytes()).hexdigest()}  # fmt: skip
+    if version == 2:
+        as_format_2(store)
+        assert "is up to date" in invoke("extract", "--params", str(params)).output  # read as it is, not re-extracted
     result = invoke("verify", "--params", str(params))
     assert result.exit_code == 0 and "match their checksums" in result.stdout
     data = bytearray(shard_file(store, 0).read_bytes())

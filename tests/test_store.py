@@ -45,8 +45,8 @@ def test_anything_but_a_full_uncompressed_shard_is_left_to_zarr(tmp_path):
 
 
 def write_store(path: Path, data: dict[str, np.ndarray], workers: int) -> ActivationStore:
-    rows = len(next(iter(data.values())))
-    attrs = {"hooks": list(data), "d_model": WIDTH, "dtype": "float16", "splits": ["s"], "shard_tokens": SHARD,
+    rows, dtype = len(next(iter(data.values()))), str(next(iter(data.values())).dtype)
+    attrs = {"hooks": list(data), "d_model": WIDTH, "dtype": dtype, "splits": ["s"], "shard_tokens": SHARD,
              "chunk_tokens": CHUNK, "model": "m", "dataset": "d", "n_ctx": 64, "bos_token_id": 0}  # fmt: skip
     writer = StoreWriter(path, attrs, resume=False)
     writer.add_split("s", np.zeros(rows, np.int32), np.array([0, rows]))
@@ -69,3 +69,19 @@ def test_shards_written_at_once_make_the_one_writers_store(tmp_path):
     location = open_location(several.path)
     for name, record in several.manifest.items():  # hashed as written: what a read-back finds
         assert location.checksum(name) == record, name
+
+
+@pytest.mark.parametrize("dtype", ["float16", "float32"])
+def test_reads_are_zarr_s_own_reads_byte_for_byte(tmp_path, dtype):
+    rows = 3 * SHARD - 300  # two full shards and a partial one (its last chunk padded), all read as bytes
+    data = {"h": np.random.default_rng(1).standard_normal((rows, WIDTH)).astype(dtype)}
+    store = write_store(tmp_path / "store", data, 2)
+    array = store.activations("s", "h")
+    ranges = [(0, rows), (0, SHARD), (SHARD - 5, 2 * SHARD + 7), (CHUNK, 2 * CHUNK), (2 * SHARD + 1, rows), (5, 6),
+              (rows, rows)]  # fmt: skip
+    for start, end in ranges:
+        ours, theirs = store.read_rows("s", "h", start, end), array[start:end]
+        assert ours.dtype == theirs.dtype and ours.shape == theirs.shape, (start, end)
+        assert ours.tobytes() == theirs.tobytes(), (start, end)
+    assert all(starts is not None for starts in store._chunk_starts.values())  # every shard read as bytes
+    assert len(store._chunk_starts) == 3

@@ -34,17 +34,29 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import blake3
 import fsspec
 
 from pipeline.core.atomic import check_replaceable, remove_litter, replace_dir, write_json
 from pipeline.core.errors import PipelineError
 from pipeline.core.locks import exclusive_lock, object_lock
 
+CHECKSUM = "blake3"  # the algorithm of the checksums files are written with (stores of format 2 recorded sha256)
 LOCAL_SCHEME = "file://"
 STAGING_SUFFIX = ".partial"
 
 Owned = Callable[["Location"], bool]  # "what is here is ours, and may be replaced"
 log = logging.getLogger(__name__)
+
+
+def new_digest(algorithm: str = CHECKSUM, threads: bool = False) -> Any:
+    """A hash object for `algorithm`: blake3 or sha256. `threads`: blake3 hashes each large buffer on several
+    threads (for one file at a time; the store's writer threads already hash several shards at once)."""
+    if algorithm == "blake3":
+        return blake3.blake3(max_threads=blake3.blake3.AUTO if threads else 1)
+    if algorithm == "sha256":
+        return hashlib.sha256()
+    raise PipelineError(f"unknown checksum algorithm {algorithm!r}: this version knows blake3 and sha256")
 
 
 def is_url(where: str | Path) -> bool:
@@ -128,18 +140,18 @@ class Location:
         return {full[len(self.root) + 1 :]: int(info["size"]) for full, info in found.items()}
 
     def write_parts(self, name: str, parts: list[memoryview]) -> dict[str, Any]:
-        """Write file `name` as the concatenation of `parts`, whole or not at all; returns its {size, sha256},
+        """Write file `name` as the concatenation of `parts`, whole or not at all; returns its {size, CHECKSUM},
         computed from the bytes as they are written (no read-back)."""
         raise NotImplementedError
 
-    def checksum(self, name: str) -> dict[str, Any]:
-        """{size, sha256} of file `name`, read in blocks."""
-        digest, size = hashlib.sha256(), 0
-        with self.fs.open(self._full(name), "rb", block_size=1 << 22) as handle:
-            while block := handle.read(1 << 22):
+    def checksum(self, name: str, algorithm: str = CHECKSUM) -> dict[str, Any]:
+        """{size, algorithm} of file `name`, read in blocks."""
+        digest, size = new_digest(algorithm, threads=True), 0
+        with self.fs.open(self._full(name), "rb", block_size=1 << 24) as handle:
+            while block := handle.read(1 << 24):
                 digest.update(block)
                 size += len(block)
-        return {"size": size, "sha256": digest.hexdigest()}
+        return {"size": size, algorithm: digest.hexdigest()}
 
     # What differs between a local directory and an object store (see the module's table).
 
@@ -188,17 +200,17 @@ class LocalDirectory(Location):
         path = self.path / name
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(f".{uuid.uuid4().hex}{STAGING_SUFFIX}")  # as zarr names its temporaries
-        digest, size = hashlib.sha256(), 0
+        digest, size = new_digest(), 0
         try:
             with tmp.open("wb") as handle:
-                for part in parts:  # hashlib and file writes release the GIL: writer threads run in parallel
+                for part in parts:  # hashing and file writes release the GIL: writer threads run in parallel
                     handle.write(part)
                     digest.update(part)
                     size += part.nbytes
             os.replace(tmp, path)
         finally:
             tmp.unlink(missing_ok=True)
-        return {"size": size, "sha256": digest.hexdigest()}
+        return {"size": size, CHECKSUM: digest.hexdigest()}
 
     def staging(self) -> LocalDirectory:
         return LocalDirectory(partial_path(self.path))
@@ -233,12 +245,12 @@ class ObjectPrefix(Location):
         self.fs.pipe_file(self._full(name), (json.dumps(data, indent=2) + "\n").encode())  # one PUT: whole or not
 
     def write_parts(self, name: str, parts: list[memoryview]) -> dict[str, Any]:
-        digest = hashlib.sha256()
+        digest = new_digest()
         for part in parts:
             digest.update(part)
         body = b"".join(parts)
         self.fs.pipe_file(self._full(name), body)  # one PUT (or one multipart upload): whole or not at all
-        return {"size": len(body), "sha256": digest.hexdigest()}
+        return {"size": len(body), CHECKSUM: digest.hexdigest()}
 
     def staging(self) -> ObjectPrefix:
         return ObjectPrefix(self.name + STAGING_SUFFIX)

@@ -13,8 +13,9 @@ with `chunk_tokens`-row chunks inside (the unit of reading), uncompressed. A sha
 as they lie in memory, followed by zarr's shard index: `encode_full_shard` writes a full shard that way, without
 zarr's slower general path (tests pin its bytes to zarr's own). While a store is written, `progress.json` records
 its finished shards and their checksums (rank r > 0 of a torchrun keeps its own `progress-<r>.json`, so that no
-file is written by two processes). The group attribute `manifest` (size and sha256 of every file but the group's
-own zarr.json) is written last, in one write of zarr.json: a store is complete exactly when it has one.
+file is written by two processes). The group attribute `manifest` (the checksum algorithm, and the size and
+checksum of every file but the group's own zarr.json) is written last, in one write of zarr.json: a store is
+complete exactly when it has one. Format 3 records BLAKE3 checksums; format 2 recorded sha256, and is still read.
 """
 
 from __future__ import annotations
@@ -31,7 +32,8 @@ import zarr
 
 from pipeline.core.location import Location, open_location
 
-FORMAT_VERSION = 2  # 2: the manifest attribute (per-file checksums), token_sha256 in the identity
+FORMAT_VERSION = 3  # 2: the manifest attribute (per-file checksums), token_sha256 in the identity; 3: BLAKE3
+READABLE_FORMATS = (2, 3)  # the same content: only the manifest's checksum algorithm differs
 PROGRESS_FILE = "progress.json"  # rank 0's record; rank r > 0 writes progress-<r>.json
 MANIFEST = "manifest"  # the group attribute that lists every file; its presence marks a complete store
 COMPLETION_MARK = "zarr.json"  # the file that holds it: written last, and copied last when a store is committed
@@ -93,13 +95,12 @@ def shard_file(array: zarr.Array, split: str, name: str, index: int) -> str:
     return f"{split}/{name}/{array.metadata.encode_chunk_key((index,) + (0,) * (array.ndim - 1))}"
 
 
-def encode_full_shard(array: zarr.Array, start: int, values: np.ndarray) -> list[memoryview] | None:
-    """The bytes of the shard file holding rows start..start+len(values) of `array`, as zarr writes it, or None
-    where this is not a full shard of an array laid out as the writer makes them (then zarr writes it).
+def has_writer_layout(array: zarr.Array) -> bool:
+    """Whether `array` is laid out as the writer makes activation arrays: [tokens, width], sharded along tokens,
+    chunks of whole rows, uncompressed, little-endian (on a little-endian machine), the shard index at the end.
 
-    Such a shard (sharding codec, chunks of whole rows, uncompressed, little-endian, index at the end) is its chunks
-    one after another, which for chunks of whole rows are the shard's rows in memory order; then the index: each
-    chunk's (offset, size) as little-endian uint64, and the index's crc32c.
+    A full shard of such an array is its chunks one after another, which for chunks of whole rows are the shard's
+    rows in memory order; then the index (`shard_index`).
     """
     shard_rows, width = array.shards or (0, 0)
     chunk_rows = array.chunks[0]
@@ -113,20 +114,61 @@ def encode_full_shard(array: zarr.Array, start: int, values: np.ndarray) -> list
             "index_location": "end",
         },
     }
-    fits = (
-        sharding == layout and array.ndim == 2 and sys.byteorder == "little" and values.dtype == array.dtype
-        and values.shape == (shard_rows, width) and start % shard_rows == 0 and start + shard_rows <= array.shape[0]
-        and shard_rows % chunk_rows == 0 and array.shape[1] == width and values.flags.c_contiguous
+    return (
+        sharding == layout and array.ndim == 2 and sys.byteorder == "little" and shard_rows % chunk_rows == 0
+        and array.shape[1] == width
     )  # fmt: skip
-    if not fits:
-        return None
-    chunk_bytes = chunk_rows * width * values.dtype.itemsize
-    n_chunks = shard_rows // chunk_rows
+
+
+def shard_index(array: zarr.Array) -> bytes:
+    """The index that ends a full shard of a `has_writer_layout` array: each chunk's (offset, size) as
+    little-endian uint64, chunk after chunk, then the index's crc32c."""
+    chunk_bytes = array.chunks[0] * array.shape[1] * array.dtype.itemsize
+    n_chunks = array.shards[0] // array.chunks[0]
     index = np.empty((n_chunks, 2), dtype="<u8")
     index[:, 0] = np.arange(n_chunks) * chunk_bytes
     index[:, 1] = chunk_bytes
     checksum = np.uint32(google_crc32c.value(index.tobytes())).astype("<u4")
-    return [memoryview(values).cast("B"), memoryview(index.tobytes() + checksum.tobytes())]
+    return index.tobytes() + checksum.tobytes()
+
+
+def stored_chunks(array: zarr.Array, index: int, tail: bytes, file_size: int) -> np.ndarray | None:
+    """Where each chunk of shard `index` that holds rows of `array` starts in its file, from `tail`, the file's
+    last `index_bytes(array)` bytes; None unless the index's crc32c holds and each such chunk is stored whole and
+    uncompressed (a chunk's rows are then its bytes in memory order, as for a full shard the writer wrote)."""
+    chunk_rows = array.chunks[0]
+    chunk_bytes = chunk_rows * array.shape[1] * array.dtype.itemsize
+    entries = np.frombuffer(tail[:-4], dtype="<u8").reshape(-1, 2)
+    rows = min(array.shards[0], array.shape[0] - index * array.shards[0])
+    held = entries[: -(-rows // chunk_rows)]
+    intact = (
+        google_crc32c.value(tail[:-4]) == int.from_bytes(tail[-4:], "little") and (held[:, 1] == chunk_bytes).all()
+        and (held[:, 0] + chunk_bytes <= file_size - len(tail)).all()
+    )  # fmt: skip
+    return held[:, 0].astype(np.int64) if intact else None
+
+
+def index_bytes(array: zarr.Array) -> int:
+    """The size of the index that ends every shard file of a `has_writer_layout` array."""
+    return 16 * (array.shards[0] // array.chunks[0]) + 4
+
+
+def is_full_shard(array: zarr.Array, index: int) -> bool:
+    """Whether shard `index` of `array` holds a whole shard's rows (every one but, perhaps, the last)."""
+    return (index + 1) * array.shards[0] <= array.shape[0]
+
+
+def encode_full_shard(array: zarr.Array, start: int, values: np.ndarray) -> list[memoryview] | None:
+    """The bytes of the shard file holding rows start..start+len(values) of `array`, as zarr writes it, or None
+    where this is not a full shard of a `has_writer_layout` array (then zarr writes it)."""
+    fits = (
+        has_writer_layout(array) and values.dtype == array.dtype and values.shape == array.shards
+        and start % array.shards[0] == 0 and is_full_shard(array, start // array.shards[0])
+        and values.flags.c_contiguous
+    )  # fmt: skip
+    if not fits:
+        return None
+    return [memoryview(values).cast("B"), memoryview(shard_index(array))]
 
 
 def describe(name: str) -> str:

@@ -5,8 +5,9 @@ from __future__ import annotations
 import hashlib
 import json
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import numpy as np
 import zarr
@@ -14,15 +15,20 @@ import zarr
 from pipeline.core.errors import PipelineError
 from pipeline.core.location import Location
 from pipeline.store.format import (
-    FORMAT_VERSION,
     MANIFEST,
+    READABLE_FORMATS,
     TRUTH_GROUP,
     as_location,
     describe,
+    has_writer_layout,
+    index_bytes,
     is_complete,
     progress_files,
     shard_file,
+    stored_chunks,
 )
+
+READ_THREADS = 4  # shard files read at once
 
 
 class ActivationStore:
@@ -39,15 +45,17 @@ class ActivationStore:
             raise PipelineError(f"{self.path} is damaged: its zarr.json cannot be read ({exc}); re-extract it") from exc
         self.attrs: dict[str, Any] = dict(self.group.attrs)
         version = self.attrs.get("format_version")
-        if version != FORMAT_VERSION:
+        if version not in READABLE_FORMATS:
             raise PipelineError(
-                f"{self.path}: store format {version} is not the one this version reads ({FORMAT_VERSION}); "
-                "re-extract it with `pipeline extract --force`"
+                f"{self.path}: store format {version} is not one this version reads "
+                f"({', '.join(map(str, READABLE_FORMATS))}); re-extract it with `pipeline extract --force`"
             )
         if MANIFEST not in self.attrs:
             finish = "`pipeline extract --resume` finishes it" if progress_files(self.location) else "re-extract it"
             raise PipelineError(f"{self.path} is incomplete: it has no manifest (written last); {finish}")
         self.manifest: dict[str, dict] = self.attrs[MANIFEST]["files"]
+        self._chunk_starts: dict[str, np.ndarray | None] = {}  # shard file -> where its chunks lie (`stored_chunks`)
+        self.checksum_algorithm: str = self.attrs[MANIFEST].get("algorithm", "sha256")
         # The content's identity: every file's checksum (a re-extraction that changes any value changes it).
         self.fingerprint = hashlib.sha256(json.dumps(self.manifest, sort_keys=True).encode()).hexdigest()
         sizes = self.location.sizes()
@@ -103,12 +111,13 @@ class ActivationStore:
         return {name: array[...] for name, array in self.group[TRUTH_GROUP].arrays()}
 
     def verify(self, on_bytes: Callable[[int], None] = lambda n: None) -> list[str]:
-        """Recompute every file's sha256 against the manifest; returns one line per damaged file."""
-        problems, sizes = [], self.location.sizes()
+        """Recompute every file's checksum (the manifest's algorithm) against the manifest; returns one line per
+        damaged file."""
+        problems, sizes, algorithm = [], self.location.sizes(), self.checksum_algorithm
         for name, record in self.manifest.items():
             if name not in sizes:
                 problems.append(f"{describe(name)} is missing")
-            elif self.location.checksum(name)["sha256"] != record["sha256"]:
+            elif self.location.checksum(name, algorithm)[algorithm] != record[algorithm]:
                 problems.append(f"{describe(name)} does not match its checksum")
             on_bytes(record["size"])
         return problems
@@ -116,7 +125,9 @@ class ActivationStore:
     def _read(self, split: str, name: str, rows: slice) -> np.ndarray:
         array = self._split(split)[name]
         try:
-            return array[rows]
+            if self.location.is_remote or array.shards is None or not has_writer_layout(array):
+                return array[rows]
+            return self._read_direct(array, split, name, rows)
         except Exception as exc:  # zarr and the filesystem raise many types; all mean "this file is damaged"
             first, stop, _ = rows.indices(array.shape[0])
             size = array.shards[0] if array.shards else array.chunks[0]
@@ -127,6 +138,58 @@ class ActivationStore:
                 f"{type(exc).__name__}: {exc}; `pipeline verify` checks every file"
             ) from exc
 
+    def _read_direct(self, array: zarr.Array, split: str, name: str, rows: slice) -> np.ndarray:
+        """`array[rows]`, each shard's part read from its file as bytes straight into the result (several shards at
+        once), where the shard's index allows (`stored_chunks`); through zarr where it does not."""
+        first, stop, _ = rows.indices(array.shape[0])
+        stop = max(stop, first)
+        out = np.empty((stop - first, array.shape[1]), dtype=array.dtype)
+        shard_rows = array.shards[0]
+        pieces = [
+            (index, max(first, index * shard_rows), min(stop, (index + 1) * shard_rows))
+            for index in range(first // shard_rows, -(-stop // shard_rows))
+        ]
+
+        def read(piece: tuple[int, int, int]) -> None:
+            index, start, end = piece
+            target = out[start - first : end - first]
+            if not self._read_shard_rows(array, shard_file(array, split, name, index), index, start, target):
+                target[...] = array[start:end]
+
+        if len(pieces) == 1:
+            read(pieces[0])
+        else:  # file reads release the GIL: shards load in parallel
+            with ThreadPoolExecutor(min(READ_THREADS, len(pieces))) as pool:
+                list(pool.map(read, pieces))
+        return out
+
+    def _read_shard_rows(self, array: zarr.Array, file: str, index: int, start: int, target: np.ndarray) -> bool:
+        """Rows start..start+len(target) of the array, all in shard `index` (`file`), into `target` as the bytes
+        of their chunks; False where the shard's index does not allow it (checked once a file)."""
+        path = self.location.path / file
+        if file not in self._chunk_starts:
+            with path.open("rb") as handle:
+                size = handle.seek(0, 2)
+                handle.seek(max(0, size - index_bytes(array)))
+                self._chunk_starts[file] = stored_chunks(array, index, handle.read(), size)
+        starts = self._chunk_starts[file]
+        if starts is None:
+            return False
+        chunk_rows, row_bytes = array.chunks[0], target.shape[1] * target.itemsize
+        row = start - index * array.shards[0]  # within the shard
+        view = memoryview(target.reshape(-1)).cast("B")
+        with path.open("rb", buffering=0) as handle:
+            while view.nbytes:  # a run of chunks stored one after another is one read
+                chunk = row // chunk_rows
+                run = chunk + 1
+                while run < len(starts) and starts[run] == starts[run - 1] + chunk_rows * row_bytes:
+                    run += 1
+                handle.seek(int(starts[chunk]) + (row - chunk * chunk_rows) * row_bytes)
+                wanted = min(view.nbytes, (run * chunk_rows - row) * row_bytes)
+                _read_exactly(handle, view[:wanted], file)
+                view, row = view[wanted:], row + wanted // row_bytes
+        return True
+
     def _split(self, split: str) -> zarr.Group:
         if self.attrs.get("split_stats", {}).get(split, {}).get("streamed"):
             raise PipelineError(f"split {split!r} of {self.path} is not stored: synth.stream generates it while "
@@ -134,6 +197,14 @@ class ActivationStore:
         if split not in self.splits:
             raise PipelineError(f"split {split!r} is not in store {self.path}; it holds: {', '.join(self.splits)}")
         return self.group[split]
+
+
+def _read_exactly(handle: BinaryIO, view: memoryview, file: str) -> None:
+    while view.nbytes:
+        n = handle.readinto(view)
+        if not n:
+            raise OSError(f"{file} ended before the rows its index places there")
+        view = view[n:]
 
 
 def _missing_store_message(location: Location) -> str:

@@ -20,7 +20,7 @@ import numpy as np
 import zarr
 
 from pipeline.core.errors import PipelineError
-from pipeline.core.location import open_location
+from pipeline.core.location import CHECKSUM, open_location
 from pipeline.store.format import (
     COMPLETION_MARK,
     FORMAT_VERSION,
@@ -72,7 +72,8 @@ def status(path: str | Path, attrs: dict[str, Any]) -> tuple[bool, str]:
         store = ActivationStore(location)
     except PipelineError as exc:
         return False, str(exc)
-    different = differing(store.attrs, {"format_version": FORMAT_VERSION, **attrs})
+    # Any format this version reads is up to date: the same content, only the manifest's checksums differ.
+    different = differing(store.attrs, {"format_version": store.attrs["format_version"], **attrs})
     if different:
         return False, f"it was written with other parameters or data ({', '.join(different)})"
     return True, "same parameters and data, every file present"
@@ -220,7 +221,7 @@ class StoreWriter:
                 continue
             known = self.files.get(name)
             files[name] = known if known and known["size"] == size else self.work.checksum(name)
-        self.group.attrs.update({**extra_attrs, MANIFEST: {"algorithm": "sha256", "files": files}})
+        self.group.attrs.update({**extra_attrs, MANIFEST: {"algorithm": CHECKSUM, "files": files}})
         drop_progress(self.work)
         self.final.commit(self.work, is_store, COMPLETION_MARK)
 
