@@ -199,14 +199,17 @@ class ActivationLoader:
         reader = _WindowReader(self, epoch, [(w, windows[w]) for w in range(first, len(windows))])
         left = self.n_tokens - start_block * block_tokens  # tokens still to hand out: the last block may be short
         pin = uses_pinned_memory(self.device)
+        # On the host, rows become float32 as they are copied into the block; a device converts its own copy (the
+        # transfer then carries the stored dtype's bytes).
+        block_dtype = torch.float32 if self.device.type == "cpu" else None
         block, filled = None, 0
         try:
             for buffer, rows in reader:
                 rows, skip = rows[skip:], 0
                 while len(rows):
                     if block is None:
-                        block, filled = torch.empty(min(block_tokens, left), self.d_model, dtype=rows.dtype,
-                                                    pin_memory=pin), 0  # fmt: skip
+                        block, filled = torch.empty(min(block_tokens, left), self.d_model,
+                                                    dtype=block_dtype or rows.dtype, pin_memory=pin), 0  # fmt: skip
                     take = min(len(block) - filled, len(rows))
                     block[filled : filled + take] = rows[:take]
                     rows, filled = rows[take:], filled + take
@@ -242,7 +245,7 @@ class ActivationLoader:
             rows = self._read_rows(start, end)
             keep = self._kept(start, end)
             n_kept = int(keep.sum())
-            buffer[places[filled : filled + n_kept]] = rows[keep]
+            buffer[places[filled : filled + n_kept]] = rows if n_kept == len(rows) else rows[keep]
             filled += n_kept
         return torch.from_numpy(buffer[:filled])
 
@@ -343,6 +346,8 @@ def _read_checked(store: ActivationStore, split: str, hook: str) -> np.ndarray:
 
 def _check_finite(store: ActivationStore, split: str, hook: str, start: int, rows: np.ndarray) -> None:
     """An error naming the first token and document of `rows` (tokens start...) with a NaN or inf."""
+    if _all_finite(rows):
+        return
     finite = np.isfinite(rows).all(axis=1)
     if not finite.all():
         token = start + int(np.argmin(finite))
@@ -351,3 +356,11 @@ def _check_finite(store: ActivationStore, split: str, hook: str, start: int, row
             f"{store.path} {split}/{hook}: non-finite activation at token {token} (document {doc}); "
             "re-extract with a wider dtype or exclude that document"
         )
+
+
+def _all_finite(rows: np.ndarray) -> bool:
+    """Whether every value of `rows` is finite. numpy's float16 `isfinite` is emulated: for float16 rows the
+    exponent bits answer 3x faster (all ones: inf or NaN)."""
+    if rows.dtype == np.float16 and rows.flags.c_contiguous:
+        return int((rows.view(np.uint16) & 0x7C00).max(initial=0)) != 0x7C00
+    return bool(np.isfinite(rows).all())
