@@ -17,7 +17,8 @@
 #   1. environment: GPU, torch, CUDA; NCCL with one process (init, all_reduce, barrier)
 #   2. tests/test_cuda.py: CUDA against CPU (extraction, pinned loader, fp16 autocast + GradScaler, evaluation)
 #   3. pipeline bench on the GPT-2-small-shaped model and the real GSM8K test split (every figure, the store's
-#      write speed, the splice's efficiency and each stage's start-up included)
+#      read and write speed against np.fromfile and tofile, the splice's efficiency and each stage's start-up
+#      included)
 #   4. a short full run (extract, train A/B/C, evaluate, analyze, report) on MAX_DOCS documents per split, timed
 #      per stage
 #   5. the ground-truth benchmark at the published scale, shortened: params-synth-16k.yaml (16,384 features in
