@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import re
 import shutil
 import subprocess
+from collections.abc import Callable
 from pathlib import Path
 from urllib.parse import quote
 
@@ -530,9 +532,14 @@ def stages_run(output: str) -> set[str]:
     return set(re.findall(r"Running stage '([^']+)'", output))
 
 
-@pytest.mark.skipif(shutil.which("dvc") is None or shutil.which("git") is None, reason="needs dvc and git")
-def test_dvc_repro_on_the_tiny_profile(tmp_path):
-    repo = tmp_path / "repo"
+GIT = ["git", "-c", "user.email=t@t", "-c", "user.name=t"]
+needs_dvc = pytest.mark.skipif(shutil.which("dvc") is None or shutil.which("git") is None, reason="needs dvc and git")
+
+
+def dvc_repo(repo: Path, edit_dvc_yaml: Callable[[str], str] = lambda text: text) -> Path:
+    """A git repository at `repo` holding this checkout's files (dvc.yaml passed through `edit_dvc_yaml`) and the
+    tiny profile as params.yaml: two configs (foreach over several), one epoch each, on two reasoning tasks
+    (`documents`), whose latents the probes compare across the tasks. DVC's plumbing is under test, not the SAEs."""
     files = subprocess.run(
         ["git", "ls-files", "--cached", "--others", "--exclude-standard"],
         cwd=PROJECT_ROOT, capture_output=True, text=True, check=True,
@@ -541,17 +548,20 @@ def test_dvc_repro_on_the_tiny_profile(tmp_path):
         if (PROJECT_ROOT / name).is_file():
             (repo / name).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(PROJECT_ROOT / name, repo / name)
+    (repo / "dvc.yaml").write_text(edit_dvc_yaml((repo / "dvc.yaml").read_text()))
     params = yaml.safe_load((repo / "params-tiny.yaml").read_text())
-    # DVC's plumbing is under test here, not the SAEs: two configs (foreach over several), one epoch each, on two
-    # reasoning tasks (`documents`), whose latents the probes compare across the tasks.
     params["sae"] = {key: params["sae"][key] | {"epochs": 1} for key in ("c_add", "c_mul")}
     (repo / "params.yaml").write_text(yaml.safe_dump(params))
     write_tiny_assets(repo / "data" / "tiny")
-    git = ["git", "-c", "user.email=t@t", "-c", "user.name=t"]
     subprocess.run(["git", "init", "-q"], cwd=repo, check=True)
-    subprocess.run([*git, "add", "-A"], cwd=repo, check=True)
-    subprocess.run([*git, "commit", "-qm", "init"], cwd=repo, check=True)
+    subprocess.run([*GIT, "add", "-A"], cwd=repo, check=True)
+    subprocess.run([*GIT, "commit", "-qm", "init"], cwd=repo, check=True)
+    return repo
 
+
+@needs_dvc
+def test_dvc_repro_on_the_tiny_profile(tmp_path):
+    repo = dvc_repo(tmp_path / "repo")
     first = stages_run(dvc(repo, "repro"))
     keys = ("c_add", "c_mul")
     per_config = {f"{stage}@{key}" for stage in ("train", "evaluate", "probe", "analyze") for key in keys}
@@ -565,8 +575,8 @@ def test_dvc_repro_on_the_tiny_profile(tmp_path):
         assert "undefined" in written["eval_result_unstructured"]["undefined_scores"]["ce_loss_score"]
     assert (repo / "artifacts/browser/config_c_mul_8x/index.html").is_file()
     assert stages_run(dvc(repo, "repro")) == set()
-    subprocess.run([*git, "add", "-A"], cwd=repo, check=True)
-    subprocess.run([*git, "commit", "-qm", "baseline"], cwd=repo, check=True)
+    subprocess.run([*GIT, "add", "-A"], cwd=repo, check=True)
+    subprocess.run([*GIT, "commit", "-qm", "baseline"], cwd=repo, check=True)
 
     # An experiment reruns only what its change touches, and keeps its own metrics beside the baseline's.
     changed = stages_run(dvc(repo, "exp", "run", "-S", "+sae.c_mul.documents.min_steps=2"))  # another task
@@ -593,6 +603,30 @@ def test_dvc_repro_on_the_tiny_profile(tmp_path):
     assert any(name.endswith("training_curves.png") for name in plots)
 
     assert stages_run(dvc(repo, "repro", "--force", "--single-item", "train@c_add")) == {"train@c_add"}
+
+
+CACHED_STORE = "    outs:\n      - ${extract.store}\n"  # the extract stage's output in dvc.yaml
+UNCACHED_STORE = "    outs:\n      - ${extract.store}:\n          cache: false\n"  # docs/dvc.md's way out
+
+
+@needs_dvc
+def test_the_store_as_an_uncached_dvc_output_still_invalidates(tmp_path):
+    """docs/dvc.md: `cache: false` on the extract stage's output keeps DVC from copying the store into its cache,
+    and `dvc repro` still reruns what a change of the store's parameters touches."""
+    assert UNCACHED_STORE.removeprefix("    outs:\n") in (PROJECT_ROOT / "docs/dvc.md").read_text()
+    repo = dvc_repo(tmp_path / "repo", lambda text: text.replace(CACHED_STORE, UNCACHED_STORE, 1))
+    assert UNCACHED_STORE in (repo / "dvc.yaml").read_text()
+    assert stages_run(dvc(repo, "repro", "label")) == {"extract", "label"}
+    store = repo / load_params(repo / "params.yaml").extract.store
+    files = [f for f in store.rglob("*") if f.is_file()]
+    (recorded,) = yaml.safe_load((repo / "dvc.lock").read_text())["stages"]["extract"]["outs"]
+    assert recorded["md5"].endswith(".dir") and recorded["size"] == sum(f.stat().st_size for f in files)  # hashed
+    cached = {f.parent.name + f.name for f in (repo / ".dvc/cache").rglob("*") if f.is_file()}
+    assert cached and not cached & {hashlib.md5(f.read_bytes()).hexdigest() for f in files}  # but never copied
+    assert stages_run(dvc(repo, "repro", "label")) == set()
+    params = yaml.safe_load((repo / "params.yaml").read_text())
+    (repo / "params.yaml").write_text(yaml.safe_dump(params | {"data": params["data"] | {"max_docs": 20}}))
+    assert stages_run(dvc(repo, "repro", "label")) == {"extract", "label"}  # fewer documents: a new store
 
 
 def docs_python_block(page: str, heading: str) -> str:
