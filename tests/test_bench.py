@@ -13,7 +13,8 @@ from bench.figures import GOALS
 FIGURES = {
     "extract_efficiency", "bridge_overhead", "bridge_overhead_eager_attention", "extract_speedup_over_naive",
     "train_efficiency", "loader_stall",
-    "one_read_ratio", "trainer_vs_minimal", "store_read_ratio", "streamed_read_ratio", "store_write_ratio",
+    "one_read_ratio", "trainer_vs_minimal", "trainer_vs_minimal_small", "store_read_ratio", "streamed_read_ratio",
+    "store_write_ratio",
     "decorrelation_cost",
     "topk_step_cost", "batchtopk_step_cost", "jumprelu_step_cost", "matryoshka_step_cost", "topk_selection_share",
     "analyze_vs_evaluate", "splice_efficiency", "extract_2proc_vs_1proc", "train_2proc_vs_1proc",
