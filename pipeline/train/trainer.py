@@ -65,7 +65,6 @@ class SAERun:
     timer: StepTimer  # device time inside this SAE's own steps
     step: int = 0
     skipped_steps: torch.Tensor | None = None  # fp16 steps the GradScaler skipped (kept on device: no sync)
-    diverged: torch.Tensor | None = None  # a step applied a NaN/inf loss (on device; checked when we sync anyway)
     epoch_loss_sums: list[float] = field(default_factory=list)
     curve: list[dict[str, float]] = field(default_factory=list)
     shown: dict[str, float] = field(default_factory=dict)  # the last logged loss and L0, for the progress bar
@@ -244,9 +243,8 @@ class Trainer:
             error = torch.log(terms["l0"].clamp_min(1e-3) / run.cfg.target_l0).clamp(-1.0, 1.0)
             run.coefficient.mul_(torch.exp(L0_GAIN * error))
             run.sae.steer_l0(error)
-        run.skipped_steps += skipped
-        if not run.scaler.is_enabled():  # with fp16's GradScaler a non-finite loss is a skipped step: no harm done
-            run.diverged |= ~torch.isfinite(loss)
+        if skipped is not None:
+            run.skipped_steps += skipped
         epoch = run.step // run.steps_per_epoch
         if epoch == len(run.epoch_loss_sums):
             run.epoch_loss_sums.append(0.0)
@@ -270,7 +268,9 @@ class Trainer:
             save_checkpoint(self.state(run), self.checkpoint_dir, run.name)
 
     def _check_finite(self, run: SAERun) -> None:
-        if run.diverged.item():
+        """An error if a step applied a NaN or inf loss: then its epoch's loss sum is one (with fp16's GradScaler
+        such a step is skipped, no harm done). Called where the host waits for the device anyway."""
+        if not run.scaler.is_enabled() and not all(math.isfinite(float(total)) for total in run.epoch_loss_sums):
             last = run.curve[-1]["step"] if run.curve else 0
             raise PipelineError(
                 f"sae.{run.key}: the training loss became NaN or inf between steps {last} and {run.step} and the "
@@ -327,7 +327,6 @@ class Trainer:
             if cfg.target_l0 is None
             else torch.tensor(float(getattr(cfg, sae.penalty[1])), device=self.device),
             skipped_steps=torch.zeros((), dtype=torch.long, device=self.device),
-            diverged=torch.zeros((), dtype=torch.bool, device=self.device),
         )
 
 
@@ -343,8 +342,9 @@ def train_step(
     target: torch.Tensor | None = None,
     coefficient: torch.Tensor | None = None,
     guide: Callable[[torch.Tensor], torch.Tensor] | None = None,
-) -> tuple[torch.Tensor, dict[str, torch.Tensor], torch.Tensor]:
-    """One optimiser step; returns the loss, its terms (detached, on device) and 1 if the scaler skipped it.
+) -> tuple[torch.Tensor, dict[str, torch.Tensor], torch.Tensor | None]:
+    """One optimiser step; returns the loss, its terms (detached, on device) and 1 if the scaler skipped it (None
+    without a GradScaler: nothing is skipped).
 
     `average_over_ranks`: `x` is this rank's equal share of the batch; the gradients, loss and terms become
     their means over ranks (one all-reduce), which for these per-token means are those of the whole batch, and
@@ -359,11 +359,11 @@ def train_step(
     if average_over_ranks:  # a non-finite gradient on any rank makes the mean non-finite: every rank skips alike
         gradients = [p.grad for p in sae.parameters() if p.grad is not None]
         distributed.average_([*gradients, loss, *terms.values()])
-    skipped = torch.zeros((), dtype=torch.long, device=x.device)
+    skipped = None
     if scaler.is_enabled():
         scaler.unscale_(optimizer)
         grads = [p.grad.sum() for p in sae.parameters() if p.grad is not None]
-        skipped += ~torch.isfinite(torch.stack(grads).sum())  # exactly what the scaler skips on, without a sync
+        skipped = (~torch.isfinite(torch.stack(grads).sum())).long()  # what the scaler skips on, without a sync
     scaler.step(optimizer)
     scaler.update()
     sae.after_step()
