@@ -120,14 +120,21 @@ def has_writer_layout(array: zarr.Array) -> bool:
     )  # fmt: skip
 
 
+def chunk_bytes(array: zarr.Array) -> int:
+    """The bytes of one chunk of whole rows of a `has_writer_layout` array, as stored."""
+    return array.chunks[0] * array.shape[1] * array.dtype.itemsize
+
+
+def chunks_per_shard(array: zarr.Array) -> int:
+    return array.shards[0] // array.chunks[0]
+
+
 def shard_index(array: zarr.Array) -> bytes:
     """The index that ends a full shard of a `has_writer_layout` array: each chunk's (offset, size) as
     little-endian uint64, chunk after chunk, then the index's crc32c."""
-    chunk_bytes = array.chunks[0] * array.shape[1] * array.dtype.itemsize
-    n_chunks = array.shards[0] // array.chunks[0]
-    index = np.empty((n_chunks, 2), dtype="<u8")
-    index[:, 0] = np.arange(n_chunks) * chunk_bytes
-    index[:, 1] = chunk_bytes
+    index = np.empty((chunks_per_shard(array), 2), dtype="<u8")
+    index[:, 0] = np.arange(chunks_per_shard(array)) * chunk_bytes(array)
+    index[:, 1] = chunk_bytes(array)
     checksum = np.uint32(google_crc32c.value(index.tobytes())).astype("<u4")
     return index.tobytes() + checksum.tobytes()
 
@@ -136,21 +143,20 @@ def stored_chunks(array: zarr.Array, index: int, tail: bytes, file_size: int) ->
     """Where each chunk of shard `index` that holds rows of `array` starts in its file, from `tail`, the file's
     last `index_bytes(array)` bytes; None unless the index's crc32c holds and each such chunk is stored whole and
     uncompressed (a chunk's rows are then its bytes in memory order, as for a full shard the writer wrote)."""
-    chunk_rows = array.chunks[0]
-    chunk_bytes = chunk_rows * array.shape[1] * array.dtype.itemsize
+    size = chunk_bytes(array)
     entries = np.frombuffer(tail[:-4], dtype="<u8").reshape(-1, 2)
     rows = min(array.shards[0], array.shape[0] - index * array.shards[0])
-    held = entries[: -(-rows // chunk_rows)]
+    held = entries[: -(-rows // array.chunks[0])]
     intact = (
-        google_crc32c.value(tail[:-4]) == int.from_bytes(tail[-4:], "little") and (held[:, 1] == chunk_bytes).all()
-        and (held[:, 0] + chunk_bytes <= file_size - len(tail)).all()
+        google_crc32c.value(tail[:-4]) == int.from_bytes(tail[-4:], "little") and (held[:, 1] == size).all()
+        and (held[:, 0] + size <= file_size - len(tail)).all()
     )  # fmt: skip
     return held[:, 0].astype(np.int64) if intact else None
 
 
 def index_bytes(array: zarr.Array) -> int:
     """The size of the index that ends every shard file of a `has_writer_layout` array."""
-    return 16 * (array.shards[0] // array.chunks[0]) + 4
+    return 16 * chunks_per_shard(array) + 4
 
 
 def is_full_shard(array: zarr.Array, index: int) -> bool:

@@ -19,6 +19,7 @@ from pipeline.store.format import (
     READABLE_FORMATS,
     TRUTH_GROUP,
     as_location,
+    chunk_bytes,
     describe,
     has_writer_layout,
     index_bytes,
@@ -175,14 +176,14 @@ class ActivationStore:
         starts = self._chunk_starts[file]
         if starts is None:
             return False
-        chunk_rows, row_bytes = array.chunks[0], target.shape[1] * target.itemsize
+        chunk_rows, row_bytes, size = array.chunks[0], target.shape[1] * target.itemsize, chunk_bytes(array)
         row = start - index * array.shards[0]  # within the shard
         view = memoryview(target.reshape(-1)).cast("B")
         with path.open("rb", buffering=0) as handle:
             while view.nbytes:  # a run of chunks stored one after another is one read
                 chunk = row // chunk_rows
                 run = chunk + 1
-                while run < len(starts) and starts[run] == starts[run - 1] + chunk_rows * row_bytes:
+                while run < len(starts) and starts[run] == starts[run - 1] + size:
                     run += 1
                 handle.seek(int(starts[chunk]) + (row - chunk * chunk_rows) * row_bytes)
                 wanted = min(view.nbytes, (run * chunk_rows - row) * row_bytes)
