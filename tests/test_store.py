@@ -85,3 +85,9 @@ def test_reads_are_zarr_s_own_reads_byte_for_byte(tmp_path, dtype):
         assert ours.tobytes() == theirs.tobytes(), (start, end)
     assert all(starts is not None for starts in store._chunk_starts.values())  # every shard read as bytes
     assert len(store._chunk_starts) == 3
+    into = np.full((2 * SHARD + 7 - (SHARD - 5), WIDTH), np.nan, dtype=dtype)  # a caller's memory, reused
+    assert store.read_rows("s", "h", SHARD - 5, 2 * SHARD + 7, out=into) is into
+    assert into.tobytes() == array[SHARD - 5 : 2 * SHARD + 7].tobytes()
+    for wrong in (into[1:], into.astype("float64"), into[:, ::2]):
+        with pytest.raises(ValueError, match="not C-contiguous"):
+            store.read_rows("s", "h", SHARD - 5, 2 * SHARD + 7, out=wrong)

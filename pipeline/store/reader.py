@@ -56,6 +56,8 @@ class ActivationStore:
             raise PipelineError(f"{self.path} is incomplete: it has no manifest (written last); {finish}")
         self.manifest: dict[str, dict] = self.attrs[MANIFEST]["files"]
         self._chunk_starts: dict[str, np.ndarray | None] = {}  # shard file -> where its chunks lie (`stored_chunks`)
+        self._arrays: dict[tuple[str, str], zarr.Array] = {}  # opened once: zarr reads an array's metadata to open it
+        self._direct: dict[str, bool] = {}  # array path -> whether its shards are read as file bytes
         self.checksum_algorithm: str = self.attrs[MANIFEST].get("algorithm", "sha256")
         # The content's identity: every file's checksum (a re-extraction that changes any value changes it).
         self.fingerprint = hashlib.sha256(json.dumps(self.manifest, sort_keys=True).encode()).hexdigest()
@@ -98,12 +100,14 @@ class ActivationStore:
         """The [n_tokens, d_model] array of one hook (lazy: index it, or use `read_rows` for named errors)."""
         if hook not in self.hooks:
             raise PipelineError(f"hook {hook!r} is not in store {self.path}; it holds: {', '.join(self.hooks)}")
-        return self._split(split)[hook]
+        return self._array(split, hook)
 
-    def read_rows(self, split: str, hook: str, start: int, end: int) -> np.ndarray:
-        """Activations of tokens start..end-1; a failed read is an error naming split, hook and shard files."""
+    def read_rows(self, split: str, hook: str, start: int, end: int, out: np.ndarray | None = None) -> np.ndarray:
+        """Activations of tokens start..end-1, into `out` where given (C-contiguous, of their shape and dtype: a
+        caller that reuses its memory saves the page faults of fresh memory); a failed read is an error naming split,
+        hook and shard files."""
         self.activations(split, hook)  # names an unknown split or hook
-        return self._read(split, hook, slice(start, end))
+        return self._read(split, hook, slice(start, end), out)
 
     def truth(self) -> dict[str, np.ndarray]:
         """A synthetic store's ground truth (see pipeline/synth); an error for a model's store."""
@@ -123,14 +127,22 @@ class ActivationStore:
             on_bytes(record["size"])
         return problems
 
-    def _read(self, split: str, name: str, rows: slice) -> np.ndarray:
-        array = self._split(split)[name]
+    def _read(self, split: str, name: str, rows: slice, out: np.ndarray | None = None) -> np.ndarray:
+        array = self._array(split, name)
+        first, stop, _ = rows.indices(array.shape[0])
+        shape = (max(stop, first) - first, *array.shape[1:])
+        if out is not None and (out.shape != shape or out.dtype != array.dtype or not out.flags.c_contiguous):
+            raise ValueError(f"out is {out.dtype}{list(out.shape)}, not C-contiguous {array.dtype}{list(shape)}")
         try:
-            if self.location.is_remote or array.shards is None or not has_writer_layout(array):
-                return array[rows]
-            return self._read_direct(array, split, name, rows)
+            if not self._direct[array.path]:
+                if out is None:
+                    return array[rows]
+                out[...] = array[rows]
+                return out
+            out = np.empty(shape, dtype=array.dtype) if out is None else out
+            self._read_direct(array, split, name, first, out)
+            return out
         except Exception as exc:  # zarr and the filesystem raise many types; all mean "this file is damaged"
-            first, stop, _ = rows.indices(array.shape[0])
             size = array.shards[0] if array.shards else array.chunks[0]
             files = sorted({shard_file(array, split, name, i // size) for i in range(first, max(stop, first + 1))})
             raise PipelineError(
@@ -139,12 +151,11 @@ class ActivationStore:
                 f"{type(exc).__name__}: {exc}; `pipeline verify` checks every file"
             ) from exc
 
-    def _read_direct(self, array: zarr.Array, split: str, name: str, rows: slice) -> np.ndarray:
-        """`array[rows]`, each shard's part read from its file as bytes straight into the result (several shards at
-        once), where the shard's index allows (`stored_chunks`); through zarr where it does not."""
-        first, stop, _ = rows.indices(array.shape[0])
-        stop = max(stop, first)
-        out = np.empty((stop - first, array.shape[1]), dtype=array.dtype)
+    def _read_direct(self, array: zarr.Array, split: str, name: str, first: int, out: np.ndarray) -> None:
+        """Rows first..first+len(out) of `array` into `out`, each shard's part read from its file as bytes straight
+        into it (several shards at once), where the shard's index allows (`stored_chunks`); through zarr where it
+        does not."""
+        stop = first + len(out)
         shard_rows = array.shards[0]
         pieces = [
             (index, max(first, index * shard_rows), min(stop, (index + 1) * shard_rows))
@@ -162,7 +173,6 @@ class ActivationStore:
         else:  # file reads release the GIL: shards load in parallel
             with ThreadPoolExecutor(min(READ_THREADS, len(pieces))) as pool:
                 list(pool.map(read, pieces))
-        return out
 
     def _read_shard_rows(self, array: zarr.Array, file: str, index: int, start: int, target: np.ndarray) -> bool:
         """Rows start..start+len(target) of the array, all in shard `index` (`file`), into `target` as the bytes
@@ -190,6 +200,15 @@ class ActivationStore:
                 _read_exactly(handle, view[:wanted], file)
                 view, row = view[wanted:], row + wanted // row_bytes
         return True
+
+    def _array(self, split: str, name: str) -> zarr.Array:
+        if (split, name) not in self._arrays:
+            array = self._split(split)[name]
+            self._direct[array.path] = (
+                not self.location.is_remote and array.shards is not None and has_writer_layout(array)
+            )
+            self._arrays[split, name] = array
+        return self._arrays[split, name]
 
     def _split(self, split: str) -> zarr.Group:
         if self.attrs.get("split_stats", {}).get(split, {}).get("streamed"):
