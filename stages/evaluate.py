@@ -63,8 +63,9 @@ def run(params: Params, which: str = "all") -> dict[str, dict]:
                     source_hook=hook if target else None,
                 )
             for key in keys:
+                blocks = loader.epoch(0, ev.batch_tokens, reuse_memory=True)  # each used before the next is read
                 reconstructions[key] = reconstruction_metrics(
-                    saes[key], loader.epoch(0, ev.batch_tokens), ev.dense_threshold, bars["reconstruction"].advance
+                    saes[key], blocks, ev.dense_threshold, bars["reconstruction"].advance
                 )
                 latents[key] = latent_statistics(
                     saes[key], loader.in_order(ev.batch_tokens), offsets, bars["SAEBench statistics"].advance

@@ -11,7 +11,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import zarr
 
+from pipeline.core.errors import PipelineError
 from pipeline.store import ActivationStore
 from pipeline.store.writer import StoreWriter
 from pipeline.train.loader import ActivationLoader
@@ -20,17 +22,19 @@ CPU = torch.device("cpu")
 DOC_LEN = 50
 
 
-def write_indexed_store(path: Path, n_tokens: int, d: int = 4, shard_tokens: int = 4096, chunk_tokens: int = 512):
-    """A store whose row i is (i, i, ...): each block says which tokens it holds. Documents of DOC_LEN tokens."""
+def write_indexed_store(path: Path, n_tokens: int, d: int = 4, shard_tokens: int = 4096, chunk_tokens: int = 512,
+                        dtype: str = "float32"):  # fmt: skip
+    """A store whose row i is (i, i, ...): each block says which tokens it holds (exactly, in float32). Documents
+    of DOC_LEN tokens."""
     attrs = {
-        "hooks": ["h"], "d_model": d, "dtype": "float32", "shard_tokens": shard_tokens, "chunk_tokens": chunk_tokens,
+        "hooks": ["h"], "d_model": d, "dtype": dtype, "shard_tokens": shard_tokens, "chunk_tokens": chunk_tokens,
         "splits": ["train"], "model": "indexed", "dataset": "indexed", "n_ctx": DOC_LEN, "bos_token_id": 0,
     }  # fmt: skip
     writer = StoreWriter(path, attrs, resume=False)
     offsets = np.append(np.arange(0, n_tokens, DOC_LEN), n_tokens).astype(np.int64)
     writer.add_split("train", np.zeros(n_tokens, np.int32), offsets)
     for index, start, end in writer.pending_shards("train"):
-        rows = np.repeat(np.arange(start, end, dtype=np.float32)[:, None], d, axis=1)
+        rows = np.repeat(np.arange(start, end, dtype=dtype)[:, None], d, axis=1)
         writer.write_shard("train", index, start, {"h": rows})
     writer.finalize({})
     return ActivationStore(path)
@@ -42,7 +46,8 @@ def indexed(tmp_path_factory) -> ActivationStore:
 
 
 def streamed(store: ActivationStore, seed: int = 3) -> ActivationLoader:
-    budget_gb = 3 * 4 * 512 * 4 * 4 / 2**30  # three window buffers of 4 chunks of 512 x 4 float32
+    itemsize = store.activations("train", "h").dtype.itemsize
+    budget_gb = 3 * 4 * 512 * 4 * itemsize / 2**30  # three window buffers of 4 chunks of 512 x 4 values
     loader = ActivationLoader(store, "train", "h", CPU, seed=seed, memory_budget_gb=budget_gb)
     assert not loader.resident_on_device and loader.window_chunks == 4
     return loader
@@ -76,6 +81,25 @@ def test_a_streamed_epoch_is_seeded_and_resumes_at_any_block(indexed):
     for start in (1, 3, len(epoch) - 1):  # inside a window, and where blocks straddle windows
         resumed = tokens_of(loader.epoch(1, 3000, start))
         assert all(np.array_equal(a, b) for a, b in zip(epoch[start:], resumed, strict=True)), start
+
+
+def test_reused_memory_changes_no_block(indexed):
+    loader = streamed(indexed)
+    fresh = tokens_of(loader.epoch(1, 3000))
+    pointers = []
+    for block, expected in zip(loader.epoch(1, 3000, reuse_memory=True), fresh, strict=True):
+        assert np.array_equal(block[:, 0].numpy(), expected)
+        pointers.append(block.data_ptr())
+    assert len(set(pointers)) == 1  # every block in the first one's memory: no page faults after it
+
+
+@pytest.mark.parametrize("value", [np.nan, np.inf, -np.inf])
+@pytest.mark.parametrize("dtype", ["float16", "float32"])
+def test_a_non_finite_value_stops_a_streamed_epoch_at_its_token(tmp_path, value, dtype):
+    store = write_indexed_store(tmp_path / "store", n_tokens=10_000, dtype=dtype)
+    zarr.open_group(tmp_path / "store", mode="r+")["train"]["h"][4321, 2] = value
+    with pytest.raises(PipelineError, match="non-finite activation at token 4321 \\(document 86\\)"):
+        sum(len(block) for block in streamed(store).epoch(0, 3000))
 
 
 MEMORY_PROBE = """

@@ -78,9 +78,12 @@ class SyntheticStream:
             index += 1
         return torch.cat(rows)[:n_tokens]
 
-    def epoch(self, epoch: int, block_tokens: int, start_block: int = 0) -> Iterator[torch.Tensor]:
+    def epoch(
+        self, epoch: int, block_tokens: int, start_block: int = 0, reuse_memory: bool = False
+    ) -> Iterator[torch.Tensor]:
         """Consecutive blocks of this epoch's order (the last may be shorter), from block `start_block` on; each is
-        the caller's to modify in place. Shards before the start are not generated."""
+        the caller's to modify in place, and fresh memory (`reuse_memory` changes nothing here). Shards before the
+        start are not generated."""
         skip = start_block * block_tokens
         pieces: list[torch.Tensor] = []
         gathered = 0

@@ -33,6 +33,7 @@ from pipeline.core.seeds import generator
 from pipeline.store import ActivationStore
 
 WINDOW_BUFFERS = 3  # the window being copied into blocks, one queued, one being read
+GATHER_ROWS = 2048  # rows gathered into a block at a time (their stored bytes fit in a core's cache until converted)
 SAMPLE_EPOCH = -1  # the stream `sample` draws from: not any training epoch's
 
 
@@ -52,7 +53,9 @@ class TrainingBlocks(Protocol):
 
     def sample(self, n_tokens: int) -> torch.Tensor: ...
 
-    def epoch(self, epoch: int, block_tokens: int, start_block: int = 0) -> Iterator[torch.Tensor]: ...
+    def epoch(
+        self, epoch: int, block_tokens: int, start_block: int = 0, reuse_memory: bool = False
+    ) -> Iterator[torch.Tensor]: ...
 
 
 class ActivationLoader:
@@ -101,9 +104,7 @@ class ActivationLoader:
         self.window_chunks = max(1, int(memory_budget_gb * 2**30 // (WINDOW_BUFFERS * chunk_bytes)))
         if self.resident_on_device:
             self.positions = np.setdiff1d(np.arange(self.n_rows), self.excluded, assume_unique=True)
-            parts = [_read_checked(store, split, h) for h in self.hooks]
-            self.data = torch.from_numpy(self._joined_rows(*parts, *self._columns_of(0, self.n_rows)))
-            self.data = self.data.to(device)
+            self.data = self._read_resident()
         self.stall_seconds = 0.0  # time the consumer spent waiting for a block
 
     @property
@@ -128,13 +129,17 @@ class ActivationLoader:
         chosen = torch.from_numpy(self.positions)[shuffled]
         return self.data[chosen[:n_tokens].to(self.data.device)].float().to(self.device)
 
-    def epoch(self, epoch: int, block_tokens: int, start_block: int = 0) -> Iterator[torch.Tensor]:
+    def epoch(
+        self, epoch: int, block_tokens: int, start_block: int = 0, reuse_memory: bool = False
+    ) -> Iterator[torch.Tensor]:
         """Consecutive blocks of this epoch's order (the last may be shorter), from block `start_block` on.
 
-        Each block is the caller's to modify in place until it asks for the next one.
+        Each block is the caller's to modify in place until it asks for the next one. With `reuse_memory`, a later
+        block may then be written into its memory (keep a copy to keep it): streamed on the CPU, fresh memory for
+        every block costs more in page faults than the rest of the work together.
         """
         if not self.resident_on_device:
-            yield from self._streamed(epoch, block_tokens, start_block)
+            yield from self._streamed(epoch, block_tokens, start_block, reuse_memory)
             return
         order = self.order(epoch)
         for i in range(start_block * block_tokens, len(order), block_tokens):
@@ -191,7 +196,8 @@ class ActivationLoader:
         chunks = np.random.default_rng([self.seed, epoch + 1]).permutation(n_chunks)
         return [chunks[i : i + self.window_chunks] for i in range(0, n_chunks, self.window_chunks)]
 
-    def _streamed(self, epoch: int, block_tokens: int, start_block: int) -> Iterator[torch.Tensor]:
+    def _streamed(self, epoch: int, block_tokens: int, start_block: int, reuse_memory: bool = False
+                  ) -> Iterator[torch.Tensor]:  # fmt: skip
         windows = self.windows(epoch)
         skip, first = start_block * block_tokens, 0
         while first < len(windows) and skip >= (in_window := self._training_tokens(windows[first])):
@@ -199,25 +205,33 @@ class ActivationLoader:
         reader = _WindowReader(self, epoch, [(w, windows[w]) for w in range(first, len(windows))])
         left = self.n_tokens - start_block * block_tokens  # tokens still to hand out: the last block may be short
         pin = uses_pinned_memory(self.device)
-        # On the host, rows become float32 as they are copied into the block; a device converts its own copy (the
-        # transfer then carries the stored dtype's bytes).
-        block_dtype = torch.float32 if self.device.type == "cpu" else None
+        on_host = self.device.type == "cpu"  # the block is what the caller gets
+        memory = None  # the first block's memory, for every later block where the caller lets it be reused
         block, filled = None, 0
         try:
-            for buffer, rows in reader:
-                rows, skip = rows[skip:], 0
-                while len(rows):
+            for parts, order in reader:
+                order, skip = order[skip:], 0
+                while len(order):
                     if block is None:
-                        block, filled = torch.empty(min(block_tokens, left), self.d_model,
-                                                    dtype=block_dtype or rows.dtype, pin_memory=pin), 0  # fmt: skip
-                    take = min(len(block) - filled, len(rows))
-                    block[filled : filled + take] = rows[:take]
-                    rows, filled = rows[take:], filled + take
+                        size, filled = min(block_tokens, left), 0
+                        # On the host, rows become float32 as they are gathered; a device converts its own copy (the
+                        # transfer then carries the stored dtype's bytes).
+                        block = (
+                            memory[:size]
+                            if memory is not None
+                            else torch.empty(
+                                size, self.d_model, dtype=torch.float32 if on_host else parts[0].dtype, pin_memory=pin
+                            )
+                        )
+                        memory = block if reuse_memory and on_host and memory is None else memory  # fmt: skip
+                    take = min(len(block) - filled, len(order))
+                    _gather(parts, order[:take], block[filled : filled + take])
+                    order, filled = order[take:], filled + take
                     if filled == len(block):
                         # the host allocator keeps a pinned block alive until its non-blocking copy has finished
                         yield block.to(self.device, non_blocking=pin).float()
                         left, block = left - filled, None
-                reader.release(buffer)  # copied out: the reader may fill it again
+                reader.release(parts)  # gathered from: the reader may fill it again
         finally:
             reader.close()
 
@@ -236,49 +250,93 @@ class ActivationLoader:
         kept[self._excluded_in(start, end) - start] = False
         return kept
 
-    def _read_window(self, epoch: int, index: int, window: np.ndarray, buffer: np.ndarray) -> torch.Tensor:
-        """The training rows of the window's chunks (read in store order) in `buffer`, shuffled by (seed, epoch,
-        index): each chunk's rows go straight to their shuffled places."""
-        places = np.random.default_rng([self.seed, epoch + 1, index]).permutation(self._training_tokens(window))
-        filled = 0
+    def _read_window(self, epoch: int, index: int, window: np.ndarray, parts: list[torch.Tensor]) -> torch.Tensor:
+        """Reads the window's chunks, in store order, into `parts` (`_new_parts`), and returns the window's shuffled
+        order, seeded by (seed, epoch, index): the row of `parts` that each of its positions takes. Only training
+        rows are placed."""
+        kept, filled = [], 0
         for start, end in sorted(map(self._rows_of, window)):
-            rows = self._read_rows(start, end)
-            keep = self._kept(start, end)
-            n_kept = int(keep.sum())
-            buffer[places[filled : filled + n_kept]] = rows if n_kept == len(rows) else rows[keep]
-            filled += n_kept
-        return torch.from_numpy(buffer[:filled])
+            self._read_into(start, end, parts, filled)
+            kept.append(filled + np.flatnonzero(self._kept(start, end)))
+            filled += end - start
+        training_rows = np.concatenate(kept)
+        places = np.random.default_rng([self.seed, epoch + 1, index]).permutation(len(training_rows))
+        order = np.empty_like(training_rows)
+        order[places] = training_rows  # training row j goes to position places[j]
+        return torch.from_numpy(order)
+
+    def _read_resident(self) -> torch.Tensor:
+        """Every row of the split as `_read_rows` gives them, in one tensor on the device. Read a shard at a time
+        straight into it on the CPU; for a device, into host memory copied there (pinned on CUDA, two shards'
+        worth taking turns, so that a shard's copy overlaps the next one's read)."""
+        data = torch.empty((self.n_rows, self.d_model), dtype=getattr(torch, self.dtype.name), device=self.device)
+        pin, shard = uses_pinned_memory(self.device), self.store.shard_tokens
+        if self.device.type == "cpu" and self.d_model == self.widths[0]:  # one part: its rows are the data's
+            for start in range(0, self.n_rows, shard):
+                self._read_into(start, min(start + shard, self.n_rows), [data[start : start + shard]])
+            return data
+        turns: list[tuple[list[torch.Tensor], torch.cuda.Event | None]] = [(self._new_parts(shard, pin), None)] * 2
+        for index, start in enumerate(range(0, self.n_rows, shard)):
+            end = min(start + shard, self.n_rows)
+            parts, copied = turns[index % 2]
+            if copied is not None:  # its previous shard is still being copied from it
+                copied.synchronize()
+            self._read_into(start, end, parts)
+            column = 0
+            for part in parts:
+                data[start:end, column : column + part.shape[1]].copy_(part[: end - start], non_blocking=pin)
+                column += part.shape[1]
+            turns[index % 2] = (parts, _recorded_event() if pin else None)
+        return data
 
     def _read_rows(self, start: int, end: int) -> np.ndarray:
-        """Rows start..end-1 of every hook, checked, side by side."""
-        parts = []
-        for hook in self.hooks:
-            rows = self.store.read_rows(self.split, hook, start, end)
+        """Rows start..end-1 of every hook (checked), side by side, then their columns."""
+        parts = self._new_parts(end - start)
+        self._read_into(start, end, parts)
+        return (parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)).numpy()
+
+    def _read_into(self, start: int, end: int, parts: list[torch.Tensor], at: int = 0) -> None:
+        """Rows start..end-1 of every hook, checked for NaN and inf, and of the columns, into rows at... of
+        `parts` (`_new_parts`)."""
+        for hook, part in zip(self.hooks, parts, strict=False):
+            rows = self.store.read_rows(self.split, hook, start, end, out=part.numpy()[at : at + end - start])
             _check_finite(self.store, self.split, hook, start, rows)
-            parts.append(rows)
-        return self._joined_rows(*parts, *self._columns_of(start, end))
+        if self.columns is not None:  # small integers: exact in float16
+            parts[-1].numpy()[at : at + end - start] = self.columns[start:end]
 
-    def _columns_of(self, start: int, end: int) -> list[np.ndarray]:
-        """Rows start..end-1 of the columns, as the activations' dtype (small integers are exact in float16)."""
-        return [] if self.columns is None else [self.columns[start:end].astype(self.dtype)]
+    def _new_parts(self, rows: int, pin: bool = False) -> list[torch.Tensor]:
+        """Host memory for `rows` rows as read: one [rows, width] tensor per hook, then one for the columns."""
+        widths = self.widths + ([self.n_columns] if self.n_columns else [])
+        return [torch.empty((rows, width), dtype=getattr(torch, self.dtype.name), pin_memory=pin) for width in widths]
 
-    @staticmethod
-    def _joined_rows(*parts: np.ndarray) -> np.ndarray:
-        return parts[0] if len(parts) == 1 else np.concatenate(parts, axis=1)
 
-    def _new_window_buffer(self) -> np.ndarray:
-        return np.empty((self.window_chunks * self.chunk_tokens, self.d_model), dtype=self.dtype)
+def _recorded_event() -> torch.cuda.Event:
+    """A CUDA event recorded after the work queued so far: `synchronize` waits for that work."""
+    event = torch.cuda.Event()
+    event.record()
+    return event
+
+
+def _gather(parts: list[torch.Tensor], rows: torch.Tensor, target: torch.Tensor) -> None:
+    """target[i] = row rows[i] of the parts side by side, in target's dtype; GATHER_ROWS rows at a time, so that
+    each piece is converted while it is still in cache."""
+    for begin in range(0, len(rows), GATHER_ROWS):
+        chosen, column = rows[begin : begin + GATHER_ROWS], 0
+        for part in parts:
+            target[begin : begin + len(chosen), column : column + part.shape[1]] = part.index_select(0, chosen)
+            column += part.shape[1]
 
 
 class _WindowReader:
-    """A background thread reading `windows` into a fixed pool of buffers, in order; iterate for (buffer, rows),
-    and `release` each buffer once its rows are used. Time spent waiting is added to the loader's stall time."""
+    """A background thread reading `windows` into a fixed pool of window memories (`_new_parts`), in
+    order; iterate for (parts, order) as `_read_window` gives them, and `release` the parts once gathered from.
+    Time spent waiting is added to the loader's stall time."""
 
     def __init__(self, loader: ActivationLoader, epoch: int, windows: list[tuple[int, np.ndarray]]) -> None:
         self.loader = loader
         self.free: queue.Queue = queue.Queue()
         for _ in range(min(WINDOW_BUFFERS, len(windows))):
-            self.free.put(None)  # allocated on first use
+            self.free.put(None)  # window memory, allocated on first use
         self.ready: queue.Queue = queue.Queue()
         self.stop = threading.Event()
         self.thread = threading.Thread(target=self._read, args=(epoch, windows), daemon=True, name="loader")
@@ -287,16 +345,17 @@ class _WindowReader:
     def _read(self, epoch: int, windows: list[tuple[int, np.ndarray]]) -> None:
         try:
             for index, window in windows:
-                buffer = self.free.get()
+                parts = self.free.get()
                 if self.stop.is_set():
                     return
-                buffer = self.loader._new_window_buffer() if buffer is None else buffer
-                self.ready.put((buffer, self.loader._read_window(epoch, index, window, buffer)))
+                if parts is None:  # allocated on first use
+                    parts = self.loader._new_parts(self.loader.window_chunks * self.loader.chunk_tokens)
+                self.ready.put((parts, self.loader._read_window(epoch, index, window, parts)))
             self.ready.put(None)
         except BaseException as exc:  # surfaced in the consumer
             self.ready.put(exc)
 
-    def __iter__(self) -> Iterator[tuple[np.ndarray, torch.Tensor]]:
+    def __iter__(self) -> Iterator[tuple[list[torch.Tensor], torch.Tensor]]:
         while True:
             waited = time.perf_counter()
             item = self.ready.get()
@@ -307,8 +366,8 @@ class _WindowReader:
                 raise item
             yield item
 
-    def release(self, buffer: np.ndarray) -> None:
-        self.free.put(buffer)
+    def release(self, parts: list[torch.Tensor]) -> None:
+        self.free.put(parts)
 
     def close(self) -> None:
         self.stop.set()
@@ -333,17 +392,6 @@ def _excluded_positions(
     return np.unique(np.concatenate(left_out)).astype(np.int64)
 
 
-def _read_checked(store: ActivationStore, split: str, hook: str) -> np.ndarray:
-    """The whole [n_tokens, d] array in host memory, read shard by shard and checked for NaN or inf."""
-    array = store.activations(split, hook)
-    host = np.empty(array.shape, dtype=array.dtype)
-    for start in range(0, array.shape[0], store.shard_tokens):
-        block = store.read_rows(split, hook, start, start + store.shard_tokens)
-        _check_finite(store, split, hook, start, block)
-        host[start : start + len(block)] = block
-    return host
-
-
 def _check_finite(store: ActivationStore, split: str, hook: str, start: int, rows: np.ndarray) -> None:
     """An error naming the first token and document of `rows` (tokens start...) with a NaN or inf."""
     if _all_finite(rows):
@@ -359,8 +407,8 @@ def _check_finite(store: ActivationStore, split: str, hook: str, start: int, row
 
 
 def _all_finite(rows: np.ndarray) -> bool:
-    """Whether every value of `rows` is finite. numpy's float16 `isfinite` is emulated: for float16 rows the
-    exponent bits answer 3x faster (all ones: inf or NaN)."""
-    if rows.dtype == np.float16 and rows.flags.c_contiguous:
-        return int((rows.view(np.uint16) & 0x7C00).max(initial=0)) != 0x7C00
-    return bool(np.isfinite(rows).all())
+    """Whether every value of `rows` is finite: whether their smallest and largest are (both propagate NaN), one
+    pass, several times faster than numpy's `isfinite` (emulated for float16)."""
+    if rows.size == 0:
+        return True
+    return bool(torch.isfinite(torch.stack(torch.aminmax(torch.from_numpy(rows)))).all())

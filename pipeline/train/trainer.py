@@ -188,7 +188,8 @@ class Trainer:
         )
         for epoch in range(first_epoch, max(r.cfg.epochs for r in self.runs)):
             start = first_block if epoch == first_epoch else 0
-            for block_index, block in enumerate(self.loader.epoch(epoch, self.block_tokens, start), start):
+            blocks = self.loader.epoch(epoch, self.block_tokens, start, reuse_memory=True)  # each trained on in turn
+            for block_index, block in enumerate(blocks, start):
                 yield epoch, block_index, block
 
     @property
