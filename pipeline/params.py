@@ -171,6 +171,7 @@ class TrainConfig:
     matryoshka_prefixes: list[float] = field(default_factory=lambda: [0.0625, 0.125, 0.25, 0.5])  # shares of d_sae
     relu_decoder_norm: str = "free"  # relu: free = learned decoder norms weigh the L1; unit = rows renormalised
     amp: str = "auto"  # auto = fp16 on cuda, none on cpu; or none | fp16 | bf16
+    torch_compile: bool = False  # torch.compile each SAE's loss, forward and backward (docs/training.md)
     seed: int = 0
     device: str = "auto"
     memory_budget_gb: float = 8.0  # the split on the device when it fits, else streamed from the store within it
@@ -466,6 +467,8 @@ def _validate(params: Params) -> None:
         (x.nproc > 0, "extract.nproc", x.nproc, positive),
         (t.nproc > 0, "train.nproc", t.nproc, positive),
         (t.distribute in ("data", "configs"), "train.distribute", t.distribute, "data or configs"),
+        (not (t.torch_compile and t.nproc > 1 and t.distribute == "data"), "train.torch_compile", t.torch_compile,
+         "false with data-parallel training (train.nproc > 1, distribute data): untested there"),
         (t.memory_budget_gb >= 0, "train.memory_budget_gb", t.memory_budget_gb, ">= 0"),
         (t.scale_sample_tokens > 0, "train.scale_sample_tokens", t.scale_sample_tokens, positive),
         (t.checkpoint_every > 0, "train.checkpoint_every", t.checkpoint_every, positive),

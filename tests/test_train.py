@@ -260,6 +260,30 @@ def test_fp16_overflow_steps_are_skipped_and_counted(tmp_path, small_synthetic, 
     assert all(torch.isfinite(v).all() for v in checkpoint["sae"].values())
 
 
+def test_a_compiled_loss_trains_as_the_eager_one(tmp_path, small_synthetic):
+    """train.torch_compile: the same weights to fp32 rounding, from graphs dynamo really compiled (a logged and a
+    plain step each)."""
+    config = {"c": {"architecture": "topk", "expansion": 2, "batch_size": 4, "lr": 1e-3, "epochs": 1, "k": 8}}
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    for compiled in (False, True):
+        params = synthetic_params(tmp_path, small_synthetic, config, out_dir=str(tmp_path / f"out-{compiled}"),
+                                  torch_compile=compiled)  # fmt: skip
+        result = invoke("train", "--params", str(params), "--config", "c")
+        assert result.exit_code == 0, result.output
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] >= 2
+    eager, compiled = (final_weights(tmp_path / f"out-{c}", "config_c_2x") for c in (False, True))
+    for key, value in eager.items():
+        torch.testing.assert_close(compiled[key], value, rtol=1e-5, atol=1e-6, msg=key)
+
+
+def test_data_parallel_training_refuses_a_compiled_loss(tmp_path, small_synthetic):
+    params = synthetic_params(tmp_path, small_synthetic, SMALL, torch_compile=True, nproc=2)
+    result = invoke("train", "--params", str(params))
+    assert result.exit_code == 2
+    assert "invalid train.torch_compile: True (allowed: false with data-parallel training" in result.stderr
+
+
 def test_a_checkpoint_resumes_with_this_device_s_adam(tmp_path, small_synthetic, monkeypatch):
     """A checkpoint written where Adam is fused (CUDA) resumes where it is not, and the reverse."""
     import pipeline.train.trainer

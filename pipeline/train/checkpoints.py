@@ -24,7 +24,9 @@ if TYPE_CHECKING:
     from pipeline.train.trainer import SAERun
 
 # Settings that do not change what is learned: --resume accepts a change to these and refuses any other.
-RESUMABLE_CHANGES = ("device", "memory_budget_gb", "log_every", "checkpoint_every", "out_dir", "nproc", "distribute")
+RESUMABLE_CHANGES = (  # settings that change how a run is computed, not what it computes (beyond rounding)
+    "device", "memory_budget_gb", "log_every", "checkpoint_every", "out_dir", "nproc", "distribute", "torch_compile",
+)  # fmt: skip
 
 log = logging.getLogger(__name__)
 

@@ -71,6 +71,7 @@ class SAERun:
     coefficient: torch.Tensor | None = None  # a target-L0 run's sparsity coefficient (on device), adapted then frozen
     guide: GuideProbe | None = None  # a guided run's frozen probe (pipeline/probe/guide.py)
     guide_column: int = -1  # the loader's column that holds its task's labels
+    loss_of: Callable | None = None  # with train.torch_compile: the SAE's `training_loss`, compiled
 
     @property
     def train_seconds(self) -> float:
@@ -239,6 +240,7 @@ class Trainer:
             target=target,
             coefficient=run.coefficient,
             guide=guide,
+            loss_of=run.loss_of,
         )
         if adapting:  # toward the target L0, on the device: the host never waits for this batch's L0
             error = torch.log(terms["l0"].clamp_min(1e-3) / run.cfg.target_l0).clamp(-1.0, 1.0)
@@ -328,7 +330,13 @@ class Trainer:
             if cfg.target_l0 is None
             else torch.tensor(float(getattr(cfg, sae.penalty[1])), device=self.device),
             skipped_steps=torch.zeros((), dtype=torch.long, device=self.device),
+            loss_of=compiled_loss(sae) if self.train.torch_compile else None,
         )
+
+
+def compiled_loss(sae: SparseAutoencoder, backend: str = "inductor") -> Callable:
+    """`sae.training_loss` compiled (`train.torch_compile`): forward and, through AOTAutograd, backward."""
+    return torch.compile(sae.training_loss, backend=backend)
 
 
 def train_step(
@@ -343,17 +351,19 @@ def train_step(
     target: torch.Tensor | None = None,
     coefficient: torch.Tensor | None = None,
     guide: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    loss_of: Callable | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor], torch.Tensor | None]:
     """One optimiser step; returns the loss, its terms (detached, on device) and 1 if the scaler skipped it (None
-    without a GradScaler: nothing is skipped).
+    without a GradScaler: nothing is skipped). `loss_of` computes the loss in place of `sae.training_loss` (its
+    compiled form).
 
     `average_over_ranks`: `x` is this rank's equal share of the batch; the gradients, loss and terms become
     their means over ranks (one all-reduce), which for these per-token means are those of the whole batch, and
     the SAE's batch statistics are the whole batch's.
     """
     with autocast(x.device, amp):
-        loss, terms = sae.training_loss(x, cfg, logged, average_over_ranks, target=target, coefficient=coefficient,
-                                        guide=guide)  # fmt: skip
+        loss, terms = (loss_of or sae.training_loss)(x, cfg, logged, average_over_ranks, target=target,
+                                                      coefficient=coefficient, guide=guide)  # fmt: skip
     optimizer.zero_grad(set_to_none=True)
     scaler.scale(loss).backward()
     loss, terms = loss.detach(), {k: v.detach() for k, v in terms.items()}
