@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # One-shot check of this project on a CUDA machine, results in one JSON. Every step has its own time limit: steps
-# 1-4 are sized to finish in under 8 minutes together; step 5 (new, not yet run on a GPU) is limited to 7.
+# 1-4 are sized to finish in under 8 minutes together (step 4's compiled step, new, may take 4 more); step 5
+# (new, not yet run on a GPU) is limited to 7.
 #
 #   bash bench/device-check.sh [OUT_DIR]        # default OUT_DIR: artifacts/device-check
 #
@@ -20,7 +21,8 @@
 #      read and write speed against np.fromfile and tofile, the splice's efficiency and each stage's start-up
 #      included)
 #   4. a short full run (extract, train A/B/C, evaluate, analyze, report) on MAX_DOCS documents per split, timed
-#      per stage
+#      per stage; then figure 8d, a config-C-sized step of relu and topk with train.torch_compile against eager
+#      (`bench_compiled_step`): what decides whether it should be on by default on CUDA
 #   5. the ground-truth benchmark at the published scale, shortened: params-synth-16k.yaml (16,384 features in
 #      768 dimensions, five SAEs of 4,096 latents, L0 25) on SYNTH_SAMPLES streamed samples (default 10M of the
 #      recipe's 200M), its report (our rows beside the published ones) kept in OUT_DIR
@@ -97,6 +99,21 @@ step evaluate 150 "$python" -m pipeline.cli evaluate $P
 step analyze 150 "$python" -m pipeline.cli analyze $P
 step report 120 "$python" -m pipeline.cli report $P
 cp "$WORK/artifacts/report.md" "$OUT_DIR/report.md" 2>/dev/null
+step compiled_step 240 "$python" - "$WORK/params.yaml" "$WORK/compiled_step.json" <<'PY'
+import json, sys
+from bench.figures import bench_compiled_step
+from bench.reference import reference_config
+from pipeline.core.device import resolve_device
+from pipeline.params import load_params
+from pipeline.tiny import SHAPES
+params = load_params(sys.argv[1])
+d_model = SHAPES["gpt2-small"][1]
+_, c = reference_config(params, d_model)
+figure = bench_compiled_step(resolve_device(params.train.device), params.train.amp, d_model, c.width(d_model),
+                             c.batch_size * params.train.seq_len, params.train.k)
+json.dump(figure, open(sys.argv[2], "w"), indent=2)
+print(json.dumps(figure, indent=2))
+PY
 
 step synth16k 420 "$python" -m pipeline.cli run --params params-synth-16k.yaml -S synth.n_train="$SYNTH_SAMPLES" \
   -S synth.device="$DEVICE" -S train.device="$DEVICE" -S extract.store="$WORK/synthetic-16k" \
@@ -120,6 +137,7 @@ try:
 except (OSError, ET.ParseError, AttributeError):
     result["cuda_tests"] = None
 result["train"] = {os.path.basename(p): load(p) for p in sorted(glob.glob(f"{work}/artifacts/details/train_*.json"))}
+result["compiled_step"] = load(f"{work}/compiled_step.json")
 result["browser_bytes"] = {p.split("/")[-2]: os.path.getsize(p) for p in glob.glob(f"{work}/artifacts/browser/*/features.js")}
 result["evaluate"] = {os.path.basename(p): load(p) for p in sorted(glob.glob(f"{work}/artifacts/metrics/eval_*.json"))}
 result["synth16k"] = {os.path.basename(p): load(p) for p in sorted(glob.glob(f"{work}/synthetic-16k/metrics/*.json"))}

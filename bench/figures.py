@@ -29,6 +29,9 @@
 8b. topk selection share   the top-k selection alone (ReLU, topk, scatter over [batch, d_sae]) / a topk step
 8c. guided step cost       a ReLU step with a guide's term (sae.<key>.guide: a frozen 12-class probe of the
                            reconstruction, cross-entropy over labelled tokens) / the ReLU step, same shape and batch
+8d. compiled step speed-up a relu and a topk step at config C's shape / the same with `train.torch_compile`
+                           (`bench_compiled_step`; in bench/device-check.sh only, not `pipeline bench`: compiling
+                           takes longer than the rest of a CPU bench)
 9. analyze vs evaluate     `pipeline analyze`'s computation for config C's width / `pipeline evaluate`'s (reconstruction
                            metrics and splice scores) for the same SAE on the same documents (the extraction figures')
 9d. label vs tokenize      tokens/s of labelling the last split of `data.splits` (pipeline/label: tokenizing again with
@@ -87,7 +90,7 @@ from pipeline.store import ActivationStore
 from pipeline.store.background import BackgroundWriter, default_workers
 from pipeline.store.writer import StoreWriter
 from pipeline.train.loader import ActivationLoader
-from pipeline.train.trainer import Trainer, train_step
+from pipeline.train.trainer import Trainer, compiled_loss, train_step
 
 NAIVE_DOCS = 50  # the naive per-document baseline is slow: measured on the first documents only
 SPLICE_DOCS = 16  # six passes of the whole model with its vocabulary: slow on a CPU
@@ -264,10 +267,7 @@ def bench_architectures(device: torch.device, amp: str, d_in: int, d_sae: int, b
         cfg = bench_config(d_sae, name, k=k, dead_tokens=1)  # every latent is dead: AuxK always runs (worst case)
         if guide is not None:
             cfg = replace(cfg, guide=GuideConfig(task="operation", coeff=0.1))
-        sae = build_sae(cfg, d_in).to(device)
-        optimizer = torch.optim.Adam(sae.parameters(), lr=1e-4)
-        scaler = grad_scaler(device, dtype)
-        return lambda: train_step(sae, optimizer, scaler, x, dtype, cfg, logged=False, guide=guide)
+        return _training_step(cfg, x, dtype, guide)
 
     pre = torch.randn(batch_tokens, d_sae, device=device, dtype=dtype or torch.float32)
     fns = {name: step_of(name) for name in ARCHITECTURES}
@@ -281,6 +281,39 @@ def bench_architectures(device: torch.device, amp: str, d_in: int, d_sae: int, b
         "guided_step_cost": seconds["relu_guided"] / seconds["relu"],
         "topk_selection_share": seconds["topk_selection"] / seconds["topk"],
     }
+
+
+def bench_compiled_step(device: torch.device, amp: str, d_in: int, d_sae: int, batch_tokens: int, k: int,
+                        backend: str = "inductor") -> dict:  # fmt: skip
+    """Figure 8d, for the device check only (compiling takes longer than a CPU bench's other figures): a training
+    step with its loss compiled as `train.torch_compile` compiles it (by `backend`), against the eager step, for
+    relu (one graph) and topk (its dead-latent check breaks the graph); the first, compiling step is not timed."""
+    dtype = amp_dtype(amp, device)
+    x = torch.randn(batch_tokens, d_in, device=device)
+    steps = {
+        f"{name}_{kind}": _training_step(
+            bench_config(d_sae, name, k=k), x, dtype, compiled_by=backend if kind == "compiled" else None
+        )
+        for name in ("relu", "topk")
+        for kind in ("eager", "compiled")
+    }
+    seconds = timed_interleaved(steps, device, repeats=5)
+    return {
+        "shape": {"batch_tokens": batch_tokens, "d_in": d_in, "d_sae": d_sae, "k": k, "backend": backend},
+        "step_s": seconds,
+        "compiled_speedup": {name: seconds[f"{name}_eager"] / seconds[f"{name}_compiled"] for name in ("relu", "topk")},
+    }
+
+
+def _training_step(cfg: SAEConfig, x: torch.Tensor, dtype: torch.dtype | None, guide: Callable | None = None,
+                   compiled_by: str | None = None) -> Callable[[], object]:  # fmt: skip
+    """A non-logged training step of a fresh SAE of `cfg` on the batch `x`; with `compiled_by` (a torch.compile
+    backend), its loss compiled as `train.torch_compile` compiles it."""
+    sae = build_sae(cfg, x.shape[1]).to(x.device)
+    optimizer = torch.optim.Adam(sae.parameters(), lr=1e-4)
+    scaler = grad_scaler(x.device, dtype)
+    loss_of = None if compiled_by is None else compiled_loss(sae, compiled_by)
+    return lambda: train_step(sae, optimizer, scaler, x, dtype, cfg, logged=False, guide=guide, loss_of=loss_of)
 
 
 def _bench_guide(batch_tokens: int, d_in: int, device: torch.device) -> Callable:

@@ -6,6 +6,7 @@ import json
 import math
 
 import pytest
+import torch
 from conftest import invoke, write_params
 
 from bench.figures import GOALS
@@ -100,3 +101,17 @@ def test_the_saelens_comparison_runs_where_saelens_is_installed(monkeypatch, cap
     assert math.isclose(
         report["ours_vs_saelens"], report["seconds_per_step"]["saelens"] / report["seconds_per_step"]["ours"]
     )
+
+
+def test_the_compiled_step_figure_times_each_step_both_ways():
+    """Figure 8d (the device check's): through dynamo's eager backend here, which traces as inductor does but does
+    not generate code (that takes longer than this suite can spend)."""
+    from bench.figures import bench_compiled_step
+
+    torch._dynamo.utils.counters.clear()
+    figure = bench_compiled_step(torch.device("cpu"), "none", 16, 32, 64, 4, backend="eager")
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] >= 2  # the compiled steps were compiled
+    assert set(figure["step_s"]) == {"relu_eager", "relu_compiled", "topk_eager", "topk_compiled"}
+    for name in ("relu", "topk"):
+        speedup = figure["compiled_speedup"][name]
+        assert speedup == figure["step_s"][f"{name}_eager"] / figure["step_s"][f"{name}_compiled"] > 0
