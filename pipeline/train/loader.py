@@ -6,10 +6,11 @@ No forked DataLoader workers: zarr 3 runs an asyncio loop on a thread, which for
   positions;
 - streamed (they do not): the split stays in the store, out of core. An epoch visits the store's chunks in a
   seeded random order, a window of chunks at a time (so a window mixes every shard); a background thread reads
-  the next window, each row straight to its shuffled place, while the current one is copied into blocks (in
-  pinned memory on CUDA, copied to the device with `non_blocking=True`). Every training token is seen once per
-  epoch. The windows live in WINDOW_BUFFERS buffers allocated once and reused (a steady footprint, not one the
-  allocator grows), which together take at most `memory_budget_gb`; the blocks in flight come on top.
+  the next window's chunks as stored and draws its shuffled order, while the current one is gathered into blocks
+  in its order (in pinned memory on CUDA, copied to the device with `non_blocking=True`). Every training token
+  is seen once per epoch. The windows live in WINDOW_BUFFERS buffers allocated once and reused (a steady
+  footprint, not one the allocator grows), which together take at most `memory_budget_gb`; the blocks in flight
+  come on top.
 Both are deterministic for a seed and resume at any block; their orders differ (streaming shuffles within
 windows).
 """
@@ -266,19 +267,21 @@ class ActivationLoader:
         return torch.from_numpy(order)
 
     def _read_resident(self) -> torch.Tensor:
-        """Every row of the split as `_read_rows` gives them, in one tensor on the device. Read a shard at a time
-        straight into it on the CPU; for a device, into host memory copied there (pinned on CUDA, two shards'
-        worth taking turns, so that a shard's copy overlaps the next one's read)."""
+        """Every row of the split as `_read_rows` gives them, in one tensor on the device. Read a shard at a time:
+        on the CPU straight into it where a row is one hook's; otherwise into host memory then copied into it
+        (pinned on CUDA, two shards' worth taking turns, so that a shard's copy overlaps the next one's read)."""
         data = torch.empty((self.n_rows, self.d_model), dtype=getattr(torch, self.dtype.name), device=self.device)
         pin, shard = uses_pinned_memory(self.device), self.store.shard_tokens
         if self.device.type == "cpu" and self.d_model == self.widths[0]:  # one part: its rows are the data's
             for start in range(0, self.n_rows, shard):
                 self._read_into(start, min(start + shard, self.n_rows), [data[start : start + shard]])
             return data
-        turns: list[tuple[list[torch.Tensor], torch.cuda.Event | None]] = [(self._new_parts(shard, pin), None)] * 2
+        turns: list[tuple[list[torch.Tensor], torch.cuda.Event | None]] = [
+            (self._new_parts(shard, pin), None) for _ in range(2 if pin else 1)
+        ]
         for index, start in enumerate(range(0, self.n_rows, shard)):
             end = min(start + shard, self.n_rows)
-            parts, copied = turns[index % 2]
+            parts, copied = turns[index % len(turns)]
             if copied is not None:  # its previous shard is still being copied from it
                 copied.synchronize()
             self._read_into(start, end, parts)
@@ -286,7 +289,7 @@ class ActivationLoader:
             for part in parts:
                 data[start:end, column : column + part.shape[1]].copy_(part[: end - start], non_blocking=pin)
                 column += part.shape[1]
-            turns[index % 2] = (parts, _recorded_event() if pin else None)
+            turns[index % len(turns)] = (parts, _recorded_event() if pin else None)
         return data
 
     def _read_rows(self, start: int, end: int) -> np.ndarray:
