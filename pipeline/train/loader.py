@@ -33,8 +33,8 @@ from pipeline.core.errors import PipelineError
 from pipeline.core.seeds import generator
 from pipeline.store import ActivationStore
 
-WINDOW_BUFFERS = 3  # the window being copied into blocks, one queued, one being read
-GATHER_ROWS = 2048  # rows gathered into a block at a time (their stored bytes fit in a core's cache until converted)
+WINDOW_BUFFERS = 3  # the window being gathered into blocks, one queued, one being read
+GATHER_ROWS = 2048  # rows gathered into a block at a time: the float16 copy in between is of this many, not a block
 SAMPLE_EPOCH = -1  # the stream `sample` draws from: not any training epoch's
 
 
@@ -99,6 +99,7 @@ class ActivationLoader:
         if self.n_tokens == 0:
             raise PipelineError(f"split {split!r} of {store.path} holds no training tokens")
         self.dtype = array.dtype  # as stored
+        self.torch_dtype = torch.from_numpy(np.empty(0, self.dtype)).dtype  # the same, as torch names it
         self.resident_on_device = sum(a.nbytes for a in arrays) <= memory_budget_gb * 2**30
         self.chunk_tokens = store.attrs["chunk_tokens"]
         chunk_bytes = self.chunk_tokens * sum(self.widths) * self.dtype.itemsize
@@ -124,7 +125,7 @@ class ActivationLoader:
     def sample(self, n_tokens: int) -> torch.Tensor:
         """A fixed random sample of up to `n_tokens` activations (for statistics such as the input scale)."""
         if not self.resident_on_device:  # the first tokens of a stream of their own
-            with contextlib.closing(self._streamed(SAMPLE_EPOCH, min(n_tokens, self.n_tokens), 0)) as stream:
+            with contextlib.closing(self._streamed(SAMPLE_EPOCH, min(n_tokens, self.n_tokens), 0, False)) as stream:
                 return next(stream)
         shuffled = torch.randperm(len(self.positions), generator=torch.Generator().manual_seed(self.seed + 7919))
         chosen = torch.from_numpy(self.positions)[shuffled]
@@ -197,8 +198,7 @@ class ActivationLoader:
         chunks = np.random.default_rng([self.seed, epoch + 1]).permutation(n_chunks)
         return [chunks[i : i + self.window_chunks] for i in range(0, n_chunks, self.window_chunks)]
 
-    def _streamed(self, epoch: int, block_tokens: int, start_block: int, reuse_memory: bool = False
-                  ) -> Iterator[torch.Tensor]:  # fmt: skip
+    def _streamed(self, epoch: int, block_tokens: int, start_block: int, reuse_memory: bool) -> Iterator[torch.Tensor]:
         windows = self.windows(epoch)
         skip, first = start_block * block_tokens, 0
         while first < len(windows) and skip >= (in_window := self._training_tokens(windows[first])):
@@ -217,14 +217,11 @@ class ActivationLoader:
                         size, filled = min(block_tokens, left), 0
                         # On the host, rows become float32 as they are gathered; a device converts its own copy (the
                         # transfer then carries the stored dtype's bytes).
-                        block = (
-                            memory[:size]
-                            if memory is not None
-                            else torch.empty(
-                                size, self.d_model, dtype=torch.float32 if on_host else parts[0].dtype, pin_memory=pin
-                            )
-                        )
-                        memory = block if reuse_memory and on_host and memory is None else memory  # fmt: skip
+                        dtype = torch.float32 if on_host else self.torch_dtype
+                        block = memory[:size] if memory is not None else torch.empty(size, self.d_model, dtype=dtype,
+                                                                                     pin_memory=pin)  # fmt: skip
+                        if reuse_memory and on_host and memory is None:
+                            memory = block
                     take = min(len(block) - filled, len(order))
                     _gather(parts, order[:take], block[filled : filled + take])
                     order, filled = order[take:], filled + take
@@ -270,7 +267,7 @@ class ActivationLoader:
         """Every row of the split as `_read_rows` gives them, in one tensor on the device. Read a shard at a time:
         on the CPU straight into it where a row is one hook's; otherwise into host memory then copied into it
         (pinned on CUDA, two shards' worth taking turns, so that a shard's copy overlaps the next one's read)."""
-        data = torch.empty((self.n_rows, self.d_model), dtype=getattr(torch, self.dtype.name), device=self.device)
+        data = torch.empty((self.n_rows, self.d_model), dtype=self.torch_dtype, device=self.device)
         pin, shard = uses_pinned_memory(self.device), self.store.shard_tokens
         if self.device.type == "cpu" and self.d_model == self.widths[0]:  # one part: its rows are the data's
             for start in range(0, self.n_rows, shard):
@@ -310,7 +307,7 @@ class ActivationLoader:
     def _new_parts(self, rows: int, pin: bool = False) -> list[torch.Tensor]:
         """Host memory for `rows` rows as read: one [rows, width] tensor per hook, then one for the columns."""
         widths = self.widths + ([self.n_columns] if self.n_columns else [])
-        return [torch.empty((rows, width), dtype=getattr(torch, self.dtype.name), pin_memory=pin) for width in widths]
+        return [torch.empty((rows, width), dtype=self.torch_dtype, pin_memory=pin) for width in widths]
 
 
 def _recorded_event() -> torch.cuda.Event:
@@ -321,8 +318,7 @@ def _recorded_event() -> torch.cuda.Event:
 
 
 def _gather(parts: list[torch.Tensor], rows: torch.Tensor, target: torch.Tensor) -> None:
-    """target[i] = row rows[i] of the parts side by side, in target's dtype; GATHER_ROWS rows at a time, so that
-    each piece is converted while it is still in cache."""
+    """target[i] = row rows[i] of the parts side by side, in target's dtype (GATHER_ROWS rows at a time)."""
     for begin in range(0, len(rows), GATHER_ROWS):
         chosen, column = rows[begin : begin + GATHER_ROWS], 0
         for part in parts:
