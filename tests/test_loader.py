@@ -93,6 +93,16 @@ def test_reused_memory_changes_no_block(indexed):
     assert len(set(pointers)) == 1  # every block in the first one's memory: no page faults after it
 
 
+def test_streams_at_once_on_one_loader_keep_to_their_own_memory(indexed):
+    """Window memory outlives a stream (the next one reuses it), but two streams at once each have their own."""
+    loader = streamed(indexed)
+    expected = tokens_of(streamed(indexed).epoch(1, 3000))
+    assert [len(b) for b in tokens_of(loader.epoch(0, 3000))]  # leaves its window memory to the loader
+    for a, b, want in zip(loader.epoch(1, 3000), loader.epoch(1, 3000), expected, strict=True):
+        assert np.array_equal(a[:, 0].numpy(), want) and np.array_equal(b[:, 0].numpy(), want)
+    assert len(loader.spare_windows) == 6  # both streams' memory, for the next
+
+
 @pytest.mark.parametrize("value", [np.nan, np.inf, -np.inf])
 @pytest.mark.parametrize("dtype", ["float16", "float32"])
 def test_a_non_finite_value_stops_a_streamed_epoch_at_its_token(tmp_path, value, dtype):

@@ -8,9 +8,9 @@ No forked DataLoader workers: zarr 3 runs an asyncio loop on a thread, which for
   seeded random order, a window of chunks at a time (so a window mixes every shard); a background thread reads
   the next window's chunks as stored and draws its shuffled order, while the current one is gathered into blocks
   in its order (in pinned memory on CUDA, copied to the device with `non_blocking=True`). Every training token
-  is seen once per epoch. The windows live in WINDOW_BUFFERS buffers allocated once and reused (a steady
-  footprint, not one the allocator grows), which together take at most `memory_budget_gb`; the blocks in flight
-  come on top.
+  is seen once per epoch. The windows live in WINDOW_BUFFERS buffers allocated once and reused, by later epochs
+  too (a steady footprint, not one the allocator grows, and no page faults of fresh memory after the first
+  epoch), which together take at most `memory_budget_gb`; the blocks in flight come on top.
 Both are deterministic for a seed and resume at any block; their orders differ (streaming shuffles within
 windows).
 """
@@ -108,6 +108,7 @@ class ActivationLoader:
             self.positions = np.setdiff1d(np.arange(self.n_rows), self.excluded, assume_unique=True)
             self.data = self._read_resident()
         self.stall_seconds = 0.0  # time the consumer spent waiting for a block
+        self.spare_windows: list[list[torch.Tensor]] = []  # window memory no stream holds: the next one takes it
 
     @property
     def order_kind(self) -> str:
@@ -334,8 +335,12 @@ class _WindowReader:
     def __init__(self, loader: ActivationLoader, epoch: int, windows: list[tuple[int, np.ndarray]]) -> None:
         self.loader = loader
         self.free: queue.Queue = queue.Queue()
+        self.held: list[list[torch.Tensor]] = []  # every window memory this reader has used: the loader's on close
         for _ in range(min(WINDOW_BUFFERS, len(windows))):
-            self.free.put(None)  # window memory, allocated on first use
+            spare = loader.spare_windows.pop() if loader.spare_windows else None  # None: allocated on first use
+            if spare is not None:
+                self.held.append(spare)
+            self.free.put(spare)
         self.ready: queue.Queue = queue.Queue()
         self.stop = threading.Event()
         self.thread = threading.Thread(target=self._read, args=(epoch, windows), daemon=True, name="loader")
@@ -347,8 +352,9 @@ class _WindowReader:
                 parts = self.free.get()
                 if self.stop.is_set():
                     return
-                if parts is None:  # allocated on first use
+                if parts is None:
                     parts = self.loader._new_parts(self.loader.window_chunks * self.loader.chunk_tokens)
+                    self.held.append(parts)
                 self.ready.put((parts, self.loader._read_window(epoch, index, window, parts)))
             self.ready.put(None)
         except BaseException as exc:  # surfaced in the consumer
@@ -372,6 +378,7 @@ class _WindowReader:
         self.stop.set()
         self.free.put(None)  # wakes a reader waiting for a buffer, so that it sees `stop`
         self.thread.join()
+        self.loader.spare_windows += self.held  # the next stream reuses it: no page faults of fresh memory
 
 
 def _excluded_positions(
