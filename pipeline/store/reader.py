@@ -56,8 +56,9 @@ class ActivationStore:
             raise PipelineError(f"{self.path} is incomplete: it has no manifest (written last); {finish}")
         self.manifest: dict[str, dict] = self.attrs[MANIFEST]["files"]
         self._chunk_starts: dict[str, np.ndarray | None] = {}  # shard file -> where its chunks lie (`stored_chunks`)
-        self._arrays: dict[tuple[str, str], zarr.Array] = {}  # opened once: zarr reads an array's metadata to open it
-        self._direct: dict[str, bool] = {}  # array path -> whether its shards are read as file bytes
+        # (split, name) -> the array, opened once (zarr reads its metadata to open it), and whether its shards are
+        # read as file bytes
+        self._arrays: dict[tuple[str, str], tuple[zarr.Array, bool]] = {}
         self.checksum_algorithm: str = self.attrs[MANIFEST].get("algorithm", "sha256")
         # The content's identity: every file's checksum (a re-extraction that changes any value changes it).
         self.fingerprint = hashlib.sha256(json.dumps(self.manifest, sort_keys=True).encode()).hexdigest()
@@ -100,7 +101,7 @@ class ActivationStore:
         """The [n_tokens, d_model] array of one hook (lazy: index it, or use `read_rows` for named errors)."""
         if hook not in self.hooks:
             raise PipelineError(f"hook {hook!r} is not in store {self.path}; it holds: {', '.join(self.hooks)}")
-        return self._array(split, hook)
+        return self._opened(split, hook)[0]
 
     def read_rows(self, split: str, hook: str, start: int, end: int, out: np.ndarray | None = None) -> np.ndarray:
         """Activations of tokens start..end-1, into `out` where given (C-contiguous, of their shape and dtype: a
@@ -128,13 +129,13 @@ class ActivationStore:
         return problems
 
     def _read(self, split: str, name: str, rows: slice, out: np.ndarray | None = None) -> np.ndarray:
-        array = self._array(split, name)
+        array, direct = self._opened(split, name)
         first, stop, _ = rows.indices(array.shape[0])
         shape = (max(stop, first) - first, *array.shape[1:])
         if out is not None and (out.shape != shape or out.dtype != array.dtype or not out.flags.c_contiguous):
             raise ValueError(f"out is {out.dtype}{list(out.shape)}, not C-contiguous {array.dtype}{list(shape)}")
         try:
-            if not self._direct[array.path]:
+            if not direct:
                 if out is None:
                     return array[rows]
                 out[...] = array[rows]
@@ -201,13 +202,11 @@ class ActivationStore:
                 view, row = view[wanted:], row + wanted // row_bytes
         return True
 
-    def _array(self, split: str, name: str) -> zarr.Array:
+    def _opened(self, split: str, name: str) -> tuple[zarr.Array, bool]:
         if (split, name) not in self._arrays:
             array = self._split(split)[name]
-            self._direct[array.path] = (
-                not self.location.is_remote and array.shards is not None and has_writer_layout(array)
-            )
-            self._arrays[split, name] = array
+            direct = not self.location.is_remote and array.shards is not None and has_writer_layout(array)
+            self._arrays[split, name] = array, direct
         return self._arrays[split, name]
 
     def _split(self, split: str) -> zarr.Group:
